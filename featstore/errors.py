@@ -1,0 +1,70 @@
+"""Typed errors of the feature store; messages name the store or option and say how to fix."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of every error raised by ``featstore``."""
+
+
+class StoreFormatError(StoreError):
+    """The target is not a featstore store, or was written by an unsupported format version."""
+
+
+class StoreWriteError(StoreError):
+    """The store location cannot be written (permissions, read-only filesystem, bad URL)."""
+
+
+class FingerprintMismatchError(StoreError):
+    """An existing store was made from a different schema or tile list than the one requested."""
+
+    def __init__(self, url: str, differences: list[str]) -> None:
+        self.url = url
+        self.differences = list(differences)
+        lines = "\n  - ".join(self.differences) or "(fingerprints differ)"
+        super().__init__(
+            f"store {url!r} exists with a different fingerprint:\n  - {lines}\n"
+            "Use a new store path, or pass overwrite=True to delete and recreate it."
+        )
+
+
+class IncompleteStoreError(StoreError):
+    """The store (or a tile/shard of it) has not been fully written yet."""
+
+
+class TileNotDoneError(IncompleteStoreError):
+    """A read touched a tile whose shard has not been committed."""
+
+
+class ShardDoneError(StoreError):
+    """A write targeted a shard that is already committed (done)."""
+
+
+class MissingTeacherError(StoreError, KeyError):
+    """A teacher or level name that the store does not hold."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its message; keep the plain text readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class CodecError(StoreError, ValueError):
+    """Unknown codec, bad codec parameters, unfitted PCA, or values the codec cannot represent."""
+
+
+class ShardDataError(StoreError, ValueError):
+    """Arrays given to ``write_shard`` have the wrong teachers, levels, shapes or values."""
+
+
+__all__ = [
+    "CodecError",
+    "FingerprintMismatchError",
+    "IncompleteStoreError",
+    "MissingTeacherError",
+    "ShardDataError",
+    "ShardDoneError",
+    "StoreError",
+    "StoreFormatError",
+    "StoreWriteError",
+    "TileNotDoneError",
+]

@@ -1,0 +1,298 @@
+"""Store layout shared by writer, reader and verify: paths, URLs, header, tile index."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+
+from featstore.codecs import PCACodec, get_codec
+from featstore.errors import StoreFormatError
+from featstore.geometry import LevelGeometry
+from featstore.schema import FORMAT_VERSION, StoreSchema, TileRecord
+
+ATTR_KEY = "featstore"
+TILE_STR_FIELDS = ("tile_id", "source", "split", "pixel_hash", "crs")
+# Every chunk is written even when it equals the fill value, so a missing key always means loss.
+ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def package_version() -> str:
+    """Version of the installed package (``0+unknown`` when run from a plain checkout)."""
+    try:
+        return metadata.version("featcache")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def is_local(url: str) -> bool:
+    """True for a filesystem path or a ``file://`` URL."""
+    return "://" not in str(url) or str(url).startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """Absolute filesystem path of a local store URL."""
+    url = str(url)
+    return os.path.abspath(url[len("file://") :] if url.startswith("file://") else url)
+
+
+def store_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, root path) of a store URL, for raw file checks."""
+    if is_local(url):
+        return fsspec.filesystem("file"), local_path(url)
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def open_root(
+    url: str, mode: str = "r", storage_options: dict[str, Any] | None = None
+) -> zarr.Group:
+    """Open the store's root group (``StoreFormatError`` when there is none)."""
+    target = local_path(url) if is_local(url) else url
+    kwargs: dict[str, Any] = {"mode": mode}
+    if storage_options and not is_local(url):
+        kwargs["storage_options"] = storage_options
+    try:
+        return zarr.open_group(target, **kwargs)
+    except FileNotFoundError as err:
+        raise StoreFormatError(
+            f"no feature store at {url!r}: check the path, or create one with create_store()"
+        ) from err
+
+
+def read_header(group: zarr.Group, url: str) -> dict[str, Any]:
+    """The ``featstore`` root attribute, checked for presence and format version."""
+    meta = group.attrs.get(ATTR_KEY)
+    if not isinstance(meta, dict):
+        raise StoreFormatError(
+            f"{url!r} is a zarr group without a featstore header (not a feature store, or its "
+            "creation was interrupted); recreate it with create_store(..., overwrite=True)"
+        )
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreFormatError(
+            f"store {url!r} has format version {version!r}; this featstore reads version "
+            f"{FORMAT_VERSION}: re-extract the store or install a matching featstore"
+        )
+    return dict(meta)
+
+
+def feature_path(teacher: str, key: str) -> str:
+    """Array of a teacher level."""
+    return f"teachers/{teacher}/{key}"
+
+
+def aux_path(teacher: str, key: str) -> str:
+    """Per-tile codec side data of a teacher level."""
+    return f"teachers/{teacher}/{key}_aux"
+
+
+def stats_path(teacher: str, key: str) -> str:
+    """Per-shard (count, sum, sumsq) of a teacher level."""
+    return f"teachers/{teacher}/{key}_stats"
+
+
+def pca_paths(teacher: str) -> tuple[str, str]:
+    """(mean, basis) arrays of a teacher's PCA codec."""
+    return f"teachers/{teacher}/pca_mean", f"teachers/{teacher}/pca_basis"
+
+
+def checksum_arrays(schema: StoreSchema) -> list[str]:
+    """Paths of the per-tile arrays covered by ``checksum``, in column order."""
+    names: list[str] = []
+    for entry in schema.teachers:
+        has_aux = get_codec(entry.codec).aux_shape(entry.spec.channels) is not None
+        for level in entry.levels:
+            names.append(feature_path(entry.spec.name, level.key))
+            if has_aux:
+                names.append(aux_path(entry.spec.name, level.key))
+    if schema.store_pixels:
+        names += ["pixels/image", "pixels/mask"]
+    return names
+
+
+def tile_crcs(data: np.ndarray) -> np.ndarray:
+    """crc32 of each tile's (first axis) bytes, as uint32 ``[n]``."""
+    return np.array([zlib.crc32(np.ascontiguousarray(t).tobytes()) for t in data], np.uint32)
+
+
+def read_tiles(group: zarr.Group) -> list[TileRecord]:
+    """The tile index as records."""
+    cols = {f: [str(v) for v in group[f"tiles/{f}"][:].tolist()] for f in TILE_STR_FIELDS}
+    windows = np.asarray(group["tiles/window"][:]).tolist()
+    transforms = np.asarray(group["tiles/transform"][:])
+    out = []
+    for i, win in enumerate(windows):
+        tr = transforms[i]
+        out.append(
+            TileRecord(
+                tile_id=cols["tile_id"][i],
+                source=cols["source"][i],
+                window=tuple(win),
+                split=cols["split"][i],
+                pixel_hash=cols["pixel_hash"][i],
+                transform=None if np.isnan(tr).all() else tuple(tr.tolist()),
+                crs=cols["crs"][i] or None,
+            )
+        )
+    return out
+
+
+def write_tiles(group: zarr.Group, tiles: Sequence[TileRecord]) -> None:
+    """Create and fill the tile index arrays (done once, by the creator)."""
+    n = len(tiles)
+    for f in TILE_STR_FIELDS:
+        values = np.array([getattr(t, f) or "" for t in tiles], dtype=str)
+        arr = group.create_array(
+            f"tiles/{f}", shape=(n,), chunks=(n,), dtype=str, dimension_names=("tile",)
+        )
+        arr[:] = values
+    window = group.create_array(
+        "tiles/window",
+        shape=(n, 4),
+        chunks=(n, 4),
+        dtype="int64",
+        dimension_names=("tile", "window_field"),
+    )
+    window[:] = np.array([t.window for t in tiles], dtype=np.int64)
+    transform = group.create_array(
+        "tiles/transform",
+        shape=(n, 6),
+        chunks=(n, 6),
+        dtype="float64",
+        fill_value=np.nan,
+        dimension_names=("tile", "affine"),
+    )
+    transform[:] = np.array([t.transform or (np.nan,) * 6 for t in tiles], dtype=np.float64)
+
+
+def _feature_arrays(group: zarr.Group, schema: StoreSchema, n: int) -> None:
+    tps, n_shards = schema.tiles_per_shard, schema.n_shards(n)
+    for entry in schema.teachers:
+        name, channels = entry.spec.name, entry.spec.channels
+        codec = get_codec(entry.codec)
+        stored = codec.stored_channels(channels)
+        tgroup = group.require_group(f"teachers/{name}")
+        tgroup.attrs["teacher"] = entry.to_dict()
+        for level in entry.levels:
+            geo = LevelGeometry.from_specs(schema.tile_size, schema.base_size, level, entry.spec)
+            g, key = geo.grid, level.key
+            arr = group.create_array(
+                feature_path(name, key),
+                shape=(n, g, g, stored),
+                dtype=codec.stored_dtype,
+                chunks=(1, g, g, stored),
+                shards=(tps, g, g, stored),
+                fill_value=0,
+                # Lossless compression gains ~5% on float features: not worth the read cost.
+                compressors=None,
+                config=ARRAY_CONFIG,
+                dimension_names=("tile", f"y_{key}", f"x_{key}", "channel"),
+            )
+            arr.attrs["level"] = level.to_dict()
+            aux = codec.aux_shape(channels)
+            if aux is not None:
+                group.create_array(
+                    aux_path(name, key),
+                    shape=(n, *aux),
+                    dtype="float32",
+                    chunks=(1, *aux),
+                    shards=(tps, *aux),
+                    fill_value=0,
+                    compressors=None,
+                    config=ARRAY_CONFIG,
+                )
+            group.create_array(
+                stats_path(name, key),
+                shape=(n_shards, 3, channels),
+                chunks=(1, 3, channels),
+                dtype="float64",
+                fill_value=0,
+                config=ARRAY_CONFIG,
+            )
+        if isinstance(codec, PCACodec):
+            mean_p, basis_p = pca_paths(name)
+            group.create_array(mean_p, shape=(channels,), dtype="float32", fill_value=np.nan)
+            group.create_array(
+                basis_p, shape=(channels, stored), dtype="float32", fill_value=np.nan
+            )
+
+
+def build_store(
+    group: zarr.Group, schema: StoreSchema, tiles: Sequence[TileRecord], fp: str
+) -> None:
+    """Create every array of a fresh store, then write the header (last)."""
+    n, tps, t = len(tiles), schema.tiles_per_shard, schema.tile_size
+    write_tiles(group, tiles)
+    if schema.store_pixels:
+        group.create_array(
+            "pixels/image",
+            shape=(n, t, t, 3),
+            chunks=(1, t, t, 3),
+            shards=(tps, t, t, 3),
+            dtype="uint8",
+            fill_value=0,
+            config=ARRAY_CONFIG,
+            dimension_names=("tile", "py", "px", "rgb"),
+        )
+        group.create_array(
+            "pixels/mask",
+            shape=(n, t, t),
+            chunks=(1, t, t),
+            shards=(tps, t, t),
+            dtype="uint8",
+            fill_value=schema.ignore_index,
+            config=ARRAY_CONFIG,
+            dimension_names=("tile", "py", "px"),
+        )
+    _feature_arrays(group, schema, n)
+    names = checksum_arrays(schema)
+    checksum = group.create_array(
+        "checksum",
+        shape=(n, len(names)),
+        chunks=(tps, len(names)),
+        dtype="uint32",
+        fill_value=0,
+        config=ARRAY_CONFIG,
+    )
+    checksum.attrs["arrays"] = names
+    group.create_array(
+        "done",
+        shape=(n,),
+        chunks=(tps,),
+        dtype="uint8",
+        fill_value=0,
+        config=ARRAY_CONFIG,
+        dimension_names=("tile",),
+    )
+    # The header goes last: a crash before this line leaves a group that opens as "not a store".
+    group.attrs[ATTR_KEY] = {
+        "format_version": FORMAT_VERSION,
+        "schema": schema.to_dict(),
+        "fingerprint": fp,
+        "package_version": package_version(),
+        "complete": False,
+        "stats": None,
+    }
+
+
+__all__ = [
+    "ATTR_KEY",
+    "aux_path",
+    "build_store",
+    "checksum_arrays",
+    "feature_path",
+    "open_root",
+    "pca_paths",
+    "read_header",
+    "read_tiles",
+    "stats_path",
+    "store_fs",
+    "tile_crcs",
+    "write_tiles",
+]

@@ -1,0 +1,356 @@
+"""Frozen, JSON-round-trippable description of a store: teachers, levels, codecs, tiles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from featstore.codecs import get_codec
+from featstore.errors import MissingTeacherError
+
+FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FAMILIES = ("timm", "open_clip")
+
+
+def _floats(values: Iterable[float], n: int, what: str) -> tuple[float, ...]:
+    out = tuple(float(v) for v in values)
+    if len(out) != n:
+        raise ValueError(f"{what} needs {n} values, got {len(out)}")
+    return out
+
+
+@dataclass(frozen=True)
+class ResizeSpec:
+    """How images are resized: ``torch.nn.functional.interpolate`` arguments on [0, 1] floats."""
+
+    mode: str = "bilinear"
+    align_corners: bool = False
+    antialias: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        return {"mode": self.mode, "align_corners": self.align_corners, "antialias": self.antialias}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ResizeSpec:
+        """Inverse of ``to_dict``."""
+        return cls(str(d["mode"]), bool(d["align_corners"]), bool(d["antialias"]))
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Everything that determines a frozen teacher's output tokens.
+
+    ``input_size`` is the teacher input in px for a ``base_size`` canvas; ``stride`` is input px
+    per output token. ``extra`` holds sorted ``(key, value)`` string pairs; recognised keys:
+    ``snap_to_stride="1"`` (ViTs: input snapped down to a stride multiple) and
+    ``grid_rounding="floor"`` (grid = input // stride instead of the default ceil).
+    """
+
+    name: str
+    family: str
+    arch: str
+    weights: str | None
+    weights_sha256: str | None
+    input_size: int
+    stride: int
+    channels: int
+    layer: str = "last"
+    resize: ResizeSpec = field(default_factory=ResizeSpec)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    prefix_tokens_dropped: int = 0
+    final_norm: bool = True
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(
+                f"teacher name {self.name!r} must be non-empty, without '/' or a leading '.'"
+            )
+        if self.family not in FAMILIES:
+            raise ValueError(f"teacher {self.name!r}: family {self.family!r} not in {FAMILIES}")
+        for attr in ("input_size", "stride", "channels"):
+            if int(getattr(self, attr)) < 1:
+                raise ValueError(f"teacher {self.name!r}: {attr} must be >= 1")
+        object.__setattr__(self, "mean", _floats(self.mean, 3, "TeacherSpec.mean"))
+        object.__setattr__(self, "std", _floats(self.std, 3, "TeacherSpec.std"))
+        extra = tuple(sorted((str(k), str(v)) for k, v in self.extra))
+        object.__setattr__(self, "extra", extra)
+
+    @property
+    def extra_dict(self) -> dict[str, str]:
+        """``extra`` as a dict."""
+        return dict(self.extra)
+
+    def input_px(self, canvas: int, base_size: int) -> int:
+        """Teacher input size (px) for a square ``canvas`` rendered against ``base_size``."""
+        px = round(canvas * self.input_size / base_size)
+        if self.extra_dict.get("snap_to_stride") == "1":
+            px = max(self.stride, px // self.stride * self.stride)
+        return int(px)
+
+    def grid_size(self, canvas: int, base_size: int) -> int:
+        """Output tokens per side for that canvas (ceil unless ``grid_rounding=floor``)."""
+        px = self.input_px(canvas, base_size)
+        if self.extra_dict.get("grid_rounding") == "floor":
+            return max(1, px // self.stride)
+        return -(-px // self.stride)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["resize"] = self.resize.to_dict()
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["extra"] = [list(kv) for kv in self.extra]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TeacherSpec:
+        """Inverse of ``to_dict``."""
+        kw = dict(d)
+        kw["resize"] = ResizeSpec.from_dict(kw["resize"])
+        kw["extra"] = tuple(tuple(kv) for kv in kw.get("extra", ()))
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """A cached rendering of the tile: ``scale`` of ``base_size``, optionally h-flipped first."""
+
+    scale: float
+    flipped: bool = False
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"LevelSpec.scale must be a positive number, got {self.scale!r}")
+        object.__setattr__(self, "scale", float(self.scale))
+        object.__setattr__(self, "flipped", bool(self.flipped))
+
+    @property
+    def key(self) -> str:
+        """Array name: ``"s1.00"``, ``"s0.50f"`` (more digits only when 2 are not exact)."""
+        s = f"{self.scale:.2f}" if round(self.scale, 2) == self.scale else f"{self.scale:.6g}"
+        return f"s{s}{'f' if self.flipped else ''}"
+
+    @classmethod
+    def from_key(cls, key: str) -> LevelSpec:
+        """Parse ``"s1.00"`` / ``"s1.00f"``."""
+        flipped = key.endswith("f")
+        body = key[1:-1] if flipped else key[1:]
+        if not key.startswith("s") or not body:
+            raise ValueError(f"bad level key {key!r}; expected like 's1.00' or 's0.50f'")
+        try:
+            return cls(float(body), flipped)
+        except ValueError as err:
+            raise ValueError(f"bad level key {key!r}; expected like 's1.00' or 's0.50f'") from err
+
+    def render_px(self, base_size: int) -> int:
+        """Rendered tile size in px: ``round(scale * base_size)``."""
+        return int(round(self.scale * base_size))
+
+    def canvas_px(self, base_size: int) -> int:
+        """Canvas side: the render padded right/bottom up to ``base_size``."""
+        return max(self.render_px(base_size), base_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        return {"scale": self.scale, "flipped": self.flipped}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LevelSpec:
+        """Inverse of ``to_dict``."""
+        return cls(float(d["scale"]), bool(d["flipped"]))
+
+
+@dataclass(frozen=True)
+class TileRecord:
+    """One tile: its id, where it came from (window = row, col, h, w in the source), split, hash."""
+
+    tile_id: str
+    source: str
+    window: tuple[int, int, int, int]
+    split: str
+    pixel_hash: str
+    transform: tuple[float, ...] | None = None
+    crs: str | None = None
+
+    def __post_init__(self) -> None:
+        window = tuple(int(v) for v in self.window)
+        if len(window) != 4:
+            raise ValueError(f"tile {self.tile_id!r}: window must be (row, col, h, w)")
+        object.__setattr__(self, "window", window)
+        if self.transform is not None:
+            object.__setattr__(self, "transform", _floats(self.transform, 6, "transform"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["window"] = list(self.window)
+        d["transform"] = None if self.transform is None else list(self.transform)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TileRecord:
+        """Inverse of ``to_dict``."""
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TeacherEntry:
+    """A teacher in a store: its spec, the cached levels and the codec parameters."""
+
+    spec: TeacherSpec
+    levels: tuple[LevelSpec, ...] = (LevelSpec(1.0),)
+    codec: dict[str, Any] = field(default_factory=lambda: {"name": "fp16"})
+
+    def __post_init__(self) -> None:
+        levels = tuple(self.levels)
+        keys = [lv.key for lv in levels]
+        if not levels or len(set(keys)) != len(keys):
+            raise ValueError(f"teacher {self.spec.name!r}: levels must be non-empty and unique")
+        object.__setattr__(self, "levels", levels)
+        # Canonical codec dict (defaults filled in) so equal codecs fingerprint equally.
+        object.__setattr__(self, "codec", get_codec(self.codec).to_dict())
+
+    def level(self, key: str) -> LevelSpec:
+        """The level with that key (KeyError when absent)."""
+        for lv in self.levels:
+            if lv.key == key:
+                return lv
+        raise KeyError(key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        return {
+            "spec": self.spec.to_dict(),
+            "levels": [lv.to_dict() for lv in self.levels],
+            "codec": dict(self.codec),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TeacherEntry:
+        """Inverse of ``to_dict``."""
+        return cls(
+            TeacherSpec.from_dict(d["spec"]),
+            tuple(LevelSpec.from_dict(lv) for lv in d["levels"]),
+            dict(d["codec"]),
+        )
+
+
+@dataclass(frozen=True)
+class StoreSchema:
+    """What a store holds (everything except the tile list)."""
+
+    dataset: str
+    tile_size: int
+    base_size: int = 518
+    class_names: tuple[str, ...] = ()
+    ignore_index: int = 255
+    tiles_per_shard: int = 64
+    teachers: tuple[TeacherEntry, ...] = ()
+    store_pixels: bool = True
+
+    def __post_init__(self) -> None:
+        for attr in ("tile_size", "base_size", "tiles_per_shard"):
+            if int(getattr(self, attr)) < 1:
+                raise ValueError(f"StoreSchema.{attr} must be >= 1, got {getattr(self, attr)!r}")
+        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        object.__setattr__(self, "teachers", tuple(self.teachers))
+        names = [t.spec.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"StoreSchema.teachers has duplicate names: {names}")
+
+    @property
+    def teacher_names(self) -> tuple[str, ...]:
+        """Teacher names in schema order."""
+        return tuple(t.spec.name for t in self.teachers)
+
+    def teacher(self, name: str) -> TeacherEntry:
+        """The entry of teacher ``name``."""
+        for t in self.teachers:
+            if t.spec.name == name:
+                return t
+        raise MissingTeacherError(
+            f"teacher {name!r} is not in the store (it has {list(self.teacher_names)}); "
+            "extract it into the store or pick one of those"
+        )
+
+    def n_shards(self, n_tiles: int) -> int:
+        """Number of shard groups for ``n_tiles`` tiles (the last may be partial)."""
+        return -(-n_tiles // self.tiles_per_shard)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        return {
+            "dataset": self.dataset,
+            "tile_size": self.tile_size,
+            "base_size": self.base_size,
+            "class_names": list(self.class_names),
+            "ignore_index": self.ignore_index,
+            "tiles_per_shard": self.tiles_per_shard,
+            "teachers": [t.to_dict() for t in self.teachers],
+            "store_pixels": self.store_pixels,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StoreSchema:
+        """Inverse of ``to_dict``."""
+        kw = dict(d)
+        kw["class_names"] = tuple(kw["class_names"])
+        kw["teachers"] = tuple(TeacherEntry.from_dict(t) for t in kw["teachers"])
+        return cls(**kw)
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON (sorted keys, no spaces) used for hashing."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def fingerprint(schema: StoreSchema, tiles: Sequence[TileRecord]) -> str:
+    """sha256 of the canonical JSON of format version + schema + tile ids + pixel hashes."""
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "schema": schema.to_dict(),
+        "tiles": [[t.tile_id, t.pixel_hash] for t in tiles],
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def dict_differences(old: Any, new: Any, path: str = "schema") -> list[str]:
+    """Human-readable list of the leaves where two JSON-like values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            if k not in old or k not in new:
+                out.append(f"{path}.{k}: only in the {'new' if k not in old else 'stored'} schema")
+            else:
+                out += dict_differences(old[k], new[k], f"{path}.{k}")
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [
+            d
+            for i, (a, b) in enumerate(zip(old, new, strict=True))
+            for d in dict_differences(a, b, f"{path}[{i}]")
+        ]
+    return [] if old == new else [f"{path}: stored {old!r} != requested {new!r}"]
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LevelSpec",
+    "ResizeSpec",
+    "StoreSchema",
+    "TeacherEntry",
+    "TeacherSpec",
+    "TileRecord",
+    "canonical_json",
+    "dict_differences",
+    "fingerprint",
+]

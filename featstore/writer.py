@@ -1,0 +1,350 @@
+"""Create a store and write it shard by shard; a shard's ``done`` chunk is written last."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import zarr
+
+from featstore import layout as L
+from featstore.codecs import FeatureCodec, PCACodec, get_codec
+from featstore.errors import (
+    CodecError,
+    FingerprintMismatchError,
+    IncompleteStoreError,
+    ShardDataError,
+    ShardDoneError,
+    StoreError,
+    StoreFormatError,
+    StoreWriteError,
+)
+from featstore.schema import StoreSchema, TileRecord, dict_differences, fingerprint
+
+
+def _check_tiles(tiles: Sequence[TileRecord]) -> None:
+    if not tiles:
+        raise StoreError("create_store needs at least one tile; the tile list is empty")
+    ids = [t.tile_id for t in tiles]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise StoreError(f"tile ids must be unique; duplicated: {dup}")
+
+
+def _differences(
+    meta: dict[str, Any], schema: StoreSchema, tiles: Sequence[TileRecord], group: zarr.Group
+) -> list[str]:
+    diffs = dict_differences(meta.get("schema"), schema.to_dict())
+    old = L.read_tiles(group)
+    if len(old) != len(tiles):
+        diffs.append(f"tiles: stored {len(old)} tiles != requested {len(tiles)}")
+    else:
+        for i, (a, b) in enumerate(zip(old, tiles, strict=True)):
+            if (a.tile_id, a.pixel_hash) != (b.tile_id, b.pixel_hash):
+                diffs.append(
+                    f"tiles[{i}]: stored ({a.tile_id!r}, {a.pixel_hash!r}) != "
+                    f"requested ({b.tile_id!r}, {b.pixel_hash!r})"
+                )
+                break
+    return diffs or ["fingerprint differs (format version or hashing changed)"]
+
+
+def _check_writable(url: str) -> None:
+    if not L.is_local(url):
+        return
+    parent = os.path.dirname(L.local_path(url))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    parent = parent or "."
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise StoreWriteError(
+            f"cannot create store {url!r}: {parent!r} is not a writable directory; "
+            "choose a writable path"
+        )
+
+
+def _exists(url: str, storage_options: dict[str, Any] | None) -> bool:
+    fs, root = L.store_fs(url, storage_options)
+    return bool(fs.exists(root)) and bool(fs.ls(root))
+
+
+def create_store(
+    url: str,
+    schema: StoreSchema,
+    tiles: Sequence[TileRecord],
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> StoreWriter:
+    """Create a store (or reopen one with the same fingerprint to resume writing it).
+
+    Raises:
+        FingerprintMismatchError: a store with another schema/tile list exists and not overwrite.
+        StoreFormatError: something that is not a feature store occupies ``url``.
+        StoreWriteError: ``url`` cannot be written.
+    """
+    url = str(url)
+    tiles = list(tiles)
+    _check_tiles(tiles)
+    fp = fingerprint(schema, tiles)
+    _check_writable(url)
+    if _exists(url, storage_options) and not overwrite:
+        try:
+            group = L.open_root(url, "r", storage_options)
+            meta = L.read_header(group, url)
+        except StoreFormatError as err:
+            raise StoreFormatError(
+                f"{url!r} exists and is not a usable feature store ({err}); "
+                "pass overwrite=True or choose another path"
+            ) from err
+        if meta.get("fingerprint") != fp:
+            raise FingerprintMismatchError(url, _differences(meta, schema, tiles, group))
+        return StoreWriter.open(url, storage_options)
+    try:
+        _create_fresh(url, schema, tiles, fp, storage_options)
+    except OSError as err:  # permissions, read-only filesystems, bad remote buckets
+        raise StoreWriteError(f"cannot write store {url!r}: {err}; choose a writable path") from err
+    return StoreWriter.open(url, storage_options)
+
+
+def _create_fresh(
+    url: str,
+    schema: StoreSchema,
+    tiles: Sequence[TileRecord],
+    fp: str,
+    storage_options: dict[str, Any] | None,
+) -> None:
+    if not L.is_local(url):
+        L.build_store(L.open_root(url, "w", storage_options), schema, tiles, fp)
+        return
+    # Local: build beside the target, then rename, so the path is either absent or whole.
+    path = L.local_path(url)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        L.build_store(zarr.open_group(tmp, mode="w"), schema, tiles, fp)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class StoreWriter:
+    """Writes whole shard groups of an existing store; safe with one writer per shard."""
+
+    def __init__(self, url: str, group: zarr.Group, meta: dict[str, Any]) -> None:
+        self.url = url
+        self._group = group
+        self._meta = meta
+        self.schema = StoreSchema.from_dict(meta["schema"])
+        self.fingerprint: str = meta["fingerprint"]
+        self.n_tiles: int = int(group["done"].shape[0])
+        self.n_shards = self.schema.n_shards(self.n_tiles)
+        self._codecs: dict[str, FeatureCodec] = {}
+        self._checksum_names = L.checksum_arrays(self.schema)
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> StoreWriter:
+        """Open an existing store for writing (e.g. inside a dask worker)."""
+        group = L.open_root(str(url), "r+", storage_options)
+        return cls(str(url), group, L.read_header(group, str(url)))
+
+    @property
+    def tiles(self) -> list[TileRecord]:
+        """The tile index."""
+        return L.read_tiles(self._group)
+
+    def shard_tiles(self, k: int) -> range:
+        """Tile indices of shard group ``k``."""
+        if not 0 <= k < self.n_shards:
+            raise StoreError(f"shard {k} out of range: {self.url!r} has {self.n_shards} shards")
+        tps = self.schema.tiles_per_shard
+        return range(k * tps, min((k + 1) * tps, self.n_tiles))
+
+    def done(self) -> np.ndarray:
+        """bool ``[N]``: tiles whose shard is committed."""
+        return np.asarray(self._group["done"][:]).astype(bool)
+
+    def shard_done(self, k: int) -> bool:
+        """Whether shard ``k`` is committed."""
+        r = self.shard_tiles(k)
+        return bool(np.asarray(self._group["done"][r.start : r.stop]).all())
+
+    def pending_shards(self) -> list[int]:
+        """Shards not yet committed, ascending."""
+        done = self.done()
+        return [
+            k
+            for k in range(self.n_shards)
+            if not done[self.shard_tiles(k).start : self.shard_tiles(k).stop].all()
+        ]
+
+    def codec(self, teacher: str) -> FeatureCodec:
+        """The teacher's codec (PCA loaded from the store; CodecError if not yet set)."""
+        if teacher not in self._codecs:
+            codec = get_codec(self.schema.teacher(teacher).codec)
+            if isinstance(codec, PCACodec):
+                mean_p, basis_p = L.pca_paths(teacher)
+                codec.set_basis(self._group[mean_p][:], self._group[basis_p][:])
+            self._codecs[teacher] = codec
+        return self._codecs[teacher]
+
+    def set_pca(self, teacher: str, mean: np.ndarray, basis: np.ndarray) -> None:
+        """Store the fitted PCA basis of ``teacher`` (before any shard is written)."""
+        codec = get_codec(self.schema.teacher(teacher).codec)
+        if not isinstance(codec, PCACodec):
+            raise CodecError(f"teacher {teacher!r} uses codec {codec.name!r}, not 'pca'")
+        if self.done().any():
+            raise StoreError(
+                f"{self.url!r}: set_pca after shards were written would corrupt "
+                "them; recreate the store with overwrite=True"
+            )
+        codec.set_basis(mean, basis)
+        mean_p, basis_p = L.pca_paths(teacher)
+        self._group[mean_p][:] = codec.mean
+        self._group[basis_p][:] = codec.basis
+        self._codecs[teacher] = codec
+
+    def write_shard(
+        self,
+        k: int,
+        features: Mapping[str, Mapping[str, np.ndarray]],
+        images: np.ndarray | None = None,
+        masks: np.ndarray | None = None,
+    ) -> None:
+        """Write every array of shard ``k`` whole, then its stats and checksums, ``done`` last.
+
+        Args:
+            k: shard group index (one writer per shard).
+            features: ``{teacher: {level_key: float32 [n, g, g, C]}}`` for every teacher/level.
+            images: uint8 ``[n, T, T, 3]`` (required when the store keeps pixels).
+            masks: uint8 ``[n, T, T]`` or None (filled with ``ignore_index``).
+        """
+        tiles = self.shard_tiles(k)
+        if self._meta.get("complete") or self.shard_done(k):
+            raise ShardDoneError(
+                f"shard {k} of {self.url!r} is already done; only pending "
+                "shards are written (see pending_shards())"
+            )
+        arrays = self._encode_all(features, len(tiles))
+        arrays.update(self._pixels(images, masks, len(tiles)))
+        sl = slice(tiles.start, tiles.stop)
+        for path, data in arrays.items():
+            if not path.endswith("_stats"):
+                self._group[path][sl] = data
+        for path, data in arrays.items():
+            if path.endswith("_stats"):
+                self._group[path][k] = data
+        crcs = np.stack([L.tile_crcs(arrays[p]) for p in self._checksum_names], axis=1)
+        self._group["checksum"][sl] = crcs
+        self._group["done"][sl] = 1
+
+    def _encode_all(
+        self, features: Mapping[str, Mapping[str, np.ndarray]], n: int
+    ) -> dict[str, np.ndarray]:
+        if set(features) != set(self.schema.teacher_names):
+            raise ShardDataError(
+                f"features must hold exactly the teachers "
+                f"{list(self.schema.teacher_names)}, got {sorted(features)}"
+            )
+        out: dict[str, np.ndarray] = {}
+        for entry in self.schema.teachers:
+            name, levels = entry.spec.name, features[entry.spec.name]
+            keys = [lv.key for lv in entry.levels]
+            if set(levels) != set(keys):
+                raise ShardDataError(f"teacher {name!r} needs levels {keys}, got {sorted(levels)}")
+            codec = self.codec(name)
+            for key in keys:
+                out.update(self._encode_level(codec, name, key, levels[key], n))
+        return out
+
+    def _encode_level(
+        self, codec: FeatureCodec, name: str, key: str, x: np.ndarray, n: int
+    ) -> dict[str, np.ndarray]:
+        shape = self._group[L.feature_path(name, key)].shape
+        want = (n, shape[1], shape[2], self.schema.teacher(name).spec.channels)
+        if tuple(np.shape(x)) != want:
+            raise ShardDataError(
+                f"{name}/{key}: expected features of shape {want}, got {tuple(np.shape(x))}; "
+                "check the teacher's grid rule (TeacherSpec.extra grid_rounding) and the level"
+            )
+        data, aux = codec.encode(np.asarray(x, dtype=np.float32))
+        decoded = np.asarray(codec.decode(data, aux), dtype=np.float64)
+        stats = np.stack(
+            [
+                np.full(want[3], n * want[1] * want[2], np.float64),
+                decoded.sum(axis=(0, 1, 2)),
+                np.square(decoded).sum(axis=(0, 1, 2)),
+            ]
+        )
+        out = {L.feature_path(name, key): data, L.stats_path(name, key): stats}
+        if aux is not None:
+            out[L.aux_path(name, key)] = aux
+        return out
+
+    def _pixels(
+        self, images: np.ndarray | None, masks: np.ndarray | None, n: int
+    ) -> dict[str, np.ndarray]:
+        if not self.schema.store_pixels:
+            if images is not None or masks is not None:
+                raise ShardDataError(
+                    "this store does not keep pixels (store_pixels=False); "
+                    "pass images=None, masks=None"
+                )
+            return {}
+        t = self.schema.tile_size
+        if images is None:
+            raise ShardDataError(f"store {self.url!r} keeps pixels: write_shard needs images")
+        images = np.asarray(images)
+        if images.shape != (n, t, t, 3) or images.dtype != np.uint8:
+            raise ShardDataError(
+                f"images must be uint8 {(n, t, t, 3)}, got {images.dtype} {images.shape}"
+            )
+        if masks is None:
+            masks = np.full((n, t, t), self.schema.ignore_index, np.uint8)
+        masks = np.asarray(masks)
+        if masks.shape != (n, t, t) or masks.dtype != np.uint8:
+            raise ShardDataError(
+                f"masks must be uint8 {(n, t, t)}, got {masks.dtype} {masks.shape}"
+            )
+        return {"pixels/image": images, "pixels/mask": masks}
+
+    def finalize(self) -> dict[str, Any]:
+        """Merge per-shard stats in shard order into the header and mark the store complete."""
+        pending = self.pending_shards()
+        if pending:
+            raise IncompleteStoreError(
+                f"cannot finalize {self.url!r}: {len(pending)} shard(s) pending, e.g. "
+                f"{pending[:10]}; write them (resume) before finalize()"
+            )
+        stats: dict[str, dict[str, Any]] = {}
+        for entry in self.schema.teachers:
+            name = entry.spec.name
+            stats[name] = {
+                lv.key: _merge_stats(self._group[L.stats_path(name, lv.key)][:])
+                for lv in entry.levels
+            }
+        meta = dict(self._meta, complete=True, stats=stats)
+        self._group.attrs[L.ATTR_KEY] = meta
+        self._meta = meta
+        return stats
+
+
+def _merge_stats(per_shard: np.ndarray) -> dict[str, Any]:
+    total = np.zeros(per_shard.shape[1:], np.float64)
+    for row in per_shard:  # shard order: the float sums are reproducible
+        total += row
+    count = total[0]
+    if not (count > 0).all():
+        raise StoreFormatError("a stats array has a shard with no count: was a shard lost?")
+    mean = total[1] / count
+    var = np.maximum(total[2] / count - mean**2, 0.0)
+    return {"count": int(count[0]), "mean": mean.tolist(), "std": np.sqrt(var).tolist()}
+
+
+__all__ = ["StoreWriter", "create_store"]
