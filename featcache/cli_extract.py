@@ -1,0 +1,199 @@
+"""CLI commands of the extraction stage: `extract`, `info`, `verify`, `synth`.
+
+Thin by design: options → `ExtractConfig` → `pipelines.extract.run_extraction`. Library errors
+(typed, with a remedy in the message) become `click.ClickException`: message, exit code 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose messages are meant for users (imported lazily: fast --help)."""
+    from featstore.errors import StoreError
+    from pipelines.config import ExtractConfigError
+    from pipelines.extract import ExtractionError
+    from pipelines.sources.errors import SourceError
+    from pipelines.teachers import TeacherInputError, UnknownTeacherError, WeightsError
+
+    return (StoreError, ExtractConfigError, ExtractionError, SourceError, UnknownTeacherError,
+            WeightsError, TeacherInputError)
+
+
+@contextlib.contextmanager
+def _user_errors(hint: str = "") -> Iterator[None]:
+    """Turn library errors into click errors (no traceback)."""
+    from featstore.errors import FingerprintMismatchError
+
+    try:
+        yield
+    except FingerprintMismatchError as err:
+        raise click.ClickException(
+            f"{err}\nFrom the command line: pass --overwrite to delete and recreate the store."
+        ) from err
+    except _library_errors() as err:
+        raise click.ClickException(f"{err}{hint}") from err
+
+
+def _config(source: str, store: str, **opts: Any) -> Any:
+    from pipelines.config import (
+        ExtractConfig,
+        parse_bands,
+        parse_codec,
+        parse_scales,
+        parse_weights,
+    )
+
+    return ExtractConfig(
+        source=source, out=store, layout=opts["layout"], split_file=opts["split_file"],
+        tile_size=opts["tile_size"], bands=parse_bands(opts["bands"]),
+        teachers=tuple(opts["teacher"]), weights=parse_weights(opts["weights"]),
+        tiny=opts["tiny"], scales=parse_scales(opts["scales"]), flip=opts["flip"],
+        codec=parse_codec(opts["codec"]), batch_size=opts["batch_size"], device=opts["device"],
+        scheduler=opts["scheduler"], tiles_per_shard=opts["tiles_per_shard"],
+        store_pixels=not opts["no_pixels"], overwrite=opts["overwrite"],
+        threads=opts["threads"], base_size=opts["base_size"], limit=opts["limit"],
+    ).validate()
+
+
+@click.command("extract")
+@click.argument("source", type=click.Path())
+@click.argument("store")
+@click.option("--teacher", "-t", multiple=True, required=True,
+              help="Teacher registry name (repeatable), e.g. dinov2_vitb14, clip_vitl14.")
+@click.option("--weights", multiple=True, metavar="NAME=PATH",
+              help="Weights file or pretrained tag of a teacher (repeatable).")
+@click.option("--tiny", is_flag=True, help="Tiny random-init teachers (smoke runs, tests).")
+@click.option("--scales", default="1", show_default=True, help="Cached scales, e.g. 1,2.")
+@click.option("--flip", is_flag=True, help="Also cache an h-flipped copy of every scale.")
+@click.option("--codec", default="fp16", show_default=True, help="fp16 | int8 | pca:K.")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
+@click.option("--scheduler", default="local", show_default=True,
+              help="local | local:N (N worker processes) | tcp://host:port.")
+@click.option("--tiles-per-shard", default=16, show_default=True, type=int)
+@click.option("--tile-size", default=512, show_default=True, type=int)
+@click.option("--base-size", default=518, show_default=True, type=int,
+              help="Canvas px of a scale-1 tile (the trainer's crop size).")
+@click.option("--layout", default="auto", show_default=True, help="Source layout.")
+@click.option("--split-file", type=click.Path(), default=None, help="Tile-to-split file.")
+@click.option("--bands", default=None, help="1-based source bands used as RGB, e.g. 3,2,1.")
+@click.option("--no-pixels", is_flag=True, help="Do not store images and masks.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing store at STORE and start over.")
+@click.option("--threads", default=1, show_default=True, type=int,
+              help="Torch threads per process (fixed for reproducible numerics).")
+@click.option("--limit", default=None, type=int, help="Only the first N tiles (smoke runs).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def extract_command(source: str, store: str, quiet: bool, **opts: Any) -> None:
+    """Run teachers once per tile of SOURCE and write their tokens into STORE.
+
+    Re-running the same command resumes an interrupted extraction.
+    """
+    from pipelines.extract import run_extraction
+
+    with _user_errors():
+        cfg = _config(source, store, **opts)
+        url = run_extraction(cfg, progress=not quiet)
+    click.echo(f"wrote {url}")
+
+
+def _level_bytes(url: str, teacher: str, key: str) -> int:
+    """Bytes on disk of a level (features + codec side data)."""
+    from featstore.layout import aux_path, feature_path, store_fs
+
+    fs, root = store_fs(url)
+    total = 0
+    for rel in (feature_path(teacher, key), aux_path(teacher, key)):
+        path = f"{root}/{rel}"
+        if fs.exists(path):
+            total += int(fs.du(path))
+    return total
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _info_lines(url: str) -> list[str]:
+    from featstore import get_codec, open_store
+
+    store = open_store(url)
+    schema = store.schema
+    done = store.done()
+    splits = Counter(t.split for t in store.tiles)
+    lines = [
+        f"store:       {url}",
+        f"dataset:     {schema.dataset}",
+        f"tiles:       {int(done.sum())}/{len(done)} done, "
+        f"{'complete' if store.complete else 'INCOMPLETE (re-run extract to resume)'} "
+        f"(tile {schema.tile_size} px, base {schema.base_size} px, "
+        f"{schema.tiles_per_shard} per shard)",
+        "splits:      " + ", ".join(f"{k or '-'}={v}" for k, v in sorted(splits.items())),
+        f"classes:     {', '.join(schema.class_names) or '-'} (ignore {schema.ignore_index})",
+        f"pixels:      {'stored' if schema.store_pixels else 'not stored'}",
+        f"fingerprint: {store.fingerprint}",
+    ]
+    for entry in schema.teachers:
+        spec, codec = entry.spec, get_codec(entry.codec)
+        lines.append(f"teacher {spec.name}: {spec.family} {spec.arch}, weights "
+                     f"{spec.weights or 'random'}, input {spec.input_size} px, stride "
+                     f"{spec.stride}, {spec.channels} ch, layer {spec.layer}; codec "
+                     f"{codec.to_dict()}")
+        for level in entry.levels:
+            g = spec.grid_size(level.canvas_px(schema.base_size), schema.base_size)
+            size = _human(_level_bytes(url, spec.name, level.key))
+            lines.append(f"  level {level.key}: scale {level.scale:g}"
+                         f"{' flipped' if level.flipped else ''}, grid {g}x{g} x "
+                         f"{codec.stored_channels(spec.channels)} ch, {size} on disk")
+    return lines
+
+
+@click.command("info")
+@click.argument("store")
+def info_command(store: str) -> None:
+    """Describe STORE: dataset, tiles, splits, classes, teachers, levels, sizes, fingerprint."""
+    with _user_errors():
+        lines = _info_lines(store)
+    click.echo("\n".join(lines))
+
+
+@click.command("verify")
+@click.argument("store")
+def verify_command(store: str) -> None:
+    """Check STORE (done markers, fingerprint, checksums); exit 1 when a problem is found."""
+    from featstore import verify_store
+
+    with _user_errors():
+        problems = verify_store(store)
+    if problems:
+        for problem in problems:
+            click.echo(f"PROBLEM: {problem}")
+        click.get_current_context().exit(1)
+    click.echo(f"OK: {store} verified")
+
+
+@click.command("synth")
+@click.argument("out", type=click.Path())
+@click.option("--n-images", default=8, show_default=True, type=int)
+@click.option("--size", default=256, show_default=True, type=int, help="Image edge in px.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def synth_command(out: str, n_images: int, size: int, seed: int) -> None:
+    """Write a small synthetic dataset (images/ + masks/) into OUT."""
+    from pipelines.synthetic import generate_synthetic
+
+    with _user_errors():
+        generate_synthetic(out, n_images=n_images, size=size, seed=seed)
+    click.echo(f"wrote {n_images} synthetic images of {size} px to {out}")
+
+
+COMMANDS = [extract_command, info_command, verify_command, synth_command]

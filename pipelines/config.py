@@ -1,0 +1,182 @@
+"""Configuration of the extraction stage: one frozen dataclass plus parsers for CLI-style text.
+
+The CLI parses options into `ExtractConfig`; library users build it directly. Every check that
+needs no I/O happens in `ExtractConfig.validate`, so a bad option fails before anything is opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ExtractConfigError(ValueError):
+    """An extraction option is invalid; the message names the option and how to fix it."""
+
+
+CODEC_NAMES = ("fp16", "int8", "pca")
+_TCP_RE = re.compile(r"^tcp://[^:/]+:\d+$")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything `run_extraction` needs.
+
+    Attributes:
+        source: Dataset folder / scene file understood by `pipelines.sources.open_source`.
+        out: Store URL (local path or fsspec URL).
+        layout: Source layout name, or "auto".
+        split_file: Optional file that assigns tiles to splits.
+        tile_size: Tile edge in source pixels.
+        bands: 1-based source bands to use as RGB (None: the first three).
+        teachers: Teacher registry names.
+        weights: Teacher name -> weights path or pretrained tag (missing: registry default).
+        tiny: Build tiny random-init teachers (tests, smoke runs).
+        scales: Cached scales (render = round(scale * base_size)).
+        flip: Also cache an h-flipped copy of each scale.
+        codec: Codec dict, e.g. {"name": "fp16"} or {"name": "pca", "k": 64}.
+        batch_size: Canvases per teacher forward.
+        device: Torch device of the teachers.
+        scheduler: "local" (this process), "local:N" (LocalCluster of N processes) or
+            "tcp://host:port" (an existing dask scheduler).
+        tiles_per_shard: Tiles per shard group (one task, one writer).
+        store_pixels: Store images and masks beside the features.
+        overwrite: Delete any existing store at `out` and start over (needed when its
+            fingerprint differs; without it a same-fingerprint store is resumed).
+        threads: Torch intra-op threads per process. Fixed (not "all cores") so that a resumed or
+            distributed run computes bit-identical features to an uninterrupted one.
+        base_size: Canvas edge of the scale-1 rendering (the trainer's crop size).
+        limit: Only the first N tiles of the source (smoke runs); None for all.
+    """
+
+    source: str
+    out: str
+    layout: str = "auto"
+    split_file: str | None = None
+    tile_size: int = 512
+    bands: tuple[int, ...] | None = None
+    teachers: tuple[str, ...] = ("dinov2_vitb14",)
+    weights: dict[str, str] = field(default_factory=dict)
+    tiny: bool = False
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    codec: dict[str, Any] = field(default_factory=lambda: {"name": "fp16"})
+    batch_size: int = 8
+    device: str = "cpu"
+    scheduler: str = "local"
+    tiles_per_shard: int = 16
+    store_pixels: bool = True
+    overwrite: bool = False
+    threads: int = 1
+    base_size: int = 518
+    limit: int | None = None
+
+    def validate(self) -> ExtractConfig:
+        """Check option values (no I/O) and return self; raise `ExtractConfigError` otherwise."""
+        if not self.teachers:
+            raise ExtractConfigError("no teacher given: pass at least one --teacher NAME")
+        if len(set(self.teachers)) != len(self.teachers):
+            raise ExtractConfigError(f"--teacher names repeat: {list(self.teachers)}")
+        unknown = sorted(set(self.weights) - set(self.teachers))
+        if unknown:
+            raise ExtractConfigError(f"--weights given for {unknown}, which are not among "
+                                     f"--teacher {list(self.teachers)}")
+        if not self.scales or any(not (0.0 < s <= 8.0) for s in self.scales):
+            raise ExtractConfigError(f"--scales must be in (0, 8], got {list(self.scales)}")
+        if len(set(self.scales)) != len(self.scales):
+            raise ExtractConfigError(f"--scales repeat: {list(self.scales)}")
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("tiles_per_shard", self.tiles_per_shard)
+        _check_positive("tile_size", self.tile_size)
+        _check_positive("base_size", self.base_size)
+        _check_positive("threads", self.threads)
+        if self.limit is not None:
+            _check_positive("limit", self.limit)
+        parse_scheduler(self.scheduler)
+        _check_codec(self.codec)
+        return self
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys); also the key of the per-worker model cache."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        option = "--" + name.replace("_", "-")
+        raise ExtractConfigError(f"{option} must be a positive integer, got {value!r}")
+
+
+def _check_codec(codec: dict[str, Any]) -> None:
+    name = codec.get("name")
+    if name not in CODEC_NAMES:
+        raise ExtractConfigError(f"--codec {name!r} is unknown; choose fp16, int8 or pca:K")
+    if name == "pca" and (not isinstance(codec.get("k"), int) or codec["k"] < 1):
+        raise ExtractConfigError(
+            f"--codec pca needs a positive component count, e.g. pca:64; got {codec}")
+
+
+def parse_codec(text: str) -> dict[str, Any]:
+    """Parse "fp16", "int8" or "pca:K" into a codec dict."""
+    name, _, arg = text.strip().partition(":")
+    if name == "pca":
+        if not arg.isdigit() or int(arg) < 1:
+            raise ExtractConfigError(
+                f"--codec {text!r}: write pca:K with K components, e.g. pca:64")
+        return {"name": "pca", "k": int(arg)}
+    if arg or name not in CODEC_NAMES:
+        raise ExtractConfigError(f"--codec {text!r} is unknown; choose fp16, int8 or pca:K")
+    return {"name": name}
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """Parse "1,2" or "0.5, 1" into a tuple of floats."""
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ExtractConfigError(
+            f"--scales {text!r}: write comma-separated numbers, e.g. 1,2") from None
+
+
+def parse_bands(text: str | None) -> tuple[int, ...] | None:
+    """Parse "1,2,3" (1-based band numbers) or None."""
+    if text is None or not text.strip():
+        return None
+    try:
+        bands = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ExtractConfigError(
+            f"--bands {text!r}: write 1-based band numbers, e.g. 1,2,3") from None
+    if len(bands) != 3 or min(bands) < 1:
+        raise ExtractConfigError(f"--bands {text!r}: give exactly three 1-based bands, e.g. 3,2,1")
+    return bands
+
+
+def parse_weights(items: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Parse repeated NAME=PATH_OR_TAG items into a dict."""
+    weights: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ExtractConfigError(f"--weights {item!r}: write NAME=PATH or NAME=TAG")
+        weights[name] = value
+    return weights
+
+
+def parse_scheduler(text: str) -> tuple[str, int | str | None]:
+    """Split a scheduler spec into ("local", None), ("cluster", N) or ("tcp", address)."""
+    if text == "local":
+        return "local", None
+    if text.startswith("local:"):
+        count = text.partition(":")[2]
+        if count.isdigit() and int(count) >= 1:
+            return "cluster", int(count)
+    elif _TCP_RE.match(text):
+        return "tcp", text
+    raise ExtractConfigError(
+        f"--scheduler {text!r} is not understood; use local, local:N (N worker processes) "
+        "or tcp://host:port (an existing dask scheduler)"
+    )
