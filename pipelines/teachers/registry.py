@@ -1,0 +1,98 @@
+"""Teacher registry: named factories plus the open ``timm:<model>[:<index>]`` form."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pipelines.teachers.base import DEFAULT_BASE_SIZE, Teacher
+
+TeacherFactory = Callable[..., Teacher]
+TIMM_PREFIX = "timm:"
+# Modules whose import registers the built-in teachers (imported on first use, so that
+# `import pipelines.teachers` stays cheap and open_clip is only loaded when needed).
+_BUILTIN_MODULES = ("pipelines.teachers.timm_vit", "pipelines.teachers.clip")
+_REGISTRY: dict[str, TeacherFactory] = {}
+
+
+class UnknownTeacherError(ValueError):
+    """The requested teacher name is neither registered nor ``timm:<model>``."""
+
+
+def register_teacher(name: str) -> Callable[[TeacherFactory], TeacherFactory]:
+    """Decorator registering ``factory(weights=, tiny=, base_size=, **options) -> Teacher``.
+
+    Raises:
+        ValueError: the name is taken or uses the reserved ``timm:`` prefix.
+    """
+    if name.startswith(TIMM_PREFIX) or "/" in name:
+        raise ValueError(f"teacher name {name!r} may not start with {TIMM_PREFIX!r} or hold '/'")
+
+    def decorate(factory: TeacherFactory) -> TeacherFactory:
+        if _REGISTRY.get(name, factory) is not factory:
+            raise ValueError(f"teacher {name!r} is already registered; pick another name")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def list_teachers() -> list[str]:
+    """Registered teacher names, sorted (``timm:<model>[:<index>]`` is accepted as well)."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def _unknown(name: str) -> UnknownTeacherError:
+    return UnknownTeacherError(
+        f"unknown teacher {name!r}; known teachers: {', '.join(list_teachers())}, or "
+        f"'{TIMM_PREFIX}<model>[:<feature_index>]' for any timm model "
+        "(e.g. 'timm:tf_efficientnet_lite0', 'timm:resnet50:3')"
+    )
+
+
+def _factory(name: str) -> tuple[TeacherFactory, dict[str, Any]]:
+    if name.startswith(TIMM_PREFIX):
+        from pipelines.teachers.timm_generic import parse_timm_name, timm_teacher
+
+        model, index = parse_timm_name(name)
+        return timm_teacher, {"model_name": model, "index": index}
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise _unknown(name)
+    return _REGISTRY[name], {}
+
+
+def create_teacher(
+    name: str,
+    weights: str | None = None,
+    tiny: bool = False,
+    device: str | torch.device = "cpu",
+    base_size: int = DEFAULT_BASE_SIZE,
+    **options: Any,
+) -> Teacher:
+    """Build a frozen teacher (eval mode, no gradients) on ``device``.
+
+    Args:
+        name: A registered name (see :func:`list_teachers`) or ``timm:<model>[:<index>]``.
+        weights: None/"random" (random init), a local checkpoint file, or a pretrained tag.
+        tiny: Small random architecture of the same family and code path (tests).
+        device: Where the teacher runs.
+        base_size: Canvas size that ``spec.input_size`` refers to.
+        **options: Teacher-specific options (e.g. ``preprocess="openai"`` for CLIP).
+
+    Raises:
+        UnknownTeacherError: the name is not known.
+        WeightsError: the weights cannot be resolved or loaded.
+    """
+    factory, fixed = _factory(name)
+    teacher = factory(weights=weights, tiny=tiny, base_size=base_size, **fixed, **options)
+    return teacher.to(device).freeze()

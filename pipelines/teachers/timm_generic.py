@@ -1,0 +1,176 @@
+"""Any timm model as a teacher: ``timm:<model>[:<feature_index>]``.
+
+One feature level is taken through timm's ``features_only=True, out_indices=(index,)`` (CNNs get
+``FeatureListNet``, ViTs timm's ``forward_intermediates`` getter, un-normed). ``index`` counts
+``model.feature_info`` entries. Default: the deepest level with stride <= 16, so CNN teachers give
+a grid comparable to the ViT teachers' (32-37 tokens per 512 tile; the design calibration used
+stride-16 features) and ViTs give their last block. The input is the canvas at its own size
+(``input_size = base_size``); CNN inputs are not snapped and their grid rounding (ceil for SAME
+and ``k // 2`` padding) is read from a probe forward and recorded in the spec.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from featstore.schema import ResizeSpec, TeacherSpec
+from pipelines.teachers.base import Teacher
+from pipelines.teachers.registry import TIMM_PREFIX, UnknownTeacherError
+from pipelines.teachers.timm_vit import TINY_VIT, base_extra, create_timm_model, tiny_arch
+from pipelines.teachers.weights import WeightsSource, resolve_weights
+
+MAX_DEFAULT_STRIDE = 16
+
+
+def parse_timm_name(name: str) -> tuple[str, int | None]:
+    """``"timm:<model>[:<index>]"`` → (model, index or None).
+
+    Raises:
+        UnknownTeacherError: malformed name or a model timm does not know.
+    """
+    import timm
+
+    parts = name[len(TIMM_PREFIX) :].split(":")
+    index: int | None = None
+    if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+        index = int(parts[1])
+    elif len(parts) != 1:
+        parts = []
+    model = parts[0] if parts else ""
+    if not model or not timm.is_model(model.split(".")[0]):
+        raise UnknownTeacherError(
+            f"unknown timm teacher {name!r}: expected 'timm:<model>[:<feature_index>]' with a "
+            "model from timm.list_models() (e.g. 'timm:tf_efficientnet_lite0', 'timm:resnet50:3')"
+        )
+    return model, index
+
+
+def default_index(reductions: list[int]) -> int:
+    """Deepest level whose stride is at most 16 (the last level when none is)."""
+    fitting = [i for i, r in enumerate(reductions) if r <= MAX_DEFAULT_STRIDE]
+    return fitting[-1] if fitting else len(reductions) - 1
+
+
+class TimmFeatureTeacher(Teacher):
+    """One ``features_only`` level of a timm model, NCHW → channels last."""
+
+    def __init__(self, spec: TeacherSpec, model: nn.Module, base_size: int, cnn: bool) -> None:
+        super().__init__(spec, base_size)
+        self.model = model
+        # channels_last convolutions are faster on GPUs (and oneDNN) and make the final
+        # NCHW → NHWC permute free.
+        self.memory_format = torch.channels_last if cnn else torch.contiguous_format
+        if cnn:
+            self.model.to(memory_format=torch.channels_last)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The selected level as [B, g, g, C]."""
+        (fmap,) = self.model(x.contiguous(memory_format=self.memory_format))
+        return fmap.permute(0, 2, 3, 1)
+
+
+def _build_full(arch: str, source: WeightsSource, tiny: bool) -> tuple[nn.Module, str, dict]:
+    """Full model with weights; tiny tries ViT width/depth overrides (CNNs stay full size)."""
+    kwargs: dict[str, Any] = {"dynamic_img_size": True}
+    attempts = [{**TINY_VIT, **kwargs}, kwargs, {}] if tiny else [kwargs, {}]
+    for attempt in attempts:
+        try:
+            model, how = create_timm_model(arch, source, allow_position=True, **attempt)
+        except TypeError:
+            continue  # this architecture takes none of these keyword arguments
+        return model, how, attempt
+    model, how = create_timm_model(arch, source, allow_position=True)
+    return model, how, {}
+
+
+def _features_model(arch: str, full: nn.Module, index: int, kwargs: dict) -> nn.Module:
+    import timm
+
+    # The full model's weights pass through timm's own pretrained path, so timm prunes the head
+    # and wraps the right feature class for this architecture.
+    overlay = {"state_dict": full.state_dict(), "source": "", "file": None, "url": None}
+    builder_log = logging.getLogger("timm.models._builder")
+    level = builder_log.level
+    # timm logs the dropped head keys as "unexpected" at WARNING; dropping them is the point.
+    builder_log.setLevel(logging.ERROR)
+    try:
+        return timm.create_model(
+            arch.split(".")[0],
+            features_only=True,
+            out_indices=(index,),
+            pretrained=True,
+            pretrained_cfg_overlay=overlay,
+            **kwargs,
+        )
+    finally:
+        builder_log.setLevel(level)
+
+
+def _grid_rounding(model: nn.Module, stride: int) -> str:
+    size = 4 * stride + 1
+    with torch.no_grad():
+        (fmap,) = model(torch.zeros(1, 3, size, size))
+    return "floor" if fmap.shape[-1] == size // stride else "ceil"
+
+
+def timm_teacher(
+    model_name: str,
+    index: int | None = None,
+    weights: str | None = None,
+    tiny: bool = False,
+    base_size: int = 518,
+) -> Teacher:
+    """Teacher from one feature level of any timm model.
+
+    Args:
+        model_name: timm model name (optionally ``name.tag``).
+        index: ``feature_info`` index; None → deepest level with stride <= 16.
+        weights: None/"random", a local file (loaded by name, or by position when no key name
+            matches), or a pretrained tag.
+        tiny: ViT width/depth overrides where the model accepts them; CNNs stay full size.
+        base_size: Canvas size; it is also the model input size.
+    """
+    source = resolve_weights(weights)
+    full, how, kwargs = _build_full(model_name, source, tiny)
+    info = list(full.feature_info)
+    index = default_index([int(f["reduction"]) for f in info]) if index is None else index
+    if not -len(info) <= index < len(info):
+        raise UnknownTeacherError(
+            f"timm:{model_name}:{index}: feature index out of range; {model_name} has "
+            f"{len(info)} levels with strides {[f['reduction'] for f in info]}"
+        )
+    index %= len(info)
+    cnn = not hasattr(full, "patch_embed")
+    cfg = full.pretrained_cfg
+    prefix = int(getattr(full, "num_prefix_tokens", 0) or 0)
+    model = _features_model(model_name, full, index, kwargs).eval()
+    del full
+    stride = int(model.feature_info.reduction()[0])
+    extra = {"feature_index": str(index)}
+    if cnn:
+        extra["grid_rounding"] = _grid_rounding(model, stride)
+    else:
+        extra["snap_to_stride"] = "1"
+    overrides = {k: v for k, v in kwargs.items() if k in TINY_VIT}
+    spec = TeacherSpec(
+        name=f"{TIMM_PREFIX}{model_name}:{index}",
+        family="timm",
+        arch=tiny_arch(model_name, overrides) if overrides else model_name,
+        weights=source.value,
+        weights_sha256=source.sha256,
+        input_size=int(base_size),
+        stride=stride,
+        channels=int(model.feature_info.channels()[0]),
+        layer=f"feature_info[{index}] ({model.feature_info.module_name()[0]}), features_only",
+        resize=ResizeSpec(mode="bilinear", antialias=True, align_corners=False),
+        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        prefix_tokens_dropped=prefix,
+        final_norm=False,
+        extra=base_extra(source, how, tiny, **extra),
+    )
+    return TimmFeatureTeacher(spec, model, base_size, cnn)
