@@ -29,7 +29,7 @@ from pipelines.config import ExtractConfig, ExtractConfigError, parse_scheduler
 SLEEP_ENV = "FEATCACHE_TEST_SLEEP_AFTER_SHARD"
 PCA_SAMPLE_TILES = 64
 PCA_MAX_TOKENS = 65536
-RANDOM_INIT_SEED = 0
+from pipelines.teachers.registry import RANDOM_INIT_SEED  # noqa: F401  (re-exported)
 
 
 class ExtractionError(Exception):
@@ -129,18 +129,16 @@ def open_tiles(cfg: ExtractConfig) -> tuple[Any, list[Any]]:
 def load_teachers(cfg: ExtractConfig, device: str) -> dict[str, Any]:
     """Create every teacher of `cfg` on `device` (unknown names raise the registry's error).
 
-    Random-init weights (tiny/smoke runs) are drawn under a fixed seed, so every process and
-    every resumed run builds the same network.
+    Random-init weights are seeded inside `create_teacher`, so every process builds the same
+    network.
     """
     from pipelines.teachers import create_teacher
 
     teachers: dict[str, Any] = {}
     with torch_threads(cfg.threads):
         for name in cfg.teachers:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_INIT_SEED)
-                teacher = create_teacher(name, weights=cfg.weights.get(name), tiny=cfg.tiny,
-                                         device=device, base_size=cfg.base_size).eval()
+            teacher = create_teacher(name, weights=cfg.weights.get(name), tiny=cfg.tiny,
+                                     device=device, base_size=cfg.base_size)
             # The store names a teacher by its canonical spec name (e.g. "timm:m" -> "timm:m:3").
             if teacher.spec.name in teachers:
                 raise ExtractConfigError(f"--teacher {name!r} is the same teacher as another "

@@ -12,6 +12,7 @@ from pipelines.teachers.base import DEFAULT_BASE_SIZE, Teacher
 
 TeacherFactory = Callable[..., Teacher]
 TIMM_PREFIX = "timm:"
+RANDOM_INIT_SEED = 0
 # Modules whose import registers the built-in teachers (imported on first use, so that
 # `import pipelines.teachers` stays cheap and open_clip is only loaded when needed).
 _BUILTIN_MODULES = ("pipelines.teachers.timm_vit", "pipelines.teachers.clip")
@@ -94,5 +95,9 @@ def create_teacher(
         WeightsError: the weights cannot be resolved or loaded.
     """
     factory, fixed = _factory(name)
-    teacher = factory(weights=weights, tiny=tiny, base_size=base_size, **fixed, **options)
+    # Random init is drawn under a fixed seed, with the caller's RNG state left untouched, so
+    # extraction workers, resumed runs and the online trainer all build the same network.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        teacher = factory(weights=weights, tiny=tiny, base_size=base_size, **fixed, **options)
     return teacher.to(device).freeze()
