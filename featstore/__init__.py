@@ -6,6 +6,7 @@ Public API (see docs/architecture.md): schema dataclasses, codecs, ``create_stor
 
 from __future__ import annotations
 
+from featstore.bank import BankReader, BankWriter, add_bank
 from featstore.codecs import (
     CODECS,
     FeatureCodec,
@@ -31,6 +32,7 @@ from featstore.geometry import LevelGeometry
 from featstore.reader import FeatureStore, open_store
 from featstore.schema import (
     FORMAT_VERSION,
+    BankSpec,
     LevelSpec,
     ResizeSpec,
     StoreSchema,
@@ -47,6 +49,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CODECS",
     "FORMAT_VERSION",
+    "BankReader",
+    "BankSpec",
+    "BankWriter",
     "CodecError",
     "FeatureCodec",
     "FeatureStore",
@@ -70,6 +75,7 @@ __all__ = [
     "TeacherSpec",
     "TileNotDoneError",
     "TileRecord",
+    "add_bank",
     "create_store",
     "fingerprint",
     "get_codec",

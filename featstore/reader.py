@@ -12,6 +12,7 @@ import xarray as xr
 import zarr
 
 from featstore import layout as L
+from featstore.bank import BankReader
 from featstore.codecs import FeatureCodec, PCACodec, get_codec
 from featstore.errors import (
     IncompleteStoreError,
@@ -60,6 +61,7 @@ class FeatureStore:
         self._codecs: dict[str, FeatureCodec] = {}
         self._tiles: list[TileRecord] | None = None
         self._done = np.asarray(group["done"][:]).astype(bool)
+        self._bank: BankReader | None = None
 
     def __len__(self) -> int:
         return int(self._done.shape[0])
@@ -134,7 +136,22 @@ class FeatureStore:
     def refresh(self) -> None:
         """Re-read the header and the done flags (a writer may have progressed)."""
         self._meta = L.read_header(self._group, self.url)
+        self.schema = StoreSchema.from_dict(self._meta["schema"])
+        self.fingerprint = self._meta["fingerprint"]
         self._done = np.asarray(self._group["done"][:]).astype(bool)
+        self._bank = None
+
+    @property
+    def has_bank(self) -> bool:
+        """Whether the store declares an exact view bank (``schema.bank``)."""
+        return self.schema.bank is not None
+
+    @property
+    def bank(self) -> BankReader:
+        """The exact view bank (``StoreFormatError`` when the store has none)."""
+        if self._bank is None:
+            self._bank = BankReader(self.url, self._group, self.schema)
+        return self._bank
 
     def _check_done(self, i: int) -> int:
         i = int(i)

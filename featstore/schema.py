@@ -245,6 +245,64 @@ class TeacherEntry:
 
 
 @dataclass(frozen=True)
+class BankSpec:
+    """An exact view bank: ``k`` views per tile drawn with ``rule``, teachers run on each view.
+
+    Views follow the official RS-MTDF draw (``S`` uniform integer in ``[int(lo T), int(hi T)]``,
+    pad right/bottom to ``crop``, offsets uniform in ``[0, max(S, crop) - crop]``, h-flip with
+    ``flip_p``), seeded per tile by ``(seed, tile index)``. ``teachers`` empty = every teacher.
+    """
+
+    k: int
+    seed: int = 0
+    crop: int = 518
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip_p: float = 0.5
+    teachers: tuple[str, ...] = ()
+    rule: str = "rs-mtdf-official"
+
+    def __post_init__(self) -> None:
+        if int(self.k) < 1 or int(self.crop) < 1:
+            raise ValueError(f"BankSpec.k and crop must be >= 1, got k={self.k}, crop={self.crop}")
+        lo, hi = _floats(self.scale_range, 2, "BankSpec.scale_range")
+        if not 0 < lo <= hi:
+            raise ValueError(f"BankSpec.scale_range must satisfy 0 < lo <= hi, got {(lo, hi)}")
+        if not 0.0 <= float(self.flip_p) <= 1.0:
+            raise ValueError(f"BankSpec.flip_p must be in [0, 1], got {self.flip_p}")
+        object.__setattr__(self, "k", int(self.k))
+        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "crop", int(self.crop))
+        object.__setattr__(self, "scale_range", (lo, hi))
+        object.__setattr__(self, "flip_p", float(self.flip_p))
+        object.__setattr__(self, "teachers", tuple(str(t) for t in self.teachers))
+
+    def size_range(self, tile_size: int) -> tuple[int, int]:
+        """Inclusive range of the zoomed size ``S`` for tiles of ``tile_size`` px."""
+        lo, hi = self.scale_range
+        return int(lo * tile_size), int(hi * tile_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        return {
+            "k": self.k,
+            "seed": self.seed,
+            "crop": self.crop,
+            "scale_range": list(self.scale_range),
+            "flip_p": self.flip_p,
+            "teachers": list(self.teachers),
+            "rule": self.rule,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BankSpec:
+        """Inverse of ``to_dict``."""
+        kw = dict(d)
+        kw["scale_range"] = tuple(kw["scale_range"])
+        kw["teachers"] = tuple(kw.get("teachers", ()))
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
 class StoreSchema:
     """What a store holds (everything except the tile list)."""
 
@@ -256,6 +314,7 @@ class StoreSchema:
     tiles_per_shard: int = 64
     teachers: tuple[TeacherEntry, ...] = ()
     store_pixels: bool = True
+    bank: BankSpec | None = None
 
     def __post_init__(self) -> None:
         for attr in ("tile_size", "base_size", "tiles_per_shard"):
@@ -266,6 +325,20 @@ class StoreSchema:
         names = [t.spec.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"StoreSchema.teachers has duplicate names: {names}")
+        if self.bank is not None:
+            unknown = sorted(set(self.bank.teachers) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"BankSpec.teachers {unknown} are not teachers of the schema ({names}); "
+                    "bank only stored teachers"
+                )
+
+    @property
+    def bank_teachers(self) -> tuple[str, ...]:
+        """Teachers with a view bank (all of them when ``bank.teachers`` is empty)."""
+        if self.bank is None:
+            return ()
+        return self.bank.teachers or self.teacher_names
 
     @property
     def teacher_names(self) -> tuple[str, ...]:
@@ -287,8 +360,8 @@ class StoreSchema:
         return -(-n_tiles // self.tiles_per_shard)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict."""
-        return {
+        """JSON-able dict (``bank`` only when set, so bank-less fingerprints never change)."""
+        d = {
             "dataset": self.dataset,
             "tile_size": self.tile_size,
             "base_size": self.base_size,
@@ -298,6 +371,9 @@ class StoreSchema:
             "teachers": [t.to_dict() for t in self.teachers],
             "store_pixels": self.store_pixels,
         }
+        if self.bank is not None:
+            d["bank"] = self.bank.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StoreSchema:
@@ -305,6 +381,8 @@ class StoreSchema:
         kw = dict(d)
         kw["class_names"] = tuple(kw["class_names"])
         kw["teachers"] = tuple(TeacherEntry.from_dict(t) for t in kw["teachers"])
+        if kw.get("bank") is not None:
+            kw["bank"] = BankSpec.from_dict(kw["bank"])
         return cls(**kw)
 
 
@@ -344,6 +422,7 @@ def dict_differences(old: Any, new: Any, path: str = "schema") -> list[str]:
 
 __all__ = [
     "FORMAT_VERSION",
+    "BankSpec",
     "LevelSpec",
     "ResizeSpec",
     "StoreSchema",

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from featstore import bank as B
 from featstore import layout as L
 from featstore.codecs import CodecError, PCACodec, get_codec
 from featstore.errors import StoreError
@@ -39,6 +40,7 @@ def verify_store(
     problems += _missing_files(group, schema, url, done, storage_options)
     if check_data:
         problems += _checksum_problems(group, schema, done)
+    problems += _bank_problems(group, schema, url, storage_options, check_data)
     return problems
 
 
@@ -92,12 +94,31 @@ def _missing_files(
     storage_options: dict[str, Any] | None,
 ) -> list[str]:
     fs, root = L.store_fs(url, storage_options)
+    return _missing_for(group, schema, L.checksum_arrays(schema), "checksum", done, fs, root)
+
+
+def _missing_for(
+    group: zarr.Group,
+    schema: StoreSchema,
+    paths: list[str],
+    checksum: str,
+    done: np.ndarray,
+    fs: Any,
+    root: str,
+) -> list[str]:
+    stored = np.asarray(group[checksum][:])
     out = []
-    for path in L.checksum_arrays(schema):
+    for col, path in enumerate(paths):
         arr = group[path]
+        # Zarr's sharding codec drops a shard whose chunks all equal the fill value (e.g. the
+        # masks of unlabeled tiles), so a missing file is only a loss when the recorded
+        # checksums say the tiles held something else.
+        fill = np.full((1, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
+        fill_crc = L.tile_crcs(fill)[0]
         for k, sl in _done_shards(schema, done):
             key = arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
-            if not fs.exists(f"{root.rstrip('/')}/{path}/{key}"):
+            all_fill = bool((stored[sl, col] == fill_crc).all())
+            if not all_fill and not fs.exists(f"{root.rstrip('/')}/{path}/{key}"):
                 out.append(
                     f"missing shard file {path}/{key} (tiles {sl.start}..{sl.stop - 1}); "
                     "re-extract that shard"
@@ -113,8 +134,15 @@ def _read_shard(arr: zarr.Array, sl: slice) -> tuple[np.ndarray | None, str | No
 
 
 def _checksum_problems(group: zarr.Group, schema: StoreSchema, done: np.ndarray) -> list[str]:
-    names = L.checksum_arrays(schema)
-    stored = np.asarray(group["checksum"][:])
+    out = _crc_problems(group, schema, L.checksum_arrays(schema), "checksum", done)
+    out += _decode_problems(group, schema, done)
+    return out
+
+
+def _crc_problems(
+    group: zarr.Group, schema: StoreSchema, names: list[str], checksum: str, done: np.ndarray
+) -> list[str]:
+    stored = np.asarray(group[checksum][:])
     out = []
     for col, path in enumerate(names):
         arr = group[path]
@@ -128,7 +156,6 @@ def _checksum_problems(group: zarr.Group, schema: StoreSchema, done: np.ndarray)
                 f"checksum mismatch in {path} tile {i} (corrupted or lost chunk)"
                 for i in bad.tolist()
             ]
-    out += _decode_problems(group, schema, done)
     return out
 
 
@@ -158,6 +185,54 @@ def _decode_problems(group: zarr.Group, schema: StoreSchema, done: np.ndarray) -
                         f"{name}/{level.key} tiles {sl.start}..{sl.stop - 1} decode to "
                         "non-finite values"
                     )
+    return out
+
+
+def _bank_problems(
+    group: zarr.Group,
+    schema: StoreSchema,
+    url: str,
+    storage_options: dict[str, Any] | None,
+    check_data: bool,
+) -> list[str]:
+    """The same checks for the optional view bank (its own done flags and checksums)."""
+    if schema.bank is None:
+        return []
+    try:
+        reader = B.BankReader(url, group, schema)
+    except (KeyError, StoreError) as err:
+        return [f"view bank unreadable ({err}); rebuild it with build_view_bank(overwrite=True)"]
+    done, out = reader.done(), []
+    if not reader.complete:
+        out.append("view bank is not complete: resume build_view_bank (it finalizes the bank)")
+    if not done.all():
+        out.append(
+            f"{int((~done).sum())} tile(s) have no view bank yet, e.g. "
+            f"{np.flatnonzero(~done)[:MAX_LISTED].tolist()}"
+        )
+    names = B.bank_checksum_arrays(schema)
+    fs, root = L.store_fs(url, storage_options)
+    out += _missing_for(group, schema, names, B.CHECKSUM, done, fs, root)
+    if not check_data:
+        return out
+    out += _crc_problems(group, schema, names, B.CHECKSUM, done)
+    params = reader.params()[done]
+    out += [f"view bank params: {p}" for p in B.check_params(params, schema.bank, schema.tile_size)]
+    for name in reader.teachers:
+        try:
+            codec = reader.codec(name)
+        except (CodecError, KeyError):
+            continue  # reported by _pca_problems
+        has_aux = codec.aux_shape(schema.teacher(name).spec.channels) is not None
+        for _, sl in _done_shards(schema, done):
+            data, err = _read_shard(group[B.bank_path(name)], sl)
+            aux, err2 = _read_shard(group[B.bank_aux_path(name)], sl) if has_aux else (None, None)
+            if data is None or err2 is not None:
+                continue  # reported as unreadable by the checksum pass
+            if not np.isfinite(codec.decode(data, aux)).all():
+                out.append(
+                    f"{name}/bank tiles {sl.start}..{sl.stop - 1} decode to non-finite values"
+                )
     return out
 
 

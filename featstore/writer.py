@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import uuid
@@ -12,6 +13,7 @@ import numpy as np
 import zarr
 
 from featstore import layout as L
+from featstore.bank import create_bank_arrays
 from featstore.codecs import FeatureCodec, PCACodec, get_codec
 from featstore.errors import (
     CodecError,
@@ -100,7 +102,7 @@ def create_store(
                 f"{url!r} exists and is not a usable feature store ({err}); "
                 "pass overwrite=True or choose another path"
             ) from err
-        if meta.get("fingerprint") != fp:
+        if meta.get("fingerprint") != fp and not _same_but_bank(meta, schema, tiles):
             raise FingerprintMismatchError(url, _differences(meta, schema, tiles, group))
         return StoreWriter.open(url, storage_options)
     try:
@@ -108,6 +110,20 @@ def create_store(
     except OSError as err:  # permissions, read-only filesystems, bad remote buckets
         raise StoreWriteError(f"cannot write store {url!r}: {err}; choose a writable path") from err
     return StoreWriter.open(url, storage_options)
+
+
+def _same_but_bank(meta: dict[str, Any], schema: StoreSchema, tiles: Sequence[TileRecord]) -> bool:
+    """A bank-less request matches a store that only adds a view bank (added after extraction)."""
+    stored = StoreSchema.from_dict(meta["schema"])
+    if schema.bank is not None or stored.bank is None:
+        return False
+    return fingerprint(dataclasses.replace(stored, bank=None), tiles) == fingerprint(schema, tiles)
+
+
+def _build(group: zarr.Group, schema: StoreSchema, tiles: Sequence[TileRecord], fp: str) -> None:
+    L.build_store(group, schema, tiles, fp)
+    if schema.bank is not None:
+        create_bank_arrays(group, schema, len(tiles))
 
 
 def _create_fresh(
@@ -118,14 +134,14 @@ def _create_fresh(
     storage_options: dict[str, Any] | None,
 ) -> None:
     if not L.is_local(url):
-        L.build_store(L.open_root(url, "w", storage_options), schema, tiles, fp)
+        _build(L.open_root(url, "w", storage_options), schema, tiles, fp)
         return
     # Local: build beside the target, then rename, so the path is either absent or whole.
     path = L.local_path(url)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        L.build_store(zarr.open_group(tmp, mode="w"), schema, tiles, fp)
+        _build(zarr.open_group(tmp, mode="w"), schema, tiles, fp)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.rename(tmp, path)

@@ -77,3 +77,21 @@ def test_tampered_tile_index_breaks_the_fingerprint(store_url: str) -> None:
 def test_not_a_store() -> None:
     url = f"memory://featstore-empty-{np.random.default_rng().integers(1 << 30)}"
     assert verify_store(url)[0].startswith(f"cannot open {url!r} as a feature store")
+
+
+def test_unlabeled_shards_whose_masks_are_all_ignore_verify_clean(store_url: str) -> None:
+    # Zarr drops shards that hold only the fill value; verify must not call that a loss, but a
+    # deleted shard of real data must still be reported.
+    schema = tiny_schema(tps=TPS)
+    writer = create_store(store_url, schema, tiny_tiles(N))
+    for k in writer.pending_shards():
+        shard = random_shard(schema, TPS, seed=k)
+        if k == 0:
+            shard["masks"] = None  # unlabeled: stored as ignore_index everywhere
+        writer.write_shard(k, **shard)
+    writer.finalize()
+    assert verify_store(store_url) == []
+    fs, path = _shard_file(store_url, "pixels/mask", 1, ndim=3)
+    fs.rm(path)
+    problems = verify_store(store_url)
+    assert any(p.startswith("missing shard file pixels/mask/c/1/0/0") for p in problems)

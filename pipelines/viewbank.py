@@ -1,0 +1,303 @@
+"""Build an exact view bank: K views per tile drawn with the official rule, teachers run on each.
+
+The views follow the contract (docs/architecture.md, "Coordinates"): the tile resized to ``S``
+with ``F.interpolate(bilinear, align_corners=False, antialias=True)``, padded black right/bottom
+to at least ``crop``, cropped at ``(oy, ox)``, then h-flipped. Each teacher runs on the ``crop``
+px view exactly as online mode runs it on the student's view, and the teacher's own output grid
+is stored (``featstore.bank``); the trainer resamples it to the student grid with the same
+function online mode uses (``trainer.viewbank``).
+
+Entry points: ``build_view_bank`` adds a bank to a store whose tiles are written (resumable per
+shard group); ``bank_shard_arrays`` computes one shard's params and tokens for an extraction
+that writes the bank right after the levels (``BankWriter.write_bank_shard``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from featstore import BankSpec, BankWriter, add_bank, open_store
+
+
+class ViewBankError(Exception):
+    """A view bank cannot be built; the message names the store/option and the fix."""
+
+
+def draw_bank_params(tile_indices: Sequence[int], spec: BankSpec, tile_size: int) -> np.ndarray:
+    """Draw ``spec.k`` views per tile with the official RS-MTDF rule (numpy, torch-free).
+
+    Same rule as ``trainer.geometry.draw_view`` without grid alignment: ``S`` uniform integer in
+    ``[int(lo T), int(hi T)]`` inclusive, offsets uniform inclusive in ``[0, max(S, V) - V]``,
+    flip with ``flip_p``. Tile ``i`` uses ``np.random.default_rng([seed, i])``, so the draw does
+    not depend on shard layout, process or resume.
+
+    Returns:
+        int32 ``[n, K, 4]`` rows ``(S, oy, ox, flip)``.
+    """
+    lo, hi = spec.size_range(tile_size)
+    out = np.empty((len(tile_indices), spec.k, 4), np.int32)
+    for row, i in enumerate(tile_indices):
+        rng = np.random.default_rng([spec.seed, int(i)])
+        flip = rng.random(spec.k) < spec.flip_p
+        size = rng.integers(lo, hi + 1, size=spec.k)
+        span = np.maximum(size, spec.crop) - spec.crop
+        oy = rng.integers(0, span + 1)  # per-element inclusive upper bound
+        ox = rng.integers(0, span + 1)
+        out[row] = np.stack([size, oy, ox, flip.astype(np.int64)], axis=1)
+    return out
+
+
+def render_bank_views(tile: Any, params: Any, crop: int) -> torch.Tensor:
+    """Render views of one tile with the contract's rule.
+
+    Args:
+        tile: uint8 ``[T, T, 3]`` (numpy or torch; the device of a tensor is kept).
+        params: ``[K, 4]`` rows ``(S, oy, ox, flip)``.
+        crop: view side ``V``.
+
+    Returns:
+        float32 ``[K, 3, V, V]`` in ``[0, 1]``, black in padding.
+    """
+    t = torch.as_tensor(np.asarray(tile)) if not isinstance(tile, torch.Tensor) else tile
+    x = t.permute(2, 0, 1).unsqueeze(0).to(torch.float32).div_(255.0)
+    rows = np.asarray(params, np.int64).reshape(-1, 4)
+    out = x.new_zeros((len(rows), 3, crop, crop))
+    for j, (size, oy, ox, flip) in enumerate(rows.tolist()):
+        z = x
+        if size != x.shape[-1]:
+            z = F.interpolate(
+                x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            )
+        h, w = min(size - oy, crop), min(size - ox, crop)  # the rest of the view is padding
+        out[j, :, :h, :w] = z[0, :, oy : oy + h, ox : ox + w]
+        if flip:
+            out[j] = out[j].flip(-1)
+    return out
+
+
+def _batches(n: int, k: int, batch_size: int) -> Iterator[list[tuple[int, int]]]:
+    """(tile row, slot) pairs in tile-major order, in fixed batches (reproducible numerics)."""
+    pairs = [(r, s) for r in range(n) for s in range(k)]
+    for start in range(0, len(pairs), batch_size):
+        yield pairs[start : start + batch_size]
+
+
+@torch.inference_mode()
+def compute_bank_features(
+    teachers: Mapping[str, Any],
+    images: np.ndarray,
+    params: np.ndarray,
+    crop: int,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+) -> dict[str, np.ndarray]:
+    """Teacher tokens on every view: ``{name: float32 [n, K, g, g, C]}``.
+
+    Views are rendered batch by batch (a shard's K views at once would not fit in memory) on
+    ``device``; batches run in tile-major order so a shard's numbers do not depend on the run.
+    """
+    n, k = params.shape[:2]
+    tiles = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    out: dict[str, np.ndarray] = {}
+    for batch in _batches(n, k, max(1, int(batch_size))):
+        views = torch.cat(
+            [render_bank_views(tiles[r], params[r, s : s + 1], crop) for r, s in batch]
+        )
+        for name, teacher in teachers.items():
+            grid = teacher(views).float().cpu().numpy()
+            if name not in out:
+                out[name] = np.empty((n, k, *grid.shape[1:]), np.float32)
+            for (r, s), g in zip(batch, grid, strict=True):
+                out[name][r, s] = g
+    return out
+
+
+def bank_shard_arrays(
+    teachers: Mapping[str, Any],
+    images: np.ndarray,
+    tile_indices: Sequence[int],
+    spec: BankSpec,
+    tile_size: int,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Params and tokens of one shard group, ready for ``BankWriter.write_bank_shard``.
+
+    Args:
+        teachers: frozen teachers by store name (only those of the bank are run).
+        images: uint8 ``[n, T, T, 3]`` of the shard's tiles.
+        tile_indices: the shard's tile indices (they seed the draw).
+        spec: the bank spec (``StoreSchema.bank``).
+        tile_size: ``T``.
+        batch_size: views per teacher forward.
+        device: where views are rendered and teachers run.
+    """
+    params = draw_bank_params(tile_indices, spec, tile_size)
+    feats = compute_bank_features(teachers, images, params, spec.crop, batch_size, device)
+    return params, feats
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Fixed torch intra-op threads (fixed counts keep CPU numerics reproducible on resume)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def load_bank_teachers(
+    store: Any, names: Sequence[str], weights: Mapping[str, str | None], tiny: bool, device: str
+) -> dict[str, Any]:
+    """Build the teachers that filled the store and check their specs against it.
+
+    Random-init weights are drawn under the extraction's fixed seed (the same network).
+
+    Raises:
+        ViewBankError: a teacher's spec differs from the one recorded in the store.
+    """
+    from pipelines.extract import RANDOM_INIT_SEED  # lazily: extract pulls in dask helpers
+    from pipelines.teachers import create_teacher
+
+    out: dict[str, Any] = {}
+    for name in names:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            teacher = create_teacher(
+                name,
+                weights=weights.get(name),
+                tiny=tiny,
+                device=device,
+                base_size=store.schema.base_size,
+            ).eval()
+        stored = store.schema.teacher(name).spec
+        if teacher.spec.to_dict() != stored.to_dict():
+            raise ViewBankError(
+                f"teacher {name!r} built with weights={weights.get(name)!r}, tiny={tiny} does not "
+                f"match the spec stored in {store.url!r}; pass the weights/tiny flag the store "
+                "was extracted with"
+            )
+        out[name] = teacher
+    return out
+
+
+def _check_store(store: Any, names: Sequence[str]) -> None:
+    if not store.schema.store_pixels:
+        raise ViewBankError(
+            f"store {store.url!r} keeps no pixels (store_pixels=False): the bank "
+            "renders views from the stored tiles; re-extract with pixels"
+        )
+    if not store.done().all():
+        raise ViewBankError(
+            f"store {store.url!r} has {int((~store.done()).sum())} tiles not "
+            "done; finish (resume) the extraction before building a view bank"
+        )
+    unknown = sorted(set(names) - set(store.teacher_names))
+    if unknown:
+        raise ViewBankError(
+            f"teachers {unknown} are not in {store.url!r} (it has "
+            f"{list(store.teacher_names)}); bank only stored teachers"
+        )
+
+
+def build_view_bank(
+    store_url: str,
+    teacher_names: Sequence[str] | None = None,
+    weights: Mapping[str, str | None] | None = None,
+    tiny: bool = False,
+    k: int = 8,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str = "cpu",
+    crop: int | None = None,
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    flip_p: float = 0.5,
+    overwrite: bool = False,
+    threads: int | None = None,
+    progress: bool = False,
+) -> str:
+    """Add an exact view bank to a store whose tiles (with pixels) are written; resumable.
+
+    Re-running with the same arguments skips bank shards already done; other bank parameters
+    raise ``FingerprintMismatchError`` unless ``overwrite``. The store's fingerprint changes
+    (the bank is part of the schema).
+
+    Args:
+        store_url: the store.
+        teacher_names: teachers to bank (default: every teacher of the store).
+        weights: per-teacher weights, as given to the extraction.
+        tiny: tiny random teachers (tests), as given to the extraction.
+        k: views per tile.
+        seed: seed of the view draws.
+        batch_size: views per teacher forward.
+        device: where views are rendered and teachers run.
+        crop: view side ``V`` (default: the store's ``base_size``, the trainer's crop).
+        scale_range: zoom range of the official draw.
+        flip_p: h-flip probability.
+        overwrite: replace an existing bank with other parameters.
+        threads: torch intra-op threads (fixed for reproducible CPU numerics).
+        progress: show a progress bar.
+
+    Returns:
+        The store URL.
+    """
+    store = open_store(store_url)
+    names = tuple(teacher_names) if teacher_names else store.teacher_names
+    _check_store(store, names)
+    spec = BankSpec(
+        k=k,
+        seed=seed,
+        crop=store.schema.base_size if crop is None else crop,
+        scale_range=scale_range,
+        flip_p=flip_p,
+        teachers=() if tuple(names) == store.teacher_names else names,
+    )
+    with _threads(threads):
+        teachers = load_bank_teachers(store, names, dict(weights or {}), tiny, device)
+        writer = add_bank(store_url, spec, overwrite=overwrite)
+        _write_pending(store, writer, teachers, batch_size, device, progress)
+    writer.finalize()
+    return str(store_url)
+
+
+def _write_pending(
+    store: Any,
+    writer: BankWriter,
+    teachers: Mapping[str, Any],
+    batch_size: int,
+    device: str,
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    shards = writer.pending_shards()
+    total = sum(len(writer.shard_tiles(s)) for s in shards)
+    with tqdm(total=total, unit="tile", desc="view bank", disable=not progress) as bar:
+        for s in shards:
+            indices = list(writer.shard_tiles(s))
+            images = np.stack([store.read_image(i) for i in indices])
+            params, feats = bank_shard_arrays(
+                teachers, images, indices, writer.spec, store.schema.tile_size, batch_size, device
+            )
+            writer.write_bank_shard(s, params, feats)
+            bar.update(len(indices))
+
+
+__all__ = [
+    "ViewBankError",
+    "bank_shard_arrays",
+    "build_view_bank",
+    "compute_bank_features",
+    "draw_bank_params",
+    "load_bank_teachers",
+    "render_bank_views",
+]
