@@ -1,0 +1,85 @@
+"""The real CLI: train -> evaluate -> predict on a tiny synthetic store, and user errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
+from test_engine_utils import DINO, build_store, write_ids  # noqa: E402
+
+from featcache.cli import main  # noqa: E402
+from featcache.cli_train import build_config, parse_batch  # noqa: E402
+from featstore import open_store  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    url = build_store(root, teachers=(DINO,))
+    ids = [t.tile_id for t in open_store(url).tiles]
+    write_ids(root / "l.txt", ids[:2])
+    write_ids(root / "u.txt", ids[2:4])
+    write_ids(root / "v.txt", ids[4:])
+    return url, root
+
+
+def _train_args(url: str, root: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--store", url, "--teacher", DINO, "--tiny", "--crop", "70", "--iters", "2",
+            "--batch", "2+2", "--labeled", str(root / "l.txt"), "--unlabeled",
+            str(root / "u.txt"), "--val", str(root / "v.txt"), "--device", "cpu", "--workers",
+            "0", "--no-progress", "--out", str(out), *extra]
+
+
+def test_train_evaluate_predict(store: tuple[str, Path], tmp_path: Path) -> None:
+    url, root = store
+    runner = CliRunner()
+    out = tmp_path / "run"
+    res = runner.invoke(main, _train_args(url, root, out, "--eval-interval", "2"))
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["step"] == 2
+    assert (out / "config.yaml").is_file() and (out / "best.pt").is_file()
+    res = runner.invoke(main, ["evaluate", str(out / "latest.pt"), "--store", url])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.output)
+    assert set(metrics) == {"student", "ema"} and metrics["ema"]["pixels"] == 2 * 64 * 64
+    saved = torch.load(out / "latest.pt", map_location="cpu", weights_only=True)["metrics"]
+    assert metrics["ema"]["miou"] == pytest.approx(saved["ema"]["miou"])
+    res = runner.invoke(main, ["predict", str(out / "latest.pt"), str(root / "syn" / "images"),
+                               "--out", str(tmp_path / "pred")])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 6
+    # resume from the YAML the run wrote: continues from step 2 to 3
+    res = runner.invoke(main, ["train", "--config", str(out / "config.yaml"), "--iters", "3",
+                               "--resume", "auto"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["step"] == 3
+
+
+def test_user_errors_are_messages_not_tracebacks(store: tuple[str, Path], tmp_path: Path) -> None:
+    url, root = store
+    runner = CliRunner()
+    res = runner.invoke(main, _train_args(url, root, tmp_path / "r", "--num-classes", "3"))
+    assert res.exit_code == 1 and "num_classes = 3 but the data has 7 classes" in res.output
+    res = runner.invoke(main, _train_args(url, root, tmp_path / "r", "--crop", "64"))
+    assert res.exit_code == 1 and "multiple of 14" in res.output
+    res = runner.invoke(main, ["predict", str(tmp_path / "none.pt"), "x", "--out", "o"])
+    assert res.exit_code == 2  # click: the checkpoint path does not exist
+    with pytest.raises(Exception, match="LABELED\\+UNLABELED"):
+        parse_batch("a+b")
+
+
+def test_options_map_onto_the_config() -> None:
+    cfg = build_config({"store": "s.zarr", "teacher": ("dinov2_vitb14", "clip_vitl14"),
+                        "batch": "4+6", "bf16": True, "grad_ckpt": True, "crop": 70,
+                        "masked": False})
+    assert [(t.name, t.branch) for t in cfg.model.teachers] == [
+        ("dinov2_vitb14", "full"), ("clip_vitl14", "clip224")]
+    assert (cfg.schedule.batch_labeled, cfg.schedule.batch_unlabeled) == (4, 6)
+    assert cfg.runtime.bf16 and cfg.runtime.grad_checkpointing and not cfg.distill.masked
+    assert cfg.crop_size == 70 and cfg.data.store == "s.zarr"

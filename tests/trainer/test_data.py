@@ -1,0 +1,166 @@
+"""Datasets, samplers and the pre-training checks (each error message is checked)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_engine_utils import CLIP, CROP, DINO, TILE, build_store, tiny_config, write_ids
+from torch.utils.data import DistributedSampler
+
+from featstore import create_store, open_store
+from trainer.checks import DataCheckError, check_classes
+from trainer.config import TeacherConfig, TrainConfig, TrainConfigError
+from trainer.data import EpochSampler, StoreDataset, ViewSampling, collate, repeat_to
+from trainer.engine import Trainer
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Six tiles, tiny DINOv2 at scales 1 and 2 plus flipped copies."""
+    return build_store(tmp_path_factory.mktemp("data"), teachers=(DINO,), scales=(1.0, 2.0),
+                       flip=True)
+
+
+def _ids(url: str) -> list[str]:
+    return [t.tile_id for t in open_store(url).tiles]
+
+
+def test_dataset_is_deterministic_and_reads_the_chosen_level(store: str) -> None:
+    st = open_store(store)
+    levels = {DINO: st.levels(DINO)}
+    sampling = ViewSampling(TILE, CROP, CROP)
+    ds = StoreDataset(st, [1, 3, 5], levels, True, seed=3, sampling=sampling, length=7)
+    again = StoreDataset(st, [1, 3, 5], levels, True, seed=3, sampling=sampling, length=7)
+    assert len(ds) == 7
+    views = [ds[k]["view"] for k in range(7)]
+    assert views == [again[k]["view"] for k in range(7)]
+    ds.set_epoch(1)
+    assert views != [ds[k]["view"] for k in range(7)]
+    item = ds[4]  # position 4 wraps to indices[1] = tile 3
+    key = item["view"].levels[DINO].key
+    assert item["index"] == 3
+    assert torch.equal(item["grids"][DINO], torch.from_numpy(st.read(DINO, 3, key)).half())
+    assert torch.equal(item["image"], torch.from_numpy(st.read_image(3)).permute(2, 0, 1))
+    keys = {ds[k]["view"].levels[DINO].key for k in range(7) for ds.epoch in range(4)}
+    assert len(keys) >= 2  # zoom and flip pick different cached levels
+    batch = collate([ds[0], ds[1]])
+    assert batch["image"].shape == (2, 3, TILE, TILE) and batch["mask"].shape == (2, TILE, TILE)
+    assert len(batch["grids"][DINO]) == 2 and batch["index"].tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_epoch_sampler_matches_distributed_sampler(world: int) -> None:
+    for rank in range(world):
+        ours = EpochSampler(11, seed=5, rank=rank, world=world)
+        ref = DistributedSampler(range(11), num_replicas=world, rank=rank, shuffle=True, seed=5)
+        for epoch in (0, 3):
+            ours.set_epoch(epoch)
+            ref.set_epoch(epoch)
+            assert list(ours) == list(ref)
+            ours.set_epoch(epoch, skip=2)
+            assert list(ours) == list(ref)[2:] and len(ours) == len(ref) - 2
+
+
+def test_repeat_to_is_the_official_repetition() -> None:
+    assert repeat_to([4, 7], 5) == [4, 7, 4, 7, 4]
+    assert repeat_to([1, 2, 3], 2) == [1, 2, 3]
+
+
+def _cfg(tmp_path: Path, store: str, **kw: object) -> TrainConfig:
+    return tiny_config(tmp_path, store, _ids(store), [TeacherConfig(DINO)], iters=1, **kw)
+
+
+def test_overlapping_splits(store: str, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, store)
+    cfg.data.unlabeled = write_ids(tmp_path / "u2.txt", _ids(store)[1:4])
+    with pytest.raises(DataCheckError, match=r"labeled and unlabeled sets overlap in 1 tiles"):
+        Trainer(cfg)
+
+
+def test_empty_labeled_set(store: str, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, store)
+    cfg.data.labeled = ""
+    with pytest.raises(DataCheckError, match="labeled set is empty"):
+        Trainer(cfg)
+
+
+def test_unknown_split_name(store: str, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, store)
+    cfg.data.val = "valid"
+    with pytest.raises(DataCheckError, match=r"split\(s\) \['valid'\] not in the tile index"):
+        Trainer(cfg)
+
+
+def test_missing_teacher_and_level(store: str, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, store)
+    cfg.model.teachers = [TeacherConfig(CLIP, "clip224")]
+    with pytest.raises(DataCheckError, match=f"teacher '{CLIP}' is not in the store"):
+        Trainer(cfg)
+    cfg = _cfg(tmp_path, store)
+    cfg.distill.levels = ["s1.00", "s0.50"]
+    with pytest.raises(DataCheckError, match=r"no cached level\(s\) \['s0.50'\]"):
+        Trainer(cfg)
+
+
+def test_fingerprint_mismatch_names_the_difference(store: str, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, store)
+    cfg.data.fingerprint = "0" * 64
+    with pytest.raises(DataCheckError, match="store fingerprint .* != the run's 000000000000"):
+        Trainer(cfg)
+    # a resumed run pins the store it started with; a re-extracted store with another schema
+    other = build_store(tmp_path / "other", n_images=6, teachers=(DINO,), scales=(1.0,))
+    cfg = _cfg(tmp_path, store)
+    Trainer(cfg).run()
+    cfg.data.store = other
+    cfg.runtime.resume = "auto"
+    with pytest.raises(DataCheckError, match=r"schema.teachers\[0\].levels"):
+        Trainer(cfg)
+
+
+def test_incomplete_store_lists_missing_tiles(store: str, tmp_path: Path) -> None:
+    st = open_store(store)
+    schema = dataclasses.replace(st.schema, teachers=st.schema.teachers[:1])
+    url = str(tmp_path / "partial.zarr")
+    writer = create_store(url, schema, st.tiles)
+    lv = st.levels(DINO)
+    feats = {DINO: {x.key: np.stack([st.read(DINO, i, x.key) for i in (0, 1)]) for x in lv}}
+    writer.write_shard(0, feats, np.stack([st.read_image(i) for i in (0, 1)]),
+                       np.stack([st.read_mask(i) for i in (0, 1)]))
+    cfg = _cfg(tmp_path, url)
+    with pytest.raises(DataCheckError, match=r"incomplete: 4 selected tiles are not written.*"
+                                             + st.tiles[2].tile_id):
+        Trainer(cfg)
+
+
+def test_class_count_mismatch(store: str, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, store)
+    cfg.model.num_classes = 3
+    with pytest.raises(DataCheckError, match=r"num_classes = 3 but the data has 7 classes"):
+        Trainer(cfg)
+
+    class Masks:  # a reader whose masks use more labels than the class list
+        tiles = open_store(store).tiles
+
+        def read_mask(self, i: int) -> np.ndarray:
+            return np.full((4, 4), 5 if i == 1 else 0, np.uint8)
+
+    with pytest.raises(DataCheckError, match=r"has label 5 >= 3 classes"):
+        check_classes(None, ("a", "b", "c"), Masks(), [0, 1], 255)
+
+
+def test_config_yaml_round_trip_and_bad_keys(tmp_path: Path) -> None:
+    cfg = TrainConfig()
+    cfg.model.teachers = [TeacherConfig(DINO), TeacherConfig(CLIP, "clip224")]
+    cfg.data.scale_range = (0.75, 1.5)
+    cfg.dump(tmp_path / "c.yaml")
+    back = TrainConfig.load(tmp_path / "c.yaml")
+    assert back == cfg
+    (tmp_path / "bad.yaml").write_text("optim:\n  learning_rate: 1\n")
+    with pytest.raises(TrainConfigError, match=r"unknown config keys \['optim.learning_rate'\]"):
+        TrainConfig.load(tmp_path / "bad.yaml")
+    with pytest.raises(TrainConfigError, match="crop_size 64 must be a multiple of 14"):
+        TrainConfig(crop_size=64, data=dataclasses.replace(cfg.data, store="x")).validate()

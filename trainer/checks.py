@@ -1,0 +1,135 @@
+"""Checks run before training: splits, store completeness, teachers/levels, classes, fingerprint.
+
+Every failure raises `DataCheckError` with a message that names what is wrong and how to fix it,
+so a bad store or config fails in seconds rather than hours into a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featstore.schema import LevelSpec, TileRecord, dict_differences
+
+
+class DataCheckError(ValueError):
+    """The store, source or split selection does not fit the training config."""
+
+
+def select_tiles(tiles: Sequence[TileRecord], spec: str, option: str) -> list[int]:
+    """Indices of the tiles named by ``spec``.
+
+    Args:
+        tiles: The tile index.
+        spec: Comma-separated split names, or a text file with one tile id per line ("" = none).
+        option: Config option name for messages (e.g. "data.labeled").
+    """
+    spec = (spec or "").strip()
+    if not spec:
+        return []
+    path = Path(spec)
+    if path.is_file():
+        wanted = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        pos = {t.tile_id: i for i, t in enumerate(tiles)}
+        missing = [w for w in wanted if w not in pos]
+        if missing:
+            raise DataCheckError(f"{option}: {len(missing)} tile ids of {path} are not in the "
+                                 f"tile index, e.g. {missing[:5]}; regenerate the list")
+        return sorted({pos[w] for w in wanted})
+    names = {s.strip() for s in spec.split(",") if s.strip()}
+    known = sorted({t.split for t in tiles})
+    unknown = sorted(names - set(known))
+    if unknown:
+        raise DataCheckError(f"{option}: split(s) {unknown} not in the tile index (it has "
+                             f"{known}); name existing splits or give a file of tile ids")
+    return [i for i, t in enumerate(tiles) if t.split in names]
+
+
+def check_splits(tiles: Sequence[TileRecord], sets: dict[str, list[int]]) -> None:
+    """Refuse an empty labeled set and any overlap between labeled / unlabeled / val."""
+    if not sets.get("labeled"):
+        raise DataCheckError("the labeled set is empty: set data.labeled (--labeled) to split "
+                             "names or a tile-id file that selects at least one labeled tile")
+    names = list(sets)
+    for a_pos, a in enumerate(names):
+        for b in names[a_pos + 1:]:
+            both = sorted(set(sets[a]) & set(sets[b]))
+            if both:
+                ids = [tiles[i].tile_id for i in both[:5]]
+                raise DataCheckError(f"{a} and {b} sets overlap in {len(both)} tiles, e.g. {ids}; "
+                                     f"make the selections (data.{a}, data.{b}) disjoint")
+
+
+def check_done(store: Any, indices: Sequence[int]) -> None:
+    """Refuse tiles whose shard is not committed; list their ids."""
+    done = np.asarray(store.done(), dtype=bool)
+    missing = [store.tiles[i].tile_id for i in indices if not done[i]]
+    if missing:
+        more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
+        raise DataCheckError(f"store is incomplete: {len(missing)} selected tiles are not written "
+                             f"yet: {missing[:10]}{more}; resume the extraction (run the same "
+                             "`featcache extract` again) before training")
+
+
+def resolve_levels(store: Any, teachers: Sequence[str],
+                   wanted: Sequence[str] | None) -> dict[str, tuple[LevelSpec, ...]]:
+    """Cached levels per teacher; refuse a teacher or level key the store does not hold."""
+    have = list(store.schema.teacher_names)
+    out: dict[str, tuple[LevelSpec, ...]] = {}
+    for name in teachers:
+        if name not in have:
+            raise DataCheckError(f"teacher {name!r} is not in the store (it holds {have}); "
+                                 "extract it, or drop it from model.teachers")
+        levels = tuple(store.schema.teacher(name).levels)
+        if wanted:
+            keys = {lv.key: lv for lv in levels}
+            missing = [k for k in wanted if k not in keys]
+            if missing:
+                raise DataCheckError(f"teacher {name!r} has no cached level(s) {missing} (it "
+                                     f"has {sorted(keys)}); extract those scales (--scales, "
+                                     "--flip) or change distill.levels")
+            levels = tuple(keys[k] for k in wanted)
+        out[name] = levels
+    return out
+
+
+def check_fingerprint(store: Any, expected: str | None, expected_schema: dict | None) -> None:
+    """Refuse a store whose fingerprint differs from the pinned one; say what changed."""
+    if expected is None or store.fingerprint == expected:
+        return
+    diffs = dict_differences(expected_schema, store.schema.to_dict()) if expected_schema else []
+    detail = "; ".join(diffs[:8]) if diffs else "same schema, different tile list or pixels"
+    raise DataCheckError(f"store fingerprint {store.fingerprint[:12]} != the run's "
+                         f"{expected[:12]} ({detail}); train from the store the run started "
+                         "with, or start a new run (new --out) for this store")
+
+
+def check_classes(num_classes: int | None, class_names: Sequence[str], reader: Any,
+                  indices: Sequence[int], ignore_index: int) -> int:
+    """Class count that config, store and labeled masks agree on; returns it."""
+    n_store = len(class_names)
+    if num_classes is not None and n_store and num_classes != n_store:
+        raise DataCheckError(f"model.num_classes = {num_classes} but the data has {n_store} "
+                             f"classes {list(class_names)}; fix model.num_classes or the store")
+    n = num_classes if num_classes is not None else n_store
+    if n < 1:
+        raise DataCheckError("no class count: the data lists no class names; set "
+                             "model.num_classes")
+    top = -1
+    for i in indices:
+        m = np.asarray(reader.read_mask(i))
+        vals = m[m != ignore_index]
+        if vals.size:
+            top = max(top, int(vals.max()))
+            if top >= n:
+                raise DataCheckError(f"mask of tile {reader.tiles[i].tile_id!r} has label {top} "
+                                     f">= {n} classes; the masks use {top + 1}+ classes: fix "
+                                     f"model.num_classes or the masks (ignore = {ignore_index})")
+    return n
+
+
+__all__ = ["DataCheckError", "check_classes", "check_done", "check_fingerprint", "check_splits",
+           "resolve_levels", "select_tiles"]

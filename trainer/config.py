@@ -1,0 +1,308 @@
+"""Training configuration: nested dataclasses with YAML load/dump.
+
+The defaults are the RS-MTDF recipe (AdamW 5e-6 backbone / x40 head, poly 0.9, EMA up to 0.996,
+threshold 0.95, loss (x + u + distill) / 3, fusion 0.8/0.1/0.1). Decisions that depart from the
+official code, each switchable:
+
+* ``distill.masked = True``: padding tokens get weight 0 in the distillation loss (the official
+  code trains on black padding; ``False`` reproduces it).
+* ``distill.standardize = False``: targets are used raw, as the official MSE does. ``True`` divides
+  each channel by the store's statistics so both teachers weigh alike (needs a store).
+* ``eval.best_model = "ema"``: ``best.pt`` is chosen on the EMA model's metric (the official code
+  chooses on the student; set ``"student"`` for that). Prediction uses the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODES = ("cached", "online")
+BRANCHES = ("full", "clip224")
+EVAL_MODES = ("whole", "sliding")
+TARGET_MODES = ("warp", "grid_aligned", "view_bank")
+MODEL_CHOICES = ("student", "ema")
+
+
+# A ViT with 4 blocks of width 32 and a narrow head: seconds per step on a CPU.
+TINY_STUDENT: dict[str, Any] = {
+    "layers": (0, 1, 2, 3),
+    "features": 16,
+    "out_channels": (8, 16, 32, 32),
+    "translator_hidden": 32,
+    "model_kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2},
+}
+
+
+class TrainConfigError(ValueError):
+    """A training option is invalid; the message names the option and how to fix it."""
+
+
+@dataclass
+class TeacherConfig:
+    """One distillation teacher.
+
+    Attributes:
+        name: Teacher name (the store's teacher name; a registry name in online mode).
+        branch: Student tokens that predict it: "full" (the crop-size pass) or "clip224" (the
+            second pass at 224 px, the official CLIP branch).
+        weights: Weights path or tag (online mode only; the cached mode reads the store).
+    """
+
+    name: str
+    branch: str = "full"
+    weights: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where tiles come from and which tiles go where.
+
+    ``fingerprint`` pins the store (a resumed run pins the one it started with).
+    ``labeled``/``unlabeled``/``val`` each name split(s) of the tile index (comma separated) or a
+    text file with one tile id per line. An empty string selects nothing.
+    """
+
+    store: str | None = None
+    fingerprint: str | None = None
+    source: str | None = None
+    layout: str = "auto"
+    split_file: str | None = None
+    tile_size: int = 512
+    labeled: str = "labeled"
+    unlabeled: str = "unlabeled"
+    val: str = "val"
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip_p: float = 0.5
+    num_workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """Student and teachers.
+
+    Attributes:
+        teachers: Distillation teachers (empty: plain FixMatch).
+        num_classes: Expected class count (None: the store's / source's class list).
+        pretrained: Backbone weights (a DINOv2 file, "timm[:tag]" or None = random init).
+        tiny: A tiny student for tests and smoke runs (see ``TINY_STUDENT``).
+        student: Extra ``trainer.student.StudentConfig`` fields (arch, features, fusion_self,
+            fusion_teacher, clip_size, clip_from_full, model_kwargs, ...).
+    """
+
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    num_classes: int | None = None
+    pretrained: str | None = None
+    tiny: bool = False
+    student: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + poly schedule (official values)."""
+
+    lr: float = 5e-6
+    lr_multi: float = 40.0
+    weight_decay: float = 0.01
+    poly: float = 0.9
+
+
+@dataclass
+class FixMatchConfig:
+    """Pseudo-labelling and the EMA teacher."""
+
+    conf_thresh: float = 0.95
+    ema_max: float = 0.996
+    cutmix_p: float = 0.5
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from teacher features (cached or online).
+
+    ``levels``: cached level keys the run samples from (None: every level the store holds);
+    a key the store lacks is an error. ``level_stats``: level whose statistics standardise.
+    """
+
+    masked: bool = True
+    standardize: bool = False
+    target_mode: str = "warp"
+    levels: list[str] | None = None
+    level_stats: str = "s1.00"
+
+
+@dataclass
+class ScheduleConfig:
+    """Length of training: ``iters`` wins over ``epochs`` when both are set.
+
+    ``eval_interval``/``ckpt_interval``: every N iterations (0: at each epoch end); both also
+    happen at the end. ``stop_after``: leave after N iterations in total (checkpoint written), as
+    if the run were killed there; a resumed run continues the same schedule.
+    """
+
+    batch_labeled: int = 8
+    batch_unlabeled: int = 8
+    iters: int | None = None
+    epochs: int = 60
+    eval_interval: int = 0
+    ckpt_interval: int = 0
+    log_interval: int = 10
+    stop_after: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    """Validation: whole-image (resize to a multiple of 14) or sliding window."""
+
+    mode: str = "whole"
+    stride: int | None = None
+    best_model: str = "ema"
+    best_metric: str = "miou"
+    batch_size: int = 1
+
+
+@dataclass
+class RuntimeConfig:
+    """Device, precision, seeds and output.
+
+    ``resume``: a checkpoint path, or "auto" (``out_dir/latest.pt`` when it exists).
+    """
+
+    out_dir: str = "runs/train"
+    device: str = "auto"
+    seed: int = 0
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+    resume: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``trainer.engine.train`` needs; dumped as ``config.yaml`` beside checkpoints."""
+
+    mode: str = "cached"
+    crop_size: int = 518
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    fixmatch: FixMatchConfig = field(default_factory=FixMatchConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def validate(self) -> TrainConfig:
+        """Check values that need no I/O; return self or raise `TrainConfigError`."""
+        _choice("mode", self.mode, MODES)
+        _choice("distill.target_mode", self.distill.target_mode, TARGET_MODES)
+        _choice("eval.mode", self.eval.mode, EVAL_MODES)
+        _choice("eval.best_model", self.eval.best_model, MODEL_CHOICES)
+        if self.mode == "cached" and not self.data.store:
+            raise TrainConfigError("mode 'cached' needs data.store (--store URL)")
+        if self.mode == "online" and not (self.data.source or self.data.store):
+            raise TrainConfigError("mode 'online' needs data.source (--source PATH) or a store "
+                                   "with pixels (--store URL)")
+        if self.crop_size % 14:
+            raise TrainConfigError(f"crop_size {self.crop_size} must be a multiple of 14 "
+                                   "(the student's patch size), e.g. 518")
+        for t in self.model.teachers:
+            _choice(f"teacher {t.name!r} branch", t.branch, BRANCHES)
+        names = [t.name for t in self.model.teachers]
+        if len(set(names)) != len(names):
+            raise TrainConfigError(f"model.teachers repeat a name: {names}")
+        for key in ("batch_labeled", "log_interval"):
+            if getattr(self.schedule, key) < 1:
+                raise TrainConfigError(f"schedule.{key} must be >= 1")
+        if self.schedule.batch_unlabeled < 0:
+            raise TrainConfigError("schedule.batch_unlabeled must be >= 0")
+        if self.schedule.iters is not None and self.schedule.iters < 1:
+            raise TrainConfigError("schedule.iters must be >= 1 (or unset to use epochs)")
+        if self.distill.standardize and self.mode == "online" and not self.data.store:
+            raise TrainConfigError("distill.standardize needs store statistics: pass --store "
+                                   "or turn standardisation off")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (tuples as lists) for YAML and checkpoints."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of ``to_dict``; unknown keys raise `TrainConfigError` naming them."""
+        return _build(cls, d, "")
+
+    def dump(self, path: str | Path) -> None:
+        """Write YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        """Read YAML written by `dump` (or by hand; missing keys take defaults)."""
+        try:
+            d = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise TrainConfigError(f"cannot read config {path}: {err}") from err
+        if not isinstance(d, dict):
+            raise TrainConfigError(f"config {path} must hold a mapping at the top level")
+        return cls.from_dict(d)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise TrainConfigError(f"{name} = {value!r} is not one of {list(allowed)}")
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise TrainConfigError(f"unknown config keys {[prefix + k for k in unknown]}; "
+                               f"allowed under {prefix or 'top level'}: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in d.items():
+        default = getattr(cls(), name) if _has_defaults(cls) else None
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            kwargs[name] = _build(type(default), value, f"{prefix}{name}.")
+        elif name == "teachers" and isinstance(value, list):
+            kwargs[name] = [TeacherConfig(**t) if isinstance(t, dict) else TeacherConfig(str(t))
+                            for t in value]
+        elif isinstance(default, tuple) and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _has_defaults(cls: type) -> bool:
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in dataclasses.fields(cls))
+
+
+__all__ = [
+    "DataConfig",
+    "DistillConfig",
+    "EvalConfig",
+    "FixMatchConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RuntimeConfig",
+    "ScheduleConfig",
+    "TINY_STUDENT",
+    "TeacherConfig",
+    "TrainConfig",
+    "TrainConfigError",
+]

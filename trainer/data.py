@@ -1,0 +1,218 @@
+"""Datasets over a feature store (or a plain tile source), samplers and collation.
+
+Each item draws its view on the CPU (zoomed size, crop offset, flip, the cached level nearest the
+zoom per teacher) from a generator seeded by ``(seed, stream, epoch, position)``, so a killed and
+resumed run sees exactly the same data. Only the chosen level of each teacher is read; the pixel
+work (rendering, colour, CutMix) happens batched on the training device (``trainer.augment``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from featstore.schema import LevelSpec, TileRecord
+from trainer.geometry import ViewParams, choose_level, draw_view
+
+
+class TileReader(Protocol):
+    """What the datasets need from a store or a source."""
+
+    tiles: list[TileRecord]
+
+    def read_image(self, i: int) -> np.ndarray: ...  # noqa: D102
+
+    def read_mask(self, i: int) -> np.ndarray: ...  # noqa: D102
+
+
+class SourceTiles:
+    """A ``pipelines`` TileSource seen through the store's reader interface (online mode).
+
+    Args:
+        source: An opened ``TileSource``.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self.tiles = list(source.records)
+        self.class_names = tuple(source.class_names)
+        self.ignore_index = int(getattr(source, "ignore_index", 255))
+        self.tile_size = int(source.tile_size)
+
+    def read_image(self, i: int) -> np.ndarray:
+        """uint8 [T, T, 3]."""
+        return self.source.load(i)[0]
+
+    def read_mask(self, i: int) -> np.ndarray:
+        """uint8 [T, T] (all ignore when the tile has no mask)."""
+        mask = self.source.load(i)[1]
+        if mask is None:
+            return np.full((self.tile_size, self.tile_size), self.ignore_index, np.uint8)
+        return mask
+
+
+@dataclass(frozen=True)
+class ViewSampling:
+    """How views are drawn (shared by the labeled and unlabeled datasets)."""
+
+    tile_size: int
+    crop_size: int
+    base_size: int
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip_p: float = 0.5
+    grid_aligned: Any = None
+
+
+class StoreDataset(Dataset):
+    """Tiles with a drawn view and, per teacher, the cached grid of the level nearest the view.
+
+    Args:
+        reader: A ``FeatureStore`` (or `SourceTiles` when no teacher grid is read).
+        indices: Tile indices into ``reader.tiles``; position ``k`` reads ``indices[k % len]``.
+        levels_by_teacher: Cached levels per teacher to choose from (empty: no grids read).
+        labeled: Also return the mask (unlabeled items get an all-zero mask placeholder).
+        seed: Base seed of the view draws.
+        sampling: View drawing parameters.
+        length: Dataset length (default ``len(indices)``; longer repeats ids, the official
+            labeled-set repetition).
+        stream: Separates the draws of datasets that share a seed (labeled 0, unlabeled 1).
+        features: Optional reader of the grids when it differs from ``reader``.
+    """
+
+    def __init__(self, reader: TileReader, indices: Sequence[int],
+                 levels_by_teacher: Mapping[str, Sequence[LevelSpec]], labeled: bool, seed: int,
+                 sampling: ViewSampling, length: int | None = None, stream: int = 0,
+                 features: Any = None) -> None:
+        if not indices:
+            raise ValueError("StoreDataset needs at least one tile index")
+        self.reader = reader
+        self.features = reader if features is None else features
+        self.indices = [int(i) for i in indices]
+        self.levels = {k: tuple(v) for k, v in levels_by_teacher.items()}
+        self.labeled = labeled
+        self.seed = int(seed)
+        self.sampling = sampling
+        self.length = len(self.indices) if length is None else int(length)
+        self.stream = int(stream)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (changes every view draw)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def draw(self, k: int) -> ViewParams:
+        """The view of position ``k`` in the current epoch (pure function of the seeds)."""
+        rng = np.random.default_rng([self.seed, self.stream, self.epoch, int(k)])
+        s = self.sampling
+        view = draw_view(rng, s.tile_size, s.crop_size, tuple(s.scale_range), s.flip_p,
+                         s.grid_aligned)
+        chosen = {name: choose_level(lv, view.size, view.flip, s.tile_size, s.base_size)
+                  for name, lv in self.levels.items()}
+        return view.with_levels(chosen)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i = self.indices[k % len(self.indices)]
+        view = self.draw(k)
+        image = torch.from_numpy(np.ascontiguousarray(self.reader.read_image(i)))
+        item: dict[str, Any] = {"index": i, "image": image.permute(2, 0, 1).contiguous(),
+                                "view": view}
+        if self.labeled:
+            item["mask"] = torch.from_numpy(np.ascontiguousarray(self.reader.read_mask(i)))
+        # float16 halves host memory and transfer; decoded values are at most fp16-precise.
+        item["grids"] = {
+            name: torch.from_numpy(self.features.read(name, i, level.key)).to(torch.float16)
+            for name, level in view.levels.items()
+        }
+        return item
+
+
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images/masks; keep views and per-teacher grids as lists (grid sizes may differ)."""
+    batch: dict[str, Any] = {
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+        "image": torch.stack([it["image"] for it in items]),
+        "view": [it["view"] for it in items],
+        "grids": {name: [it["grids"][name] for it in items] for name in items[0]["grids"]},
+    }
+    if "mask" in items[0]:
+        batch["mask"] = torch.stack([it["mask"] for it in items])
+    return batch
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled, rank-sharded, resumable sampler (the ``DistributedSampler`` rule).
+
+    The permutation of epoch ``e`` is ``torch.randperm(n, generator=seed + e)``, padded by
+    wrapping to a multiple of ``world`` and strided by rank, exactly as ``DistributedSampler``
+    with ``shuffle=True, drop_last=False``. ``skip`` positions are left out at the start (resume
+    mid-epoch without loading the skipped items).
+
+    Args:
+        n: Dataset length.
+        seed: Shuffle seed.
+        rank: This process's rank.
+        world: Number of processes.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world = int(n), int(seed), int(rank), int(world)
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch and how many leading positions of this rank to skip."""
+        self.epoch, self.skip = int(epoch), int(skip)
+
+    @property
+    def per_rank(self) -> int:
+        """Positions per rank per epoch."""
+        return math.ceil(self.n / self.world)
+
+    def order(self) -> list[int]:
+        """This rank's full order for the current epoch."""
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        total = self.per_rank * self.world
+        perm += (perm * math.ceil(total / max(len(perm), 1)))[: total - len(perm)]
+        return perm[self.rank:total:self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.skip:])
+
+    def __len__(self) -> int:
+        return max(self.per_rank - self.skip, 0)
+
+
+def repeat_to(indices: Sequence[int], length: int) -> list[int]:
+    """Repeat ids ``ceil(length / len)`` times and truncate (the official labeled repetition)."""
+    if not indices:
+        return []
+    reps = math.ceil(length / len(indices))
+    return (list(indices) * max(reps, 1))[: max(length, len(indices))]
+
+
+def iters_per_epoch(n_driver: int, world: int, batch: int) -> int:
+    """Iterations per epoch: ``floor(ceil(n / world) / batch)`` (drop_last, per rank)."""
+    return math.ceil(n_driver / world) // batch
+
+
+__all__ = [
+    "EpochSampler",
+    "SourceTiles",
+    "StoreDataset",
+    "TileReader",
+    "ViewSampling",
+    "collate",
+    "iters_per_epoch",
+    "repeat_to",
+]

@@ -1,0 +1,248 @@
+"""The training loop: FixMatch + EMA + distillation (cached or online), eval, checkpoints, DDP.
+
+``train(cfg)`` is the one entry point (the CLI and torchrun call it). Business logic lives in
+``trainer.step`` (one step), ``trainer.prepare`` (data, model), ``trainer.evaluate`` and
+``trainer.checkpoint``; this module only orchestrates.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.checkpoint import (
+    check_architecture,
+    load_state,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    student_config_dict,
+)
+from trainer.config import TrainConfig
+from trainer.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown
+from trainer.ema import create_ema, update_ema
+from trainer.evaluate import evaluate
+from trainer.logging_utils import RunLogger
+from trainer.prepare import RunData, build_loaders, build_student, open_data, store_stats
+from trainer.step import CachedTargets, LossSettings, poly_lr, render_batch, train_step
+from trainer.student import param_groups
+
+
+@dataclass
+class RunState:
+    """Progress of a run (what a checkpoint restores besides the weights)."""
+
+    step: int = 0
+    best: float | None = None
+    best_step: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns."""
+
+    step: int
+    losses: list[float]
+    metrics: dict[str, Any]
+    best: float | None
+    out_dir: Path
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (the student init and anything else drawn globally)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _resume_path(cfg: TrainConfig) -> Path | None:
+    resume = cfg.runtime.resume
+    if not resume:
+        return None
+    if resume == "auto":
+        path = Path(cfg.runtime.out_dir) / "latest.pt"
+        return path if path.is_file() else None
+    return Path(resume)
+
+
+class Trainer:
+    """Holds the run's objects; `run` drives the loop.
+
+    Args:
+        cfg: Validated run config.
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg.validate()
+        self.info, self.device = init_distributed(cfg.runtime.device)
+        seed_everything(cfg.runtime.seed)
+        self.out = Path(cfg.runtime.out_dir)
+        resume = _resume_path(cfg)
+        self.ckpt = read_checkpoint(resume) if resume else None
+        self.data: RunData = open_data(cfg, self.ckpt.get("store") if self.ckpt else None)
+        self.online = self._online_teachers()
+        self.model = build_student(cfg, self.data, self.online).to(self.device)
+        self.ema = create_ema(self.model, cfg.fixmatch.ema_max)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.optim.lr, cfg.optim.lr_multi, cfg.optim.weight_decay))
+        self.loaders = build_loaders(cfg, self.data, self.info)
+        sch = cfg.schedule
+        self.total = sch.iters or sch.epochs * self.loaders.per_epoch
+        self.state = RunState()
+        if self.ckpt is not None:
+            self._restore(self.ckpt, str(resume))
+        self.ddp = self._wrap()
+        self.targets = (CachedTargets(self.data.level_geoms) if cfg.mode == "cached"
+                        else self._online_targets())
+        self.settings = LossSettings(cfg.fixmatch.conf_thresh, cfg.distill.masked,
+                                     cfg.runtime.bf16, store_stats(cfg, self.data, self.device))
+
+    def _online_teachers(self) -> dict[str, Any] | None:
+        if self.cfg.mode != "online" or not self.cfg.model.teachers:
+            return None
+        from trainer.online import load_teachers
+
+        return load_teachers(self.cfg.model.teachers, self.cfg.model.tiny, self.device,
+                             self.data.base_size)
+
+    def _online_targets(self) -> Any:
+        from trainer.online import OnlineTargets
+
+        return OnlineTargets(self.online or {}, self.cfg.distill.masked)
+
+    def _wrap(self) -> torch.nn.Module:
+        if not self.info.enabled:
+            return self.model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=False)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _restore(self, ckpt: dict[str, Any], path: str) -> None:
+        check_architecture(ckpt, self.model.cfg, path)
+        load_state(self.model, ckpt["student"], f"{path} [student]")
+        load_state(self.ema.module, ckpt["ema"], f"{path} [ema]")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        run = ckpt["run"]
+        self.state = RunState(int(run["step"]), run.get("best"), run.get("best_step"),
+                              ckpt.get("metrics", {}))
+        set_rng_state(ckpt["rng"])
+
+    def _save(self, name: str) -> None:
+        if not self.info.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        s = self.state
+        save_checkpoint(self.out / name, {
+            "student": self.model.state_dict(),
+            "ema": self.ema.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "run": {"step": s.step, "best": s.best, "best_step": s.best_step,
+                    "epoch": s.step // self.loaders.per_epoch,
+                    "iter_in_epoch": s.step % self.loaders.per_epoch},
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+            "student_config": student_config_dict(self.model.cfg),
+            "store": self.data.store_meta(),
+            "class_names": list(self.data.class_names),
+            "tile": {"tile_size": self.data.tile_size, "base_size": self.data.base_size},
+            "metrics": s.metrics,
+        })
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _evaluate(self, logger: RunLogger) -> None:
+        val = self.data.sets["val"]
+        if not val:
+            return
+        c = self.cfg
+        metrics = evaluate({"student": self.model, "ema": self.ema.module}, self.data.reader,
+                           val, self.data.num_classes, c.eval.mode, c.crop_size, c.eval.stride,
+                           self.device, c.eval.batch_size, self.data.ignore_index,
+                           c.runtime.bf16)
+        self.state.metrics = metrics
+        logger.evaluation(self.state.step, metrics)
+        value = float(metrics[c.eval.best_model][c.eval.best_metric])
+        if self.state.best is None or value > self.state.best:
+            self.state.best, self.state.best_step = value, self.state.step
+            self._save("best.pt")
+
+    # ------------------------------------------------------------------ loop
+
+    def _step(self, batch_l: dict[str, Any], batch_u: dict[str, Any] | None) -> dict[str, Any]:
+        step = self.state.step
+        gen = torch.Generator(device=self.device)
+        # Per-step seed: the on-device augmentation replays exactly after a resume.
+        gen.manual_seed(self.cfg.runtime.seed * 1_000_003 + step * 7 + self.info.rank)
+        views = render_batch(batch_l, batch_u, self.device, gen, self.cfg.fixmatch.cutmix_p)
+        teachers = [t.name for t in self.cfg.model.teachers]
+        terms = train_step(self.ddp, self.ema.module, self.optimizer, views, self.targets,
+                           batch_l, batch_u, teachers, self.settings, step)
+        poly_lr(self.optimizer, step, self.total, self.cfg.optim.poly)
+        update_ema(self.ema, self.model, step)
+        self.state.step += 1
+        return terms
+
+    def _due(self, interval: int, end_of_epoch: bool) -> bool:
+        s = self.state.step
+        return s == self.total or (interval > 0 and s % interval == 0) or (
+            interval == 0 and end_of_epoch)
+
+    def run(self) -> TrainResult:
+        """Train to ``total`` iterations (or ``stop_after``), evaluating and checkpointing."""
+        cfg, per = self.cfg, self.loaders.per_epoch
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.dump(self.out / "config.yaml")
+        logger = RunLogger(self.out, self.total, self.state.step, self.info.is_main,
+                           cfg.runtime.progress, cfg.runtime.tensorboard)
+        stop = min(self.total, cfg.schedule.stop_after or self.total)
+        losses: list[float] = []
+        self.model.train()
+        try:
+            while self.state.step < stop:
+                epoch, skip = divmod(self.state.step, per)
+                loader_l, loader_u = self.loaders.epoch(cfg, epoch, skip)
+                stream = zip(loader_l, loader_u, strict=False) if loader_u is not None else (
+                    (b, None) for b in loader_l)
+                for batch_l, batch_u in stream:
+                    terms = self._step(batch_l, batch_u)
+                    s = self.state.step
+                    write = s % cfg.schedule.log_interval == 0 or s == stop
+                    scalars = mean_over_ranks(terms) if write else {}
+                    losses.append(float(terms["loss"]))
+                    if write:
+                        scalars["lr"] = self.optimizer.param_groups[0]["lr"]
+                    logger.step(s, scalars, write)
+                    end_epoch = s % per == 0
+                    if self._due(cfg.schedule.eval_interval, end_epoch):
+                        self._evaluate(logger)
+                    if self._due(cfg.schedule.ckpt_interval, end_epoch) or s == stop:
+                        self._save("latest.pt")
+                    if s >= stop:
+                        break
+                barrier()
+        finally:
+            logger.close()
+        return TrainResult(self.state.step, losses, self.state.metrics, self.state.best,
+                           self.out)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) a training run described by ``cfg``; see `TrainConfig`."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        shutdown()
+
+
+__all__ = ["DistInfo", "RunState", "TrainResult", "Trainer", "seed_everything", "train"]

@@ -1,0 +1,227 @@
+"""Run preparation: open and check the data, build the student, the datasets and samplers.
+
+Everything here runs before the first step, so a bad store, split or class count fails fast
+with a `DataCheckError` naming the problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from featstore.geometry import LevelGeometry
+from featstore.schema import LevelSpec, TileRecord
+from trainer.checks import (
+    DataCheckError,
+    check_classes,
+    check_done,
+    check_fingerprint,
+    check_splits,
+    resolve_levels,
+    select_tiles,
+)
+from trainer.config import TINY_STUDENT, TrainConfig
+from trainer.data import (
+    EpochSampler,
+    SourceTiles,
+    StoreDataset,
+    ViewSampling,
+    collate,
+    iters_per_epoch,
+    repeat_to,
+)
+from trainer.distributed import DistInfo
+from trainer.geometry import GridAlign
+from trainer.student import Student, StudentConfig, TeacherHead
+
+
+@dataclass
+class RunData:
+    """Opened data of a run (store and/or source) with the checked tile selections."""
+
+    reader: Any
+    store: Any
+    tiles: list[TileRecord]
+    sets: dict[str, list[int]]
+    class_names: tuple[str, ...]
+    num_classes: int
+    ignore_index: int
+    tile_size: int
+    base_size: int
+    levels: dict[str, tuple[LevelSpec, ...]] = field(default_factory=dict)
+    level_geoms: dict[tuple[str, str], LevelGeometry] = field(default_factory=dict)
+
+    def store_meta(self) -> dict[str, Any]:
+        """Fingerprint and schema of the store (recorded in checkpoints)."""
+        if self.store is None:
+            return {}
+        return {"fingerprint": self.store.fingerprint, "schema": self.store.schema.to_dict()}
+
+
+def _open_source(cfg: TrainConfig) -> SourceTiles:
+    from pipelines.sources import open_source  # lazy: only runs without a store
+
+    return SourceTiles(open_source(cfg.data.source, layout=cfg.data.layout,
+                                   split_file=cfg.data.split_file,
+                                   tile_size=cfg.data.tile_size))
+
+
+def open_data(cfg: TrainConfig, pinned: dict[str, Any] | None = None) -> RunData:
+    """Open the store / source of ``cfg`` and run every pre-training check.
+
+    Args:
+        cfg: The run config.
+        pinned: ``{"fingerprint", "schema"}`` of the store a resumed run started with.
+    """
+    store = None
+    if cfg.data.store:
+        from featstore import open_store
+
+        store = open_store(cfg.data.store)
+        fp = (pinned or {}).get("fingerprint") or cfg.data.fingerprint
+        check_fingerprint(store, fp, (pinned or {}).get("schema"))
+    if store is not None and (store.schema.store_pixels or not cfg.data.source):
+        if not store.schema.store_pixels:
+            raise DataCheckError(f"store {cfg.data.store} holds no pixels (store_pixels=False); "
+                                 "pass the image source too (--source PATH)")
+        reader: Any = store
+        class_names, ignore = store.schema.class_names, store.schema.ignore_index
+        tile_size, base_size = store.schema.tile_size, store.schema.base_size
+    else:
+        reader = _open_source(cfg)
+        class_names, ignore = reader.class_names, reader.ignore_index
+        tile_size, base_size = reader.tile_size, cfg.crop_size
+    tiles = list(reader.tiles)
+    sets = {k: select_tiles(tiles, getattr(cfg.data, k), f"data.{k}")
+            for k in ("labeled", "unlabeled", "val")}
+    check_splits(tiles, sets)
+    data = RunData(reader, store, tiles, sets, tuple(class_names), 0, int(ignore),
+                   int(tile_size), int(base_size))
+    if store is not None:
+        check_done(store, sorted({i for s in sets.values() for i in s}))
+    if cfg.mode == "cached":
+        names = [t.name for t in cfg.model.teachers]
+        data.levels = resolve_levels(store, names, cfg.distill.levels)
+        data.level_geoms = {(n, lv.key): store.level_geometry(n, lv.key)
+                            for n, lvs in data.levels.items() for lv in lvs}
+    data.num_classes = check_classes(cfg.model.num_classes, class_names, reader,
+                                     sets["labeled"] + sets["val"], data.ignore_index)
+    return data
+
+
+def student_config(cfg: TrainConfig, num_classes: int, channels: dict[str, int]) -> StudentConfig:
+    """The student architecture of a run (teachers sized by their channels)."""
+    heads = tuple(TeacherHead(t.name, int(channels[t.name]), t.branch)
+                  for t in cfg.model.teachers)
+    kwargs: dict[str, Any] = dict(TINY_STUDENT) if cfg.model.tiny else {}
+    kwargs.update(cfg.model.student)
+    for key in ("layers", "out_channels"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    return StudentConfig(num_classes=num_classes, img_size=cfg.crop_size, teachers=heads,
+                         grad_checkpointing=cfg.runtime.grad_checkpointing,
+                         backbone_weights=cfg.model.pretrained, **kwargs)
+
+
+def teacher_channels(cfg: TrainConfig, data: RunData, online: dict[str, Any] | None
+                     ) -> dict[str, int]:
+    """Token width of each configured teacher (store spec, or the online teacher's spec)."""
+    if online:
+        return {name: int(t.spec.channels) for name, t in online.items()}
+    return {t.name: int(data.store.schema.teacher(t.name).spec.channels)
+            for t in cfg.model.teachers}
+
+
+def build_student(cfg: TrainConfig, data: RunData, online: dict[str, Any] | None) -> Student:
+    """A fresh student (seeded by ``runtime.seed`` so every rank starts identical)."""
+    torch.manual_seed(cfg.runtime.seed)
+    return Student(student_config(cfg, data.num_classes, teacher_channels(cfg, data, online)))
+
+
+@dataclass
+class Loaders:
+    """Datasets and samplers of the labeled and unlabeled streams."""
+
+    ds_l: StoreDataset
+    ds_u: StoreDataset | None
+    sampler_l: EpochSampler
+    sampler_u: EpochSampler | None
+    per_epoch: int
+
+    def epoch(self, cfg: TrainConfig, epoch: int, skip_iters: int) -> tuple[Any, Any]:
+        """Loaders of ``epoch`` that start after ``skip_iters`` iterations (resume)."""
+        out = []
+        for ds, sampler, bs in ((self.ds_l, self.sampler_l, cfg.schedule.batch_labeled),
+                                (self.ds_u, self.sampler_u, cfg.schedule.batch_unlabeled)):
+            if ds is None or sampler is None:
+                out.append(None)
+                continue
+            ds.set_epoch(epoch)
+            sampler.set_epoch(epoch, skip_iters * bs)
+            out.append(DataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=collate,
+                                  num_workers=cfg.data.num_workers, drop_last=True,
+                                  pin_memory=torch.cuda.is_available()))
+        return out[0], out[1]
+
+
+def _grid_align(cfg: TrainConfig, data: RunData) -> GridAlign | None:
+    """``grid_aligned`` target mode: views snapped to the first teacher's cached token grid."""
+    mode = cfg.distill.target_mode
+    if mode == "warp":
+        return None
+    if mode == "view_bank":
+        raise DataCheckError("distill.target_mode 'view_bank' is not wired into the engine yet; "
+                             "use 'warp' or 'grid_aligned'")
+    if cfg.mode != "cached" or not cfg.model.teachers:
+        raise DataCheckError("distill.target_mode 'grid_aligned' needs cached mode and a teacher")
+    first = cfg.model.teachers[0].name
+    return GridAlign.from_levels([data.level_geoms[(first, lv.key)]
+                                  for lv in data.levels[first]])
+
+
+def build_loaders(cfg: TrainConfig, data: RunData, info: DistInfo) -> Loaders:
+    """Labeled ids repeated to the unlabeled length (official); samplers sharded by rank."""
+    sampling = ViewSampling(data.tile_size, cfg.crop_size, data.base_size,
+                            tuple(cfg.data.scale_range), cfg.data.flip_p, _grid_align(cfg, data))
+    levels = data.levels if cfg.mode == "cached" else {}
+    feats = data.store if cfg.mode == "cached" else None
+    lab, unl = data.sets["labeled"], data.sets["unlabeled"]
+    use_u = bool(unl) and cfg.schedule.batch_unlabeled > 0
+    n = len(unl) if use_u else len(lab)
+    seed = cfg.runtime.seed
+    ds_l = StoreDataset(data.reader, repeat_to(lab, n), levels, True, seed, sampling,
+                        stream=0, features=feats)
+    ds_u = (StoreDataset(data.reader, unl, levels, False, seed, sampling, stream=1,
+                         features=feats) if use_u else None)
+    s_l = EpochSampler(len(ds_l), seed, info.rank, info.world)
+    s_u = EpochSampler(len(ds_u), seed + 7919, info.rank, info.world) if ds_u else None
+    per = iters_per_epoch(len(ds_l), info.world, cfg.schedule.batch_labeled)
+    if ds_u is not None:
+        per = min(per, iters_per_epoch(len(ds_u), info.world, cfg.schedule.batch_unlabeled))
+    if per < 1:
+        raise DataCheckError(f"{n} tiles per epoch over {info.world} process(es) cannot fill one "
+                             f"batch (labeled {cfg.schedule.batch_labeled}, unlabeled "
+                             f"{cfg.schedule.batch_unlabeled}); lower --batch or add tiles")
+    return Loaders(ds_l, ds_u, s_l, s_u, per)
+
+
+def store_stats(cfg: TrainConfig, data: RunData, device: torch.device
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per-channel target statistics for standardisation (None when off)."""
+    if not cfg.distill.standardize:
+        return None
+    if data.store is None:
+        raise DataCheckError("distill.standardize needs a store (its statistics); pass --store")
+    out = {}
+    for t in cfg.model.teachers:
+        mean, std = data.store.stats(t.name, cfg.distill.level_stats)
+        out[t.name] = (torch.as_tensor(mean, dtype=torch.float32, device=device),
+                       torch.as_tensor(std, dtype=torch.float32, device=device).clamp_min(1e-6))
+    return out
+
+
+__all__ = ["Loaders", "RunData", "build_loaders", "build_student", "open_data", "store_stats",
+           "student_config", "teacher_channels"]
