@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from pipelines.config import MULTI_SCALES
+
 
 def _library_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose messages are meant for users (imported lazily: fast --help)."""
@@ -70,8 +72,10 @@ def _config(source: str, store: str, **opts: Any) -> Any:
 @click.option("--weights", multiple=True, metavar="NAME=PATH",
               help="Weights file or pretrained tag of a teacher (repeatable).")
 @click.option("--tiny", is_flag=True, help="Tiny random-init teachers (smoke runs, tests).")
-@click.option("--scales", default="1", show_default=True, help="Cached scales, e.g. 1,2.")
-@click.option("--flip", is_flag=True, help="Also cache an h-flipped copy of every scale.")
+@click.option("--scales", default=",".join(f"{s:g}" for s in MULTI_SCALES), show_default=True,
+              help="Cached scales, e.g. 1 or 1,2 (default covers the 0.5-2.0 rescale range).")
+@click.option("--flip/--no-flip", default=True, show_default=True,
+              help="Also cache an h-flipped copy of every scale.")
 @click.option("--codec", default="fp16", show_default=True, help="fp16 | int8 | pca:K.")
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")

@@ -21,6 +21,10 @@ CODEC_NAMES = ("fp16", "int8", "pca")
 _TCP_RE = re.compile(r"^tcp://[^:/]+:\d+$")
 
 
+# Geometric steps of sqrt(2) over the official 0.5-2.0 rescale range: no view is more than
+# 2**0.25 = 1.19x away in zoom from a cached level.
+MULTI_SCALES: tuple[float, ...] = (0.5, 0.71, 1.0, 1.41, 2.0)
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """Everything `run_extraction` needs.
@@ -35,7 +39,9 @@ class ExtractConfig:
         teachers: Teacher registry names.
         weights: Teacher name -> weights path or pretrained tag (missing: registry default).
         tiny: Build tiny random-init teachers (tests, smoke runs).
-        scales: Cached scales (render = round(scale * base_size)).
+        scales: Cached scales (render = round(scale * base_size)). The library default is one
+            scale; the CLI default is `MULTI_SCALES` + flip, which covers RS-MTDF's 0.5-2.0
+            rescale range (see BENCHMARKS.md for what each option buys).
         flip: Also cache an h-flipped copy of each scale.
         codec: Codec dict, e.g. {"name": "fp16"} or {"name": "pca", "k": 64}.
         batch_size: Canvases per teacher forward.

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 
 from featstore import LevelSpec, StoreSchema, TeacherEntry, create_store, get_codec
 from pipelines.config import ExtractConfig, ExtractConfigError, parse_scheduler
+from pipelines.teachers.registry import RANDOM_INIT_SEED  # noqa: F401  (re-exported)
 
 # Hidden test hook: seconds to sleep after each written shard, so a test can kill a run mid-way.
 SLEEP_ENV = "FEATCACHE_TEST_SLEEP_AFTER_SHARD"
 PCA_SAMPLE_TILES = 64
 PCA_MAX_TOKENS = 65536
-from pipelines.teachers.registry import RANDOM_INIT_SEED  # noqa: F401  (re-exported)
 
 
 class ExtractionError(Exception):

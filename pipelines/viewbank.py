@@ -160,25 +160,22 @@ def load_bank_teachers(
 ) -> dict[str, Any]:
     """Build the teachers that filled the store and check their specs against it.
 
-    Random-init weights are drawn under the extraction's fixed seed (the same network).
+    `create_teacher` seeds random init, so it rebuilds the network that filled the store.
 
     Raises:
         ViewBankError: a teacher's spec differs from the one recorded in the store.
     """
-    from pipelines.extract import RANDOM_INIT_SEED  # lazily: extract pulls in dask helpers
     from pipelines.teachers import create_teacher
 
     out: dict[str, Any] = {}
     for name in names:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            teacher = create_teacher(
-                name,
-                weights=weights.get(name),
-                tiny=tiny,
-                device=device,
-                base_size=store.schema.base_size,
-            ).eval()
+        teacher = create_teacher(
+            name,
+            weights=weights.get(name),
+            tiny=tiny,
+            device=device,
+            base_size=store.schema.base_size,
+        )
         stored = store.schema.teacher(name).spec
         if teacher.spec.to_dict() != stored.to_dict():
             raise ViewBankError(

@@ -24,19 +24,15 @@ def load_teachers(teachers: Sequence[TeacherConfig], tiny: bool, device: torch.d
                   base_size: int) -> dict[str, torch.nn.Module]:
     """Build the frozen teachers named in the config (registry names).
 
-    Random-init weights are drawn under the extraction's fixed seed, so a random (tiny) teacher
-    here is the very network that filled a store: online and cached runs stay comparable.
+    `create_teacher` seeds random init, so a random (tiny) teacher here is the very network that
+    filled a store: online and cached runs stay comparable.
     """
-    from pipelines.extract import RANDOM_INIT_SEED  # lazy: trainer must not need pipelines
-    from pipelines.teachers import create_teacher
+    from pipelines.teachers import create_teacher  # lazy: trainer must not need pipelines
 
     out: dict[str, torch.nn.Module] = {}
     for t in teachers:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            teacher = create_teacher(t.name, weights=t.weights, tiny=tiny, device=str(device),
+        out[t.name] = create_teacher(t.name, weights=t.weights, tiny=tiny, device=str(device),
                                      base_size=base_size)
-        out[t.name] = teacher.to(device).eval()
     return out
 
 

@@ -90,12 +90,12 @@ def test_fingerprint_mismatch_needs_overwrite(store: Path, synth: Path, tmp_path
     copy = tmp_path / "s.zarr"
     shutil.copytree(store, copy)
     before = _tree(copy)
-    result = _run("extract", synth, copy, *TINY, "--scales", "1")  # levels differ
+    result = _run("extract", synth, copy, *TINY, "--scales", "1", "--no-flip")  # levels differ
     assert result.exit_code == 1
     assert "different fingerprint" in result.output and "--overwrite" in result.output
     assert "levels" in result.output
     assert _tree(copy) == before  # untouched
-    result = _run("extract", synth, copy, *TINY, "--scales", "1", "--overwrite")
+    result = _run("extract", synth, copy, *TINY, "--scales", "1", "--no-flip", "--overwrite")
     assert result.exit_code == 0, result.output
     assert [lv.key for lv in open_store(copy).levels(TEACHER)] == ["s1.00"]
 
