@@ -1,0 +1,460 @@
+"""Fidelity audit: how close is a target sampled from the cache to the teacher run on the view?
+
+For random RS-MTDF views of a store's tiles, the *cached* target is sampled from the nearest
+cached level (``choose_level`` over an allowed level set, then ``sample_targets``) and the
+*online* target is the teacher run on the rendered view itself, resampled onto the same student
+grid (``resample_to_student``). The audit reports the mean per-token cosine between the two over
+valid tokens, overall and by factor (zoom, crop, flip, CutMix, colour), for several cache
+configurations side by side, plus identity checks that must give 1.0 and config-free references
+(exact-scale cache, colour alone, CutMix token mixing). See docs/design "Fidelity".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from featcache.report import fmt_cosine, markdown_table
+from featstore import LevelGeometry, LevelSpec, open_store
+from trainer.augment import cutmix_boxes, cutmix_pixels, render_views, strong_photometric
+from trainer.geometry import (
+    GridAlign,
+    ViewGeometry,
+    ViewParams,
+    choose_level,
+    draw_view,
+    identity_view,
+    token_centres,
+    token_valid,
+)
+from trainer.targets import cutmix_targets, resample_to_student, sample_targets
+
+OFFICIAL_SCALE_RANGE = (0.5, 2.0)
+STUDENT_PATCH = 14
+ZOOM_BINS = ((0.0, 0.75, "zoom < 0.75"), (0.75, 1.25, "0.75 <= zoom < 1.25"),
+             (1.25, 1.75, "1.25 <= zoom < 1.75"), (1.75, float("inf"), "zoom >= 1.75"))
+
+
+class AuditError(ValueError):
+    """The audit cannot run on this store / teacher; the message says how to fix it."""
+
+
+@dataclass
+class Check:
+    """One config-free number: an identity check or a reference comparison."""
+
+    name: str
+    cosine: float
+    tokens: int
+    note: str = ""
+
+
+@dataclass
+class FactorRow:
+    """Mean cosine of one factor case, per cache configuration (token-weighted)."""
+
+    factor: str
+    case: str
+    cosine: dict[str, float]
+    tokens: int
+    views: int
+
+
+@dataclass
+class AuditResult:
+    """What ``audit_store`` measured; ``to_markdown`` / ``to_json`` / ``row`` to read it."""
+
+    identity: list[Check]
+    factors: list[FactorRow]
+    references: list[Check]
+    configs: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, factor: str, case: str) -> FactorRow:
+        """The factor row ``(factor, case)``; KeyError when absent."""
+        for r in self.factors:
+            if (r.factor, r.case) == (factor, case):
+                return r
+        raise KeyError(f"no audit row ({factor!r}, {case!r})")
+
+    def check(self, name: str) -> Check:
+        """The identity check or reference named ``name``."""
+        for c in self.identity + self.references:
+            if c.name.strip() == name.strip():
+                return c
+        raise KeyError(f"no audit check {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (NaN as None)."""
+        def num(x: float) -> float | None:
+            return None if x != x else round(float(x), 6)
+
+        def chk(c: Check) -> dict[str, Any]:
+            return {"name": c.name.strip(), "cosine": num(c.cosine), "tokens": c.tokens,
+                    "note": c.note}
+
+        return {"meta": self.meta, "configs": self.configs,
+                "identity": [chk(c) for c in self.identity],
+                "factors": [{"factor": r.factor, "case": r.case, "tokens": r.tokens,
+                             "views": r.views,
+                             "cosine": {k: num(v) for k, v in r.cosine.items()}}
+                            for r in self.factors],
+                "references": [chk(c) for c in self.references]}
+
+    def to_json(self) -> str:
+        """``to_dict`` as indented JSON."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        """Three tables: identity checks, factors by cache configuration, references."""
+        m = self.meta
+        head = (f"Fidelity audit of teacher `{m.get('teacher')}` on `{m.get('store')}`: "
+                f"{m.get('n_views')} views (seed {m.get('seed')}, crop {m.get('crop_size')}, "
+                f"{m.get('n_tokens')}x{m.get('n_tokens')} student tokens"
+                f"{', grid-aligned' if m.get('grid_aligned') else ''}). Mean per-token cosine "
+                "between the cached target and the teacher run on the view.")
+        sets = "; ".join(f"{k} = {{{', '.join(v)}}}" for k, v in m.get("level_sets", {}).items())
+        ident = markdown_table(["identity check", "cosine", "tokens", "expected"],
+                               [[c.name, fmt_cosine(c.cosine), c.tokens, c.note]
+                                for c in self.identity])
+        fac = markdown_table(["factor", "case", *self.configs, "tokens", "views"],
+                             [[r.factor, r.case, *(fmt_cosine(r.cosine[k]) for k in self.configs),
+                               r.tokens, r.views] for r in self.factors])
+        ref = markdown_table(["reference (no cache involved)", "cosine", "tokens"],
+                             [[c.name.strip(), fmt_cosine(c.cosine), c.tokens]
+                              for c in self.references])
+        return "\n\n".join([head, ident, f"Cache configurations: {sets}.", fac, ref]) + "\n"
+
+
+@dataclass
+class _Ctx:
+    """What every batch needs: the store, the teacher and the sizes."""
+
+    store: Any
+    name: str
+    teacher: Any
+    device: torch.device
+    tile: int
+    base: int
+    crop: int
+    n: int
+    configs: dict[str, tuple[LevelSpec, ...]]
+    geoms: dict[str, LevelGeometry] = field(default_factory=dict)
+
+    def geom(self, key: str) -> LevelGeometry:
+        if key not in self.geoms:
+            self.geoms[key] = self.store.level_geometry(self.name, key)
+        return self.geoms[key]
+
+    def online(self, views: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """Teacher on ``[B, 3, V, V]`` views, resampled to the ``n``-token student grid."""
+        v = views.shape[-1]
+        grid = self.teacher(views)
+        return resample_to_student(grid, self.teacher.input_px(v), self.teacher.spec.stride, v,
+                                   n or self.n)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-token cosine ``[...]`` of ``[..., C]`` tensors (0 where either is all zero)."""
+    num = (a * b).sum(-1)
+    den = a.norm(dim=-1) * b.norm(dim=-1)
+    return num / den.clamp(min=1e-12)
+
+
+def default_level_sets(keys: Sequence[str]) -> dict[str, list[str]]:
+    """``s1.00 only`` / ``all scales`` / ``all scales + flip`` (duplicates dropped)."""
+    levels = [LevelSpec.from_key(k) for k in keys]
+    plain = [lv.key for lv in levels if not lv.flipped]
+    one = ["s1.00"] if "s1.00" in plain else plain[:1]
+    sets: dict[str, list[str]] = {}
+    for label, chosen in (("s1.00 only", one), ("all scales", plain),
+                          ("all scales + flip", list(keys))):
+        if chosen and all(sorted(chosen) != sorted(v) for v in sets.values()):
+            sets[label] = chosen
+    return sets
+
+
+def _resolve_sets(store: Any, name: str, level_sets: Mapping[str, Sequence[str]] | None
+                  ) -> dict[str, tuple[LevelSpec, ...]]:
+    have = [lv.key for lv in store.levels(name)]
+    sets = dict(level_sets) if level_sets else default_level_sets(have)
+    out = {}
+    for label, keys in sets.items():
+        missing = [k for k in keys if k not in have]
+        if not keys or missing:
+            raise AuditError(f"level set {label!r} = {list(keys)} names levels the store lacks "
+                             f"({missing}); teacher {name!r} has {have}")
+        out[label] = tuple(LevelSpec.from_key(k) for k in keys)
+    return out
+
+
+def create_store_teacher(store: Any, name: str, weights: str | None, tiny: bool,
+                         device: torch.device) -> Any:
+    """The registry teacher built as extraction builds it (random init under a fixed seed)."""
+    from pipelines.extract import RANDOM_INIT_SEED
+    from pipelines.teachers import create_teacher
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return create_teacher(name, weights=weights, tiny=tiny, device=device,
+                              base_size=store.schema.base_size)
+
+
+def _check_spec(store: Any, name: str, teacher: Any) -> None:
+    stored = store.schema.teacher(name).spec.to_dict()
+    have = teacher.spec.to_dict()
+    diff = sorted(k for k in stored if stored[k] != have.get(k))
+    if diff:
+        raise AuditError(f"the teacher given for {name!r} differs from the one the store was "
+                         f"extracted with in {diff}; pass the same --weights / --tiny as the "
+                         "extraction")
+    if int(getattr(teacher, "base_size", store.schema.base_size)) != store.schema.base_size:
+        raise AuditError(f"teacher base_size {teacher.base_size} != store base_size "
+                         f"{store.schema.base_size}; create it with base_size="
+                         f"{store.schema.base_size}")
+
+
+# ----------------------------------------------------------------------------- per batch
+
+
+def _images(ctx: _Ctx, idx: Sequence[int]) -> torch.Tensor:
+    arr = np.stack([ctx.store.read_image(int(i)) for i in idx])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(ctx.device)
+
+
+def _cached(ctx: _Ctx, idx: Sequence[int], params: Sequence[ViewParams],
+            levels: Sequence[LevelSpec], geom: ViewGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets sampled from the nearest allowed level of each view."""
+    chosen = [choose_level(levels, p.size, p.flip, ctx.tile, ctx.base) for p in params]
+    grids = [torch.from_numpy(ctx.store.read(ctx.name, int(i), lv.key))
+             for i, lv in zip(idx, chosen, strict=True)]
+    return sample_targets(grids, [ctx.geom(lv.key) for lv in chosen], geom, ctx.n)
+
+
+def _near_edge(boxes: torch.Tensor, crop: int, n: int) -> torch.Tensor:
+    """Bool ``[B, n, n]``: token centre within one token pitch of the CutMix box outline."""
+    c = token_centres(crop, n, device=boxes.device)
+    p = crop / n
+    y, x, h, w = (boxes[:, k].to(torch.float64).view(-1, 1) for k in range(4))
+
+    def band(lo: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outer = (c >= lo - p) & (c <= lo + length + p)
+        inner = (c > lo + p) & (c < lo + length - p)
+        return outer, inner
+
+    oy, iy = band(y, h)
+    ox, ix = band(x, w)
+    near = (oy.unsqueeze(2) & ox.unsqueeze(1)) & ~(iy.unsqueeze(2) & ix.unsqueeze(1))
+    return near & (boxes[:, 2:].prod(1) > 0).view(-1, 1, 1)
+
+
+def _exact_scale(ctx: _Ctx, images: torch.Tensor,
+                 params: Sequence[ViewParams], geom: ViewGeometry) -> torch.Tensor:
+    """Targets from a cache rendered at exactly each view's scale (the ceiling of any warp)."""
+    from pipelines.extract import render_level
+
+    grids, lgs = [], []
+    nhwc = images.permute(0, 2, 3, 1)
+    for b, p in enumerate(params):
+        level = LevelSpec(p.size / ctx.base, p.flip)
+        grid = ctx.teacher(render_level(nhwc[b:b + 1], level, ctx.base))[0]
+        grids.append(grid)
+        lgs.append(LevelGeometry.from_specs(ctx.tile, ctx.base, level, ctx.teacher.spec,
+                                            int(grid.shape[0])))
+    return sample_targets(grids, lgs, geom, ctx.n)[0]
+
+
+def _audit_batch(ctx: _Ctx, idx: Sequence[int], params: Sequence[ViewParams],
+                 gen: torch.Generator, acc: dict[str, Any], ceiling: bool) -> None:
+    """Accumulate per-view token sums of one batch of views into ``acc``."""
+    geom = ViewGeometry.from_params(params, ctx.device)
+    images = _images(ctx, idx)
+    views = render_views(images, geom)
+    online = ctx.online(views)
+    valid = token_valid(geom, ctx.n)
+    boxes = cutmix_boxes(len(params), ctx.crop, gen, p=1.0)
+    mixed_online = ctx.online(cutmix_pixels(views, boxes))
+    colour_online = ctx.online(strong_photometric(views, gen))
+    edge = _near_edge(boxes, ctx.crop, ctx.n)
+
+    def add(key: str, cos: torch.Tensor, w: torch.Tensor) -> None:
+        acc.setdefault(key, []).append(torch.stack([(cos * w).sum((1, 2)), w.sum((1, 2))], 1))
+
+    for label, levels in ctx.configs.items():
+        target, tvalid = _cached(ctx, idx, params, levels, geom)
+        add(f"{label}|plain", cosine(target, online), valid * tvalid)
+        add(f"{label}|colour", cosine(target, colour_online), valid * tvalid)
+        mt, mv = cutmix_targets(target, tvalid, boxes, ctx.crop)
+        mixed_cos = cosine(mt, mixed_online)
+        add(f"{label}|cutmix", mixed_cos, mv)
+        add(f"{label}|cutmix_edge", mixed_cos, mv * edge)
+    add("ref|colour", cosine(colour_online, online), valid)
+    mo, mv = cutmix_targets(online, valid, boxes, ctx.crop)
+    add("ref|cutmix", cosine(mo, mixed_online), mv)
+    add("ref|cutmix_edge", cosine(mo, mixed_online), mv * edge)
+    if ceiling:
+        add("ref|exact_scale", cosine(_exact_scale(ctx, images, params, geom), online), valid)
+    acc.setdefault("zoom", []).extend(p.size / p.tile for p in params)
+    acc.setdefault("partial", []).extend(p.size > p.crop for p in params)
+    acc.setdefault("flip", []).extend(p.flip for p in params)
+
+
+def _identity_checks(ctx: _Ctx, tiles: Sequence[int]) -> list[Check]:
+    """Identity view vs ``s1.00`` and flipped identity vs ``s1.00f`` (and the mirrored read)."""
+    keys = {lv.key for lv in ctx.store.levels(ctx.name)}
+    checks = []
+    for flip, key, label in ((False, "s1.00", "identity view vs s1.00"),
+                             (True, "s1.00f", "flipped identity vs s1.00f"),
+                             (True, "s1.00", "flipped identity vs s1.00 (mirrored read)")):
+        if key not in keys:
+            checks.append(Check(label, float("nan"), 0, note=f"store has no level {key}"))
+            continue
+        lg = ctx.geom(key)
+        p = identity_view(ctx.tile, ctx.base)
+        params = [ViewParams(p.size, 0, 0, flip, ctx.tile, ctx.base)] * len(tiles)
+        geom = ViewGeometry.from_params(params, ctx.device)
+        # n = the level's own grid: both sides then read whole tokens (no interpolation)
+        online = ctx.online(render_views(_images(ctx, tiles), geom), lg.grid)
+        grids = [torch.from_numpy(ctx.store.read(ctx.name, int(i), key)) for i in tiles]
+        target, tv = sample_targets(grids, lg, geom, lg.grid)
+        w = tv * token_valid(geom, lg.grid)
+        total = float(w.sum())
+        value = float((cosine(target, online) * w).sum()) / total if total else float("nan")
+        checks.append(Check(label, value, int(total), note=_identity_note(flip, key)))
+    return checks
+
+
+def _identity_note(flip: bool, key: str) -> str:
+    if flip and not key.endswith("f"):
+        return "reference: below 1 unless the teacher is flip-invariant"
+    return "must be 1.0 (to codec precision)"
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
+                tiny: bool = False, n_views: int = 64, seed: int = 0,
+                level_sets: Mapping[str, Sequence[str]] | None = None,
+                teacher: Any = None, device: str | torch.device = "cpu",
+                crop_size: int | None = None, n_tokens: int | None = None,
+                batch_size: int = 8, grid_aligned: bool = False, ceiling: bool = True,
+                identity_tiles: int = 8) -> AuditResult:
+    """Audit the fidelity of cached targets against the teacher run on the views.
+
+    Args:
+        store_url: A store with pixels (``store_pixels``).
+        teacher_name: Teacher name in the store.
+        weights: Weights the store was extracted with (ignored when ``teacher`` is given).
+        tiny: Tiny random teacher, as extracted with ``--tiny``.
+        n_views: Random views to draw.
+        seed: Seed of the view draws, CutMix boxes and colour jitter.
+        level_sets: Cache configurations ``{label: [level keys]}`` to compare (default:
+            ``s1.00 only`` / ``all scales`` / ``all scales + flip``, whichever the store has).
+        teacher: An already created teacher (same spec as the store's) instead of the registry.
+        device: Torch device.
+        crop_size: View side ``V`` (default: the store's ``base_size``).
+        n_tokens: Student tokens per side (default ``V // 14``).
+        batch_size: Views per teacher forward.
+        grid_aligned: Draw views on the cached token grid (``GridAlign``) instead of the
+            official rule.
+        ceiling: Also run the teacher on a cache rendered at each view's exact scale.
+        identity_tiles: Tiles used by the identity checks.
+
+    Returns:
+        The audit result (``to_markdown`` / ``to_json``).
+
+    Raises:
+        AuditError: the store lacks pixels, levels or the teacher, or the teacher differs.
+    """
+    t0 = time.perf_counter()
+    store = open_store(store_url)
+    if teacher_name not in store.teacher_names:
+        raise AuditError(f"teacher {teacher_name!r} is not in {store_url} (it holds "
+                         f"{list(store.teacher_names)}); pass one of those to --teacher")
+    if not store.schema.store_pixels:
+        raise AuditError(f"store {store_url} holds no pixels; re-extract without --no-pixels "
+                         "so the audit can render the views")
+    if n_views < 1 or batch_size < 1:
+        raise AuditError(f"--views ({n_views}) and batch size ({batch_size}) must be >= 1")
+    dev = torch.device(device)
+    if teacher is None:
+        teacher = create_store_teacher(store, teacher_name, weights, tiny, dev)
+    else:
+        teacher = teacher.to(dev).eval()
+    _check_spec(store, teacher_name, teacher)
+    sch = store.schema
+    crop = int(crop_size or sch.base_size)
+    ctx = _Ctx(store, teacher_name, teacher, dev, sch.tile_size, sch.base_size, crop,
+               int(n_tokens or max(1, crop // STUDENT_PATCH)),
+               _resolve_sets(store, teacher_name, level_sets))
+    done = np.flatnonzero(store.done())
+    if done.size == 0:
+        raise AuditError(f"store {store_url} has no done tiles; run the extraction first")
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    align = None
+    if grid_aligned:
+        align = GridAlign.from_levels([ctx.geom(lv.key) for lv in store.levels(teacher_name)])
+    acc: dict[str, Any] = {}
+    with torch.no_grad():
+        identity = _identity_checks(ctx, [int(i) for i in done[:identity_tiles]])
+        for start in range(0, n_views, batch_size):
+            count = min(batch_size, n_views - start)
+            idx = [int(i) for i in rng.choice(done, size=count)]
+            params = [draw_view(rng, ctx.tile, crop, OFFICIAL_SCALE_RANGE, 0.5, align)
+                      for _ in idx]
+            _audit_batch(ctx, idx, params, gen, acc, ceiling)
+    result = _summarise(ctx, acc, identity, ceiling)
+    result.meta.update(store=str(store_url), teacher=teacher_name, n_views=n_views, seed=seed,
+                       tile_size=ctx.tile, base_size=ctx.base, crop_size=crop, n_tokens=ctx.n,
+                       grid_aligned=grid_aligned, seconds=round(time.perf_counter() - t0, 2),
+                       level_sets={k: [lv.key for lv in v] for k, v in ctx.configs.items()})
+    return result
+
+
+def _summarise(ctx: _Ctx, acc: dict[str, Any], identity: list[Check],
+               ceiling: bool) -> AuditResult:
+    zoom = np.asarray(acc["zoom"])
+    masks: list[tuple[str, str, np.ndarray]] = [("all views", "overall", np.ones_like(zoom, bool))]
+    masks += [("rescale", label, (zoom >= lo) & (zoom < hi)) for lo, hi, label in ZOOM_BINS]
+    partial, flip = np.asarray(acc["partial"], bool), np.asarray(acc["flip"], bool)
+    masks += [("crop", "part of the tile (S > V)", partial),
+              ("crop", "whole tile (S <= V)", ~partial),
+              ("flip", "flipped", flip), ("flip", "not flipped", ~flip)]
+    sums = {k: torch.cat(v).cpu().numpy() for k, v in acc.items() if isinstance(v[0], torch.Tensor)}
+    labels = list(ctx.configs)
+    rows = []
+
+    def mean(key: str, m: np.ndarray) -> tuple[float, int]:
+        s = sums[key][m]
+        w = float(s[:, 1].sum())
+        return (float(s[:, 0].sum()) / w if w > 0 else float("nan")), int(round(w))
+
+    main = labels[-1]
+    for factor, case, m in masks:
+        rows.append(FactorRow(factor, case, {lb: mean(f"{lb}|plain", m)[0] for lb in labels},
+                              mean(f"{main}|plain", m)[1], int(m.sum())))
+    alls = np.ones_like(zoom, bool)
+    for kind, case in (("cutmix", "all tokens"), ("cutmix_edge", "within 1 token of box edge"),
+                       ("colour", "strong colour on the online view")):
+        rows.append(FactorRow(kind.split("_")[0], case,
+                              {lb: mean(f"{lb}|{kind}", alls)[0] for lb in labels},
+                              mean(f"{main}|{kind}", alls)[1], int(alls.sum())))
+    refs = [Check("colour alone: online clean vs online jittered", *mean("ref|colour", alls)),
+            Check("CutMix token mixing of online targets vs teacher on mixed view",
+                  *mean("ref|cutmix", alls)),
+            Check("  same, within 1 token of the box edge", *mean("ref|cutmix_edge", alls))]
+    if ceiling:
+        refs.insert(0, Check("cache at exactly the view's scale (ceiling of any warp)",
+                             *mean("ref|exact_scale", alls)))
+    return AuditResult(identity=identity, factors=rows, references=refs, configs=labels)
+
+
+__all__ = ["AuditError", "AuditResult", "audit_store", "cosine", "default_level_sets"]

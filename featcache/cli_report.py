@@ -1,0 +1,118 @@
+"""CLI commands of the application layer: `audit` (cache fidelity) and `demo` (end to end).
+
+Thin by design: options → library call (`featcache.audit.audit_store`, `featcache.demo.run_demo`).
+Library errors with a remedy in their message become `click.ClickException` (exit code 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn typed library errors into click errors (message, no traceback)."""
+    from featcache.audit import AuditError
+    from featstore.errors import StoreError
+
+    errors: list[type[BaseException]] = [AuditError, StoreError, FileNotFoundError]
+    with contextlib.suppress(ImportError):
+        from pipelines.sources.errors import SourceError
+        from pipelines.teachers import UnknownTeacherError, WeightsError
+
+        errors += [SourceError, UnknownTeacherError, WeightsError]
+    with contextlib.suppress(ImportError):
+        from trainer.checks import DataCheckError
+        from trainer.config import TrainConfigError
+
+        errors += [DataCheckError, TrainConfigError]
+    try:
+        yield
+    except tuple(errors) as err:
+        raise click.ClickException(str(err)) from err
+
+
+def _parse_level_sets(items: tuple[str, ...]) -> dict[str, list[str]] | None:
+    """``LABEL=k1,k2`` items → ``{label: [keys]}`` (None when none given)."""
+    if not items:
+        return None
+    sets: dict[str, list[str]] = {}
+    for item in items:
+        label, sep, keys = item.partition("=")
+        parsed = [k.strip() for k in keys.split(",") if k.strip()]
+        if not sep or not label.strip() or not parsed:
+            raise click.BadParameter(f"{item!r}: write LABEL=KEY[,KEY...], e.g. "
+                                     "'two scales=s1.00,s2.00'", param_hint="--levels")
+        sets[label.strip()] = parsed
+    return sets
+
+
+@click.command("audit")
+@click.argument("store")
+@click.option("--teacher", "-t", required=True, help="Teacher name in the store.")
+@click.option("--weights", default=None, help="Weights path/tag used for the extraction.")
+@click.option("--tiny", is_flag=True, help="The store was extracted with --tiny teachers.")
+@click.option("--views", default=64, show_default=True, type=int, help="Random views to draw.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
+@click.option("--levels", "level_sets", multiple=True, metavar="LABEL=K1,K2",
+              help="A cache configuration to compare (repeatable); default: s1.00 only / all "
+                   "scales / all scales + flip.")
+@click.option("--crop-size", default=None, type=int, help="View side (default: base size).")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--grid-aligned", is_flag=True, help="Draw views on the cached token grid.")
+@click.option("--no-ceiling", is_flag=True, help="Skip the exact-scale ceiling (saves time).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the result as JSON here.")
+@click.option("--markdown", "md_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the markdown tables here.")
+def audit_command(store: str, teacher: str, weights: str | None, tiny: bool, views: int,
+                  seed: int, device: str, level_sets: tuple[str, ...], crop_size: int | None,
+                  batch_size: int, grid_aligned: bool, no_ceiling: bool, json_out: str | None,
+                  md_out: str | None) -> None:
+    """Measure how close targets sampled from STORE are to the teacher run on each view."""
+    from featcache.audit import audit_store
+
+    sets = _parse_level_sets(level_sets)
+    with _user_errors():
+        result = audit_store(store, teacher, weights=weights, tiny=tiny, n_views=views,
+                             seed=seed, level_sets=sets, device=device, crop_size=crop_size,
+                             batch_size=batch_size, grid_aligned=grid_aligned,
+                             ceiling=not no_ceiling)
+    md = result.to_markdown()
+    click.echo(md)
+    for path, text in ((json_out, result.to_json()), (md_out, md)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+
+
+@click.command("demo")
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder (data, store, runs, report/).")
+@click.option("--data", default=None, type=click.Path(exists=True),
+              help="A dataset (LoveDA, Potsdam, DeepGlobe or images/+masks/ folder) instead of "
+                   "the synthetic one.")
+@click.option("--layout", default="auto", show_default=True, help="Layout of --data.")
+@click.option("--quick", is_flag=True, help="Smallest settings (about a minute on 2 cores).")
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo_command(out: str, data: str | None, layout: str, quick: bool, device: str,
+                 seed: int) -> None:
+    """Synthetic data → teacher cache → cached vs online training → report with plots."""
+    from featcache.demo import DemoError, run_demo
+
+    with _user_errors():
+        try:
+            report = run_demo(out, data=data, quick=quick, device=device, seed=seed,
+                              layout=layout, echo=click.echo)
+        except DemoError as err:
+            raise click.ClickException(str(err)) from err
+    click.echo(f"report: {report}")
+
+
+COMMANDS = [audit_command, demo_command]

@@ -1,0 +1,165 @@
+"""Fidelity audit on hand-built cases whose answer is known.
+
+* A store of a tiny ViT teacher: the identity view and the flipped identity against the flipped
+  level must give cosine 1 (to fp16 precision).
+* An exactly equivariant teacher (a stride-14 patchify conv, no mixing between patches) on views
+  drawn on the cached token grid at cached scales: every cached target equals the teacher on the
+  view, so cosine 1 whenever the orientation is cached; reading a flipped view from an unflipped
+  level (the in-patch pixels are mirrored and the conv kernel is not symmetric) must fall below 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from featcache.audit import AuditError, audit_store
+from featstore import TeacherSpec
+from pipelines.config import ExtractConfig
+from pipelines.extract import run_extraction
+from pipelines.synthetic import generate_synthetic
+from pipelines.teachers import Teacher, register_teacher
+
+BASE, TILE = 70, 64  # 5x5 tokens of 14 px at scale 1
+EQUI = "audit_test_patchify"
+FP16_COS = 1 - 1e-4  # fp16 storage: relative error 2**-11 per channel
+
+
+class PatchifyTeacher(Teacher):
+    """A fixed random 14x14 stride-14 conv + GELU: each token sees only its own patch."""
+
+    def __init__(self, base_size: int = BASE) -> None:
+        spec = TeacherSpec(name=EQUI, family="timm", arch="test-patchify-14", weights=None,
+                           weights_sha256=None, input_size=base_size, stride=14, channels=8,
+                           extra=(("snap_to_stride", "1"),))
+        super().__init__(spec, base_size)
+        self.embed = nn.Conv2d(3, 8, 14, stride=14)
+        gen = torch.Generator().manual_seed(1234)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(self.embed.weight.shape, generator=gen) * 0.05)
+            self.embed.bias.copy_(torch.randn(8, generator=gen) * 0.1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.embed(x)).permute(0, 2, 3, 1)
+
+
+def _patchify_factory(weights: str | None = None, tiny: bool = False,
+                      base_size: int = BASE) -> Teacher:
+    return PatchifyTeacher(base_size)
+
+
+register_teacher(EQUI)(_patchify_factory)
+
+
+def _extract(src: Path, out: Path, teacher: str, tiny: bool) -> str:
+    cfg = ExtractConfig(source=str(src), out=str(out), tile_size=TILE, teachers=(teacher,),
+                        tiny=tiny, base_size=BASE, tiles_per_shard=4, batch_size=4, limit=4,
+                        scales=(1.0, 2.0), flip=True)
+    return run_extraction(cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_synthetic(tmp_path_factory.mktemp("synth"), n_images=1, size=128, seed=5)
+
+
+@pytest.fixture(scope="module")
+def vit_store(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _extract(synth, tmp_path_factory.mktemp("vit") / "s.zarr", "dinov2_vitb14", True)
+
+
+@pytest.fixture(scope="module")
+def equi_store(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _extract(synth, tmp_path_factory.mktemp("equi") / "s.zarr", EQUI, False)
+
+
+@pytest.fixture(scope="module")
+def vit_result(vit_store: str):  # noqa: ANN201
+    return audit_store(vit_store, "dinov2_vitb14", tiny=True, n_views=12, seed=3, batch_size=6)
+
+
+def test_identity_views_match_cached_levels(vit_result) -> None:  # noqa: ANN001
+    ident = vit_result.check("identity view vs s1.00")
+    flipped = vit_result.check("flipped identity vs s1.00f")
+    assert ident.tokens == 4 * 25 and flipped.tokens == 4 * 25
+    assert ident.cosine > FP16_COS
+    assert flipped.cosine > FP16_COS
+    # a ViT is not flip-invariant: reading the unflipped level mirrored is measurably worse
+    assert vit_result.check("flipped identity vs s1.00 (mirrored read)").cosine < 0.99
+
+
+def test_result_has_every_factor_row(vit_result) -> None:  # noqa: ANN001
+    configs = ["s1.00 only", "all scales", "all scales + flip"]
+    assert vit_result.configs == configs
+    expected = [("all views", "overall"), ("rescale", "zoom < 0.75"),
+                ("rescale", "0.75 <= zoom < 1.25"), ("rescale", "1.25 <= zoom < 1.75"),
+                ("rescale", "zoom >= 1.75"), ("crop", "part of the tile (S > V)"),
+                ("crop", "whole tile (S <= V)"), ("flip", "flipped"), ("flip", "not flipped"),
+                ("cutmix", "all tokens"), ("cutmix", "within 1 token of box edge"),
+                ("colour", "strong colour on the online view")]
+    assert [(r.factor, r.case) for r in vit_result.factors] == expected
+    for r in vit_result.factors:
+        assert set(r.cosine) == set(configs)
+    overall = vit_result.row("all views", "overall")
+    assert overall.views == 12 and overall.tokens > 0
+    assert all(-1 <= v <= 1 for v in overall.cosine.values())
+    # bins partition the views
+    assert sum(vit_result.row("rescale", c).views for _, c in expected[1:5]) == 12
+    data = json.loads(vit_result.to_json())
+    assert len(data["factors"]) == len(expected) and len(data["identity"]) == 3
+    assert {r["name"] for r in data["references"]} >= {
+        "cache at exactly the view's scale (ceiling of any warp)",
+        "colour alone: online clean vs online jittered"}
+    md = vit_result.to_markdown()
+    assert md.count("\n| ") >= 3 + len(expected) + 4
+    assert "zoom >= 1.75" in md and "all scales + flip" in md
+
+
+def test_equivariant_teacher_on_grid_views_gives_one(equi_store: str) -> None:
+    teacher = PatchifyTeacher()
+    res = audit_store(equi_store, EQUI, teacher=teacher, n_views=16, seed=0, batch_size=8,
+                      grid_aligned=True,
+                      level_sets={"scales": ["s1.00", "s2.00"],
+                                  "scales + flip": ["s1.00", "s1.00f", "s2.00", "s2.00f"]})
+    assert res.check("identity view vs s1.00").cosine > FP16_COS
+    assert res.check("flipped identity vs s1.00f").cosine > FP16_COS
+    flipped, plain = res.row("flip", "flipped"), res.row("flip", "not flipped")
+    assert flipped.views > 0 and plain.views > 0
+    assert res.row("all views", "overall").cosine["scales + flip"] > FP16_COS
+    assert plain.cosine["scales"] > FP16_COS
+    # the wrong mapping: flipped views against an unflipped cache
+    assert flipped.cosine["scales"] < 0.99
+    assert res.check("cache at exactly the view's scale (ceiling of any warp)").cosine > FP16_COS
+    # cached CutMix targets equal token mixing of the online ones: same cosine either way
+    cm = res.row("cutmix", "all tokens").cosine["scales + flip"]
+    ref = res.check("CutMix token mixing of online targets vs teacher on mixed view").cosine
+    assert math.isclose(cm, ref, abs_tol=1e-3)
+
+
+def test_teacher_with_other_spec_is_refused(vit_store: str) -> None:
+    with pytest.raises(AuditError, match="differs"):
+        audit_store(vit_store, "dinov2_vitb14", teacher=PatchifyTeacher(), n_views=1)
+    with pytest.raises(AuditError, match="lacks"):
+        audit_store(vit_store, "dinov2_vitb14", tiny=True, n_views=1,
+                    level_sets={"x": ["s0.50"]})
+
+
+def test_cli_writes_json(vit_store: str, tmp_path: Path) -> None:
+    from featcache.cli import main
+
+    out = tmp_path / "audit.json"
+    res = CliRunner().invoke(main, ["audit", vit_store, "--teacher", "dinov2_vitb14", "--tiny",
+                                    "--views", "4", "--seed", "1", "--json", str(out),
+                                    "--no-ceiling"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["meta"]["n_views"] == 4 and "identity view vs s1.00" in res.output
+    bad = CliRunner().invoke(main, ["audit", vit_store, "--teacher", "nope", "--tiny"])
+    assert bad.exit_code == 1 and "not in" in bad.output
