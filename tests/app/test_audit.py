@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from featstore import TeacherSpec
 from pipelines.config import ExtractConfig
 from pipelines.extract import run_extraction
 from pipelines.synthetic import generate_synthetic
-from pipelines.teachers import Teacher, register_teacher
+from pipelines.teachers import Teacher, register_teacher, registry
 
 BASE, TILE = 70, 64  # 5x5 tokens of 14 px at scale 1
 EQUI = "audit_test_patchify"
@@ -55,7 +56,12 @@ def _patchify_factory(weights: str | None = None, tiny: bool = False,
     return PatchifyTeacher(base_size)
 
 
-register_teacher(EQUI)(_patchify_factory)
+@pytest.fixture(scope="module")
+def equi_registered() -> Iterator[str]:
+    """Register the test teacher for this module only (other tests iterate the registry)."""
+    register_teacher(EQUI)(_patchify_factory)
+    yield EQUI
+    registry._REGISTRY.pop(EQUI)
 
 
 def _extract(src: Path, out: Path, teacher: str, tiny: bool) -> str:
@@ -76,8 +82,8 @@ def vit_store(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def equi_store(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    return _extract(synth, tmp_path_factory.mktemp("equi") / "s.zarr", EQUI, False)
+def equi_store(synth: Path, tmp_path_factory: pytest.TempPathFactory, equi_registered: str) -> str:
+    return _extract(synth, tmp_path_factory.mktemp("equi") / "s.zarr", equi_registered, False)
 
 
 @pytest.fixture(scope="module")
