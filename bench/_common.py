@@ -1,0 +1,173 @@
+"""Shared helpers of the benchmark scripts: machine facts, tables, JSON output, subprocess runs.
+
+Every benchmark prints a markdown table and writes ``bench/out/<name>.json`` holding the
+machine description, the command line and the raw measurements, so BENCHMARKS.md can be
+regenerated and checked against the files.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT_DIR = ROOT / "bench" / "out"
+LOVEDA = Path(os.environ.get("FEATCACHE_LOVEDA", "/work/shared/data/loveda-sample"))
+MIB = 1024.0**2
+GIB = 1024.0**3
+
+if str(ROOT) not in sys.path:  # `python bench/x.py` from the repository root
+    sys.path.insert(0, str(ROOT))
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, memory, GPU (if any) and library versions of this run."""
+    import torch
+
+    info: dict[str, Any] = {
+        "date": _dt.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import psutil
+
+        info["ram_gib"] = round(psutil.virtual_memory().total / GIB, 1)
+    except ImportError:
+        info["ram_gib"] = None
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table (cells formatted with ``str``)."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``bench/out/<name>.json`` with the machine and command line added."""
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / f"{name}.json"
+    doc = {"benchmark": name, "command": " ".join(["python", *sys.argv]),
+           "machine": machine(), **payload}
+    path.write_text(json.dumps(doc, indent=2, default=_jsonable))
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
+    """Wall seconds of ``repeat`` calls of ``fn``."""
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs: Sequence[float]) -> float:
+    """Median of a non-empty sequence."""
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+class PeakRSS:
+    """Peak resident memory of this process: psutil sampled every 5 ms and ``ru_maxrss``.
+
+    Run each configuration in a fresh process: ``ru_maxrss`` never goes down, so peaks of two
+    configurations measured in one process would mix.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self._interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def ru_maxrss() -> int:
+        """Kernel-tracked peak RSS of this process in bytes (Linux reports KiB)."""
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+    def current(self) -> int:
+        """RSS now, in bytes."""
+        return int(self._proc.memory_info().rss)
+
+
+def run_child(script: Path, args: Sequence[str], timeout: float = 1800) -> dict[str, Any]:
+    """Run ``python script args`` in a fresh process; it prints one JSON line last.
+
+    Raises:
+        RuntimeError: the child failed (its stderr tail is in the message).
+    """
+    cmd = [sys.executable, str(script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (rc {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    last = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
+    return json.loads(last)
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    """Number with ``digits`` decimals, or ``n/a``."""
+    if x is None or x != x:
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def goal(value: float | None, target: float, smaller_is_better: bool) -> str:
+    """``met`` / ``not met`` against a target."""
+    if value is None or value != value:
+        return "n/a"
+    ok = value <= target if smaller_is_better else value >= target
+    return "met" if ok else "NOT met"

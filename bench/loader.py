@@ -1,0 +1,201 @@
+"""Benchmark 3: cached-target reads and the full data path vs what the trainer consumes.
+
+A store with a DINOv2-B-sized level (37x37x768 fp16, 2.1 MB per tile, random values written
+straight through featstore's writer) and 512 px tiles. Measured:
+
+* random single-tile reads (``FeatureStore.read``: zarr read + decode), one thread and the
+  reader's concurrent ``read_many``: tiles/s and MB/s of stored bytes;
+* the data path per 8+8 step, stage by stage: ``StoreDataset`` items (image + mask + chosen level)
+  and ``collate``; view rendering + strong colour + CutMix (``render_batch``); target sampling
+  (``CachedTargets``: bilinear gather + CutMix mixing), all on this CPU;
+* the trainer's consumption: the cached training step at real size measured in the same run
+  (``bench/train_step.py --child cached``, batch 1+1, scaled x8 to 8+8 as FLOPs scale).
+
+Usage: ``python bench/loader.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+NAME, GRID, CH, TILE, CROP = "dinov2_vitb14", 37, 768, 512, 518
+BATCH = 8
+
+
+def build_store(url: str, n: int, tps: int = 16) -> float:
+    """Write ``n`` tiles of random fp16 features + random pixels; return the write seconds."""
+    import numpy as np
+
+    from featstore import (
+        LevelSpec,
+        StoreSchema,
+        TeacherEntry,
+        TeacherSpec,
+        TileRecord,
+        create_store,
+    )
+
+    spec = TeacherSpec(NAME, "timm", "vit_base_patch14_dinov2", "random", None, 518, 14, CH,
+                       extra=(("snap_to_stride", "1"),))
+    schema = StoreSchema("bench", TILE, CROP, class_names=tuple(f"c{i}" for i in range(7)),
+                         tiles_per_shard=tps, teachers=(TeacherEntry(spec, (LevelSpec(1.0),)),))
+    tiles = [TileRecord(f"t{i:05d}", "bench", (0, 0, TILE, TILE), "train", f"{i:016x}")
+             for i in range(n)]
+    w = create_store(url, schema, tiles, overwrite=True)
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for k in range(w.n_shards):
+        m = len(w.shard_tiles(k))
+        feats = rng.standard_normal((m, GRID, GRID, CH), dtype=np.float32)
+        images = rng.integers(0, 256, (m, TILE, TILE, 3), dtype=np.uint8)
+        masks = rng.integers(0, 7, (m, TILE, TILE), dtype=np.uint8)
+        w.write_shard(k, {NAME: {"s1.00": feats}}, images=images, masks=masks)
+    w.finalize()
+    return time.perf_counter() - t0
+
+
+def random_reads(url: str, n_reads: int) -> dict[str, Any]:
+    """Random single-tile reads: sequentially, and concurrently through ``read_many``."""
+    import numpy as np
+
+    from featstore import open_store
+
+    store = open_store(url)
+    n = len(store)
+    rng = np.random.default_rng(1)
+    stored = GRID * GRID * CH * 2
+    idx = rng.integers(0, n, n_reads)
+    store.read(NAME, 0)  # open the arrays once
+    t0 = time.perf_counter()
+    for i in idx:
+        store.read(NAME, int(i))
+    seq = time.perf_counter() - t0
+    idx = rng.integers(0, n, n_reads)
+    t0 = time.perf_counter()
+    for s in range(0, n_reads, 16):
+        store.read_many(NAME, [int(i) for i in idx[s:s + 16]], max_workers=8)
+    conc = time.perf_counter() - t0
+    enc = rng.integers(0, n, n_reads)
+    t0 = time.perf_counter()
+    for i in enc:
+        store.read_encoded(NAME, int(i))
+    raw = time.perf_counter() - t0
+    return {"n_reads": n_reads, "tile_bytes": stored,
+            "seq_tiles_per_s": n_reads / seq, "seq_mb_per_s": n_reads * stored / seq / 1e6,
+            "conc_tiles_per_s": n_reads / conc, "conc_mb_per_s": n_reads * stored / conc / 1e6,
+            "encoded_only_tiles_per_s": n_reads / raw}
+
+
+def data_path(url: str, n_steps: int) -> dict[str, Any]:
+    """Per-stage seconds of the 8+8 data path (items+collate, render, targets), on the CPU."""
+    import numpy as np
+    import torch
+
+    from featstore import open_store
+    from trainer.data import StoreDataset, ViewSampling, collate
+    from trainer.step import CachedTargets, render_batch
+
+    store = open_store(url)
+    n = len(store)
+    levels = {NAME: store.levels(NAME)}
+    sampling = ViewSampling(TILE, CROP, CROP)
+    ds_l = StoreDataset(store, list(range(n)), levels, True, 0, sampling, stream=0)
+    ds_u = StoreDataset(store, list(range(n)), levels, False, 0, sampling, stream=1)
+    geoms = {(NAME, lv.key): store.level_geometry(NAME, lv.key) for lv in store.levels(NAME)}
+    targets = CachedTargets(geoms)
+    rng = np.random.default_rng(2)
+    dev = torch.device("cpu")
+    t = {"items": 0.0, "render": 0.0, "targets": 0.0}
+    for step in range(n_steps + 1):
+        t0 = time.perf_counter()
+        bl = collate([ds_l[int(k)] for k in rng.integers(0, n, BATCH)])
+        bu = collate([ds_u[int(k)] for k in rng.integers(0, n, BATCH)])
+        t1 = time.perf_counter()
+        gen = torch.Generator().manual_seed(step)
+        views = render_batch(bl, bu, dev, gen, 0.5)
+        t2 = time.perf_counter()
+        tg, valid = targets(NAME, GRID, views, bl, bu)
+        t3 = time.perf_counter()
+        if step:  # step 0 warms up
+            t["items"] += t1 - t0
+            t["render"] += t2 - t1
+            t["targets"] += t3 - t2
+    per = {k: v / n_steps for k, v in t.items()}
+    per["total"] = sum(per.values())
+    return per
+
+
+def trainer_step(quick: bool) -> dict[str, Any]:
+    """Cached training step at real size (1+1, fresh process), same run; or bench 1's JSON."""
+    import json
+
+    if quick:
+        path = C.OUT_DIR / "train_step.json"
+        if path.is_file():
+            runs = json.loads(path.read_text())["runs"]
+            r = next((x for x in runs if x["config"] == "cached" and x["batch"] == 1), None)
+            if r:
+                return {"source": "bench/out/train_step.json", **r}
+    r = C.run_child(Path(__file__).with_name("train_step.py"),
+                    ["--child", "cached", "--batch", "1", "--steps", "1"])
+    return {"source": "measured in this run", **r}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="32 tiles, fewer reads/steps, trainer step from train_step.json")
+    args = ap.parse_args()
+    n_tiles = 32 if args.quick else 128
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"{tmp}/store.zarr"
+        write_s = build_store(url, n_tiles)
+        reads = random_reads(url, 64 if args.quick else 256)
+        path = data_path(url, 2 if args.quick else 6)
+    step = trainer_step(args.quick)
+    # A 1+1 step scaled to 8+8: FLOPs and time are linear in the batch at this size.
+    step_88_s = step["median_s"] * BATCH
+    data_steps = 1.0 / path["total"]
+    loader_steps = 1.0 / path["items"]
+    rows = [
+        ["random reads, 1 thread", f"{reads['seq_tiles_per_s']:.0f} tiles/s",
+         f"{reads['seq_mb_per_s']:.0f} MB/s"],
+        ["random reads, read_many (8 threads)", f"{reads['conc_tiles_per_s']:.0f} tiles/s",
+         f"{reads['conc_mb_per_s']:.0f} MB/s"],
+        ["encoded reads (zarr only, no decode)", f"{reads['encoded_only_tiles_per_s']:.0f} tiles/s",
+         ""],
+    ]
+    t1 = C.markdown_table(["read", "rate", "throughput"], rows)
+    stages = [[k, f"{1000 * v:.0f} ms", f"{100 * v / path['total']:.0f} %"]
+              for k, v in path.items() if k != "total"]
+    stages.append(["total", f"{1000 * path['total']:.0f} ms", "100 %"])
+    t2 = C.markdown_table(["data-path stage per 8+8 step (1 process, CPU)", "time", "share"],
+                          stages)
+    headroom_full = data_steps * step_88_s
+    headroom_loader = loader_steps * step_88_s
+    t3 = C.markdown_table(
+        ["figure", "value", "goal", "status"],
+        [["cached train step 8+8@518 on this CPU (1+1 measured x8)",
+          f"{step_88_s:.0f} s/step ({step['source']})", "", ""],
+         ["full data path (items + render + targets) / trainer consumption",
+          f"{headroom_full:.0f}x", ">= 3x", C.goal(headroom_full, 3.0, False)],
+         ["loader stage alone (items + collate) / trainer consumption",
+          f"{headroom_loader:.0f}x", ">= 3x", C.goal(headroom_loader, 3.0, False)]])
+    text = f"{t1}\n\n{t2}\n\n{t3}\n"
+    print(text)
+    C.write_json("loader", {"tiles": n_tiles, "write_s": write_s, "reads": reads,
+                            "data_path_s": path, "trainer_step": step,
+                            "step_8p8_s": step_88_s, "headroom_full": headroom_full,
+                            "headroom_loader": headroom_loader, "markdown": text})
+
+
+if __name__ == "__main__":
+    main()
