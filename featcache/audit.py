@@ -1,17 +1,22 @@
 """Fidelity audit: how close is a target sampled from the cache to the teacher run on the view?
 
 For random RS-MTDF views of a store's tiles, the *cached* target is sampled from the nearest
-cached level (``choose_level`` over an allowed level set, then ``sample_targets``) and the
-*online* target is the teacher run on the rendered view itself, resampled onto the same student
-grid (``resample_to_student``). The audit reports the mean per-token cosine between the two over
+cached level (``choose_level`` over an allowed level set) and the *online* target is the teacher
+run on the rendered view itself. The audit reports the mean per-token cosine between the two over
 valid tokens, overall and by factor (zoom, crop, flip, CutMix, colour), for several cache
-configurations side by side, plus identity checks that must give 1.0 and config-free references
-(exact-scale cache, colour alone, CutMix token mixing). See docs/design "Fidelity".
+configurations side by side, plus identity checks that must give 1.0, config-free references
+(exact-scale cache, colour alone, CutMix token mixing) and, when the store has one, the exact
+view bank's fidelity on its own views. See docs/design "Fidelity".
+
+Comparison grid (``grid``, see ``featcache.audit_grid``): ``"teacher"`` (default) compares at the
+teacher's own token centres on the view, so the online side is the teacher output untouched and
+the figure measures the cache alone (the design notes' calibration is on this grid);
+``"student"`` compares on the 37x37 student grid the loss reads, with the online output resampled
+onto it as online training does. Every result also carries the overall row of the other grid.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.report import fmt_cosine, markdown_table
+from featcache.audit_grid import (
+    CompareGrid,
+    bank_fidelity,
+    grid_valid,
+    make_grid,
+    online_on,
+    sample_on,
+)
+from featcache.audit_result import AuditResult, Check, FactorRow
 from featstore import LevelGeometry, LevelSpec, open_store
 from trainer.augment import cutmix_boxes, cutmix_pixels, render_views, strong_photometric
 from trainer.geometry import (
@@ -29,11 +42,8 @@ from trainer.geometry import (
     ViewParams,
     choose_level,
     draw_view,
-    identity_view,
-    token_centres,
-    token_valid,
 )
-from trainer.targets import cutmix_targets, resample_to_student, sample_targets
+from trainer.targets import cutmix_targets
 
 OFFICIAL_SCALE_RANGE = (0.5, 2.0)
 STUDENT_PATCH = 14
@@ -43,93 +53,6 @@ ZOOM_BINS = ((0.0, 0.75, "zoom < 0.75"), (0.75, 1.25, "0.75 <= zoom < 1.25"),
 
 class AuditError(ValueError):
     """The audit cannot run on this store / teacher; the message says how to fix it."""
-
-
-@dataclass
-class Check:
-    """One config-free number: an identity check or a reference comparison."""
-
-    name: str
-    cosine: float
-    tokens: int
-    note: str = ""
-
-
-@dataclass
-class FactorRow:
-    """Mean cosine of one factor case, per cache configuration (token-weighted)."""
-
-    factor: str
-    case: str
-    cosine: dict[str, float]
-    tokens: int
-    views: int
-
-
-@dataclass
-class AuditResult:
-    """What ``audit_store`` measured; ``to_markdown`` / ``to_json`` / ``row`` to read it."""
-
-    identity: list[Check]
-    factors: list[FactorRow]
-    references: list[Check]
-    configs: list[str]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def row(self, factor: str, case: str) -> FactorRow:
-        """The factor row ``(factor, case)``; KeyError when absent."""
-        for r in self.factors:
-            if (r.factor, r.case) == (factor, case):
-                return r
-        raise KeyError(f"no audit row ({factor!r}, {case!r})")
-
-    def check(self, name: str) -> Check:
-        """The identity check or reference named ``name``."""
-        for c in self.identity + self.references:
-            if c.name.strip() == name.strip():
-                return c
-        raise KeyError(f"no audit check {name!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (NaN as None)."""
-        def num(x: float) -> float | None:
-            return None if x != x else round(float(x), 6)
-
-        def chk(c: Check) -> dict[str, Any]:
-            return {"name": c.name.strip(), "cosine": num(c.cosine), "tokens": c.tokens,
-                    "note": c.note}
-
-        return {"meta": self.meta, "configs": self.configs,
-                "identity": [chk(c) for c in self.identity],
-                "factors": [{"factor": r.factor, "case": r.case, "tokens": r.tokens,
-                             "views": r.views,
-                             "cosine": {k: num(v) for k, v in r.cosine.items()}}
-                            for r in self.factors],
-                "references": [chk(c) for c in self.references]}
-
-    def to_json(self) -> str:
-        """``to_dict`` as indented JSON."""
-        return json.dumps(self.to_dict(), indent=2)
-
-    def to_markdown(self) -> str:
-        """Three tables: identity checks, factors by cache configuration, references."""
-        m = self.meta
-        head = (f"Fidelity audit of teacher `{m.get('teacher')}` on `{m.get('store')}`: "
-                f"{m.get('n_views')} views (seed {m.get('seed')}, crop {m.get('crop_size')}, "
-                f"{m.get('n_tokens')}x{m.get('n_tokens')} student tokens"
-                f"{', grid-aligned' if m.get('grid_aligned') else ''}). Mean per-token cosine "
-                "between the cached target and the teacher run on the view.")
-        sets = "; ".join(f"{k} = {{{', '.join(v)}}}" for k, v in m.get("level_sets", {}).items())
-        ident = markdown_table(["identity check", "cosine", "tokens", "expected"],
-                               [[c.name, fmt_cosine(c.cosine), c.tokens, c.note]
-                                for c in self.identity])
-        fac = markdown_table(["factor", "case", *self.configs, "tokens", "views"],
-                             [[r.factor, r.case, *(fmt_cosine(r.cosine[k]) for k in self.configs),
-                               r.tokens, r.views] for r in self.factors])
-        ref = markdown_table(["reference (no cache involved)", "cosine", "tokens"],
-                             [[c.name.strip(), fmt_cosine(c.cosine), c.tokens]
-                              for c in self.references])
-        return "\n\n".join([head, ident, f"Cache configurations: {sets}.", fac, ref]) + "\n"
 
 
 @dataclass
@@ -145,6 +68,8 @@ class _Ctx:
     crop: int
     n: int
     configs: dict[str, tuple[LevelSpec, ...]]
+    grid: CompareGrid
+    other: CompareGrid
     geoms: dict[str, LevelGeometry] = field(default_factory=dict)
 
     def geom(self, key: str) -> LevelGeometry:
@@ -152,12 +77,9 @@ class _Ctx:
             self.geoms[key] = self.store.level_geometry(self.name, key)
         return self.geoms[key]
 
-    def online(self, views: torch.Tensor, n: int | None = None) -> torch.Tensor:
-        """Teacher on ``[B, 3, V, V]`` views, resampled to the ``n``-token student grid."""
-        v = views.shape[-1]
-        grid = self.teacher(views)
-        return resample_to_student(grid, self.teacher.input_px(v), self.teacher.spec.stride, v,
-                                   n or self.n)
+    def online(self, views: torch.Tensor, grid: CompareGrid | None = None) -> torch.Tensor:
+        """Teacher on ``[B, 3, V, V]`` views, expressed on ``grid`` (default: the audit's)."""
+        return online_on(grid or self.grid, self.teacher(views), self.teacher)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -228,19 +150,19 @@ def _images(ctx: _Ctx, idx: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(ctx.device)
 
 
-def _cached(ctx: _Ctx, idx: Sequence[int], params: Sequence[ViewParams],
-            levels: Sequence[LevelSpec], geom: ViewGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets sampled from the nearest allowed level of each view."""
+def _read_levels(ctx: _Ctx, idx: Sequence[int], params: Sequence[ViewParams],
+                 levels: Sequence[LevelSpec]) -> tuple[list[torch.Tensor], list[LevelGeometry]]:
+    """Each view's nearest allowed level: the decoded grids and their geometry."""
     chosen = [choose_level(levels, p.size, p.flip, ctx.tile, ctx.base) for p in params]
     grids = [torch.from_numpy(ctx.store.read(ctx.name, int(i), lv.key))
              for i, lv in zip(idx, chosen, strict=True)]
-    return sample_targets(grids, [ctx.geom(lv.key) for lv in chosen], geom, ctx.n)
+    return grids, [ctx.geom(lv.key) for lv in chosen]
 
 
-def _near_edge(boxes: torch.Tensor, crop: int, n: int) -> torch.Tensor:
+def _near_edge(boxes: torch.Tensor, grid: CompareGrid) -> torch.Tensor:
     """Bool ``[B, n, n]``: token centre within one token pitch of the CutMix box outline."""
-    c = token_centres(crop, n, device=boxes.device)
-    p = crop / n
+    c = grid.centres(boxes.device)
+    p = grid.pitch
     y, x, h, w = (boxes[:, k].to(torch.float64).view(-1, 1) for k in range(4))
 
     def band(lo: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +189,7 @@ def _exact_scale(ctx: _Ctx, images: torch.Tensor,
         grids.append(grid)
         lgs.append(LevelGeometry.from_specs(ctx.tile, ctx.base, level, ctx.teacher.spec,
                                             int(grid.shape[0])))
-    return sample_targets(grids, lgs, geom, ctx.n)[0]
+    return sample_on(ctx.grid, grids, lgs, geom)[0]
 
 
 def _audit_batch(ctx: _Ctx, idx: Sequence[int], params: Sequence[ViewParams],
@@ -276,26 +198,33 @@ def _audit_batch(ctx: _Ctx, idx: Sequence[int], params: Sequence[ViewParams],
     geom = ViewGeometry.from_params(params, ctx.device)
     images = _images(ctx, idx)
     views = render_views(images, geom)
-    online = ctx.online(views)
-    valid = token_valid(geom, ctx.n)
+    raw = ctx.teacher(views)
+    online = online_on(ctx.grid, raw, ctx.teacher)
+    online_other = online_on(ctx.other, raw, ctx.teacher)
+    valid = grid_valid(ctx.grid, geom)
+    valid_other = grid_valid(ctx.other, geom)
     boxes = cutmix_boxes(len(params), ctx.crop, gen, p=1.0)
     mixed_online = ctx.online(cutmix_pixels(views, boxes))
     colour_online = ctx.online(strong_photometric(views, gen))
-    edge = _near_edge(boxes, ctx.crop, ctx.n)
+    edge = _near_edge(boxes, ctx.grid)
+    extent = ctx.grid.extent  # CutMix cells = the comparison grid's cells
 
     def add(key: str, cos: torch.Tensor, w: torch.Tensor) -> None:
         acc.setdefault(key, []).append(torch.stack([(cos * w).sum((1, 2)), w.sum((1, 2))], 1))
 
     for label, levels in ctx.configs.items():
-        target, tvalid = _cached(ctx, idx, params, levels, geom)
+        grids, lgs = _read_levels(ctx, idx, params, levels)
+        target, tvalid = sample_on(ctx.grid, grids, lgs, geom)
         add(f"{label}|plain", cosine(target, online), valid * tvalid)
         add(f"{label}|colour", cosine(target, colour_online), valid * tvalid)
-        mt, mv = cutmix_targets(target, tvalid, boxes, ctx.crop)
+        mt, mv = cutmix_targets(target, tvalid * valid, boxes, extent)
         mixed_cos = cosine(mt, mixed_online)
         add(f"{label}|cutmix", mixed_cos, mv)
         add(f"{label}|cutmix_edge", mixed_cos, mv * edge)
+        t2, v2 = sample_on(ctx.other, grids, lgs, geom)
+        add(f"{label}|other", cosine(t2, online_other), v2 * valid_other)
     add("ref|colour", cosine(colour_online, online), valid)
-    mo, mv = cutmix_targets(online, valid, boxes, ctx.crop)
+    mo, mv = cutmix_targets(online, valid, boxes, extent)
     add("ref|cutmix", cosine(mo, mixed_online), mv)
     add("ref|cutmix_edge", cosine(mo, mixed_online), mv * edge)
     if ceiling:
@@ -305,35 +234,68 @@ def _audit_batch(ctx: _Ctx, idx: Sequence[int], params: Sequence[ViewParams],
     acc.setdefault("flip", []).extend(p.flip for p in params)
 
 
+def _identity_cases(ctx: _Ctx) -> list[tuple[str, str, ViewParams, str]]:
+    """(label, level key, view, note): views whose cached target must equal the online one."""
+    s2 = LevelSpec(2.0).render_px(ctx.base)
+    exact, mirrored = "must be 1.0 (to codec precision)", \
+        "reference: below 1 unless the teacher is flip-invariant"
+    zoom = ("1.0 when tokens depend only on nearby pixels at a size-independent phase; "
+            "below 1: context cut by the crop, or size-dependent (TF SAME) padding")
+    return [("identity view vs s1.00", "s1.00",
+             ViewParams(ctx.base, 0, 0, False, ctx.tile, ctx.base), exact),
+            ("flipped identity vs s1.00f", "s1.00f",
+             ViewParams(ctx.base, 0, 0, True, ctx.tile, ctx.base), exact),
+            ("flipped identity vs s1.00 (mirrored read)", "s1.00",
+             ViewParams(ctx.base, 0, 0, True, ctx.tile, ctx.base), mirrored),
+            (f"zoom identity (S={s2}, origin crop) vs s2.00", "s2.00",
+             ViewParams(s2, 0, 0, False, ctx.tile, ctx.base), zoom)]
+
+
 def _identity_checks(ctx: _Ctx, tiles: Sequence[int]) -> list[Check]:
-    """Identity view vs ``s1.00`` and flipped identity vs ``s1.00f`` (and the mirrored read)."""
+    """Identity, flipped identity (and the mirrored read) and zoom identity checks."""
     keys = {lv.key for lv in ctx.store.levels(ctx.name)}
     checks = []
-    for flip, key, label in ((False, "s1.00", "identity view vs s1.00"),
-                             (True, "s1.00f", "flipped identity vs s1.00f"),
-                             (True, "s1.00", "flipped identity vs s1.00 (mirrored read)")):
+    for label, key, p, note in _identity_cases(ctx):
         if key not in keys:
             checks.append(Check(label, float("nan"), 0, note=f"store has no level {key}"))
             continue
         lg = ctx.geom(key)
-        p = identity_view(ctx.tile, ctx.base)
-        params = [ViewParams(p.size, 0, 0, flip, ctx.tile, ctx.base)] * len(tiles)
-        geom = ViewGeometry.from_params(params, ctx.device)
-        # n = the level's own grid: both sides then read whole tokens (no interpolation)
-        online = ctx.online(render_views(_images(ctx, tiles), geom), lg.grid)
+        # student grid: n = the level's own grid so both sides read whole tokens (the zoomed
+        # view's tokens are not the level's: there, the student grid the loss reads)
+        grid = make_grid(ctx.grid.kind, ctx.teacher, ctx.base,
+                         ctx.n if key == "s2.00" else lg.grid)
+        geom = ViewGeometry.from_params([p] * len(tiles), ctx.device)
+        online = ctx.online(render_views(_images(ctx, tiles), geom), grid)
         grids = [torch.from_numpy(ctx.store.read(ctx.name, int(i), key)) for i in tiles]
-        target, tv = sample_targets(grids, lg, geom, lg.grid)
-        w = tv * token_valid(geom, lg.grid)
-        total = float(w.sum())
-        value = float((cosine(target, online) * w).sum()) / total if total else float("nan")
-        checks.append(Check(label, value, int(total), note=_identity_note(flip, key)))
+        target, tv = sample_on(grid, grids, [lg] * len(tiles), geom)
+        w = tv * grid_valid(grid, geom)
+        cos = cosine(target, online)
+        checks.append(Check(label, _wmean(cos, w), int(w.sum()), note=note))
+        if key == "s2.00":
+            c = grid.centres(ctx.device) < ctx.base / 2  # away from the crop's right/bottom
+            quarter = w * (c.view(1, -1, 1) & c.view(1, 1, -1))
+            checks.append(Check("  same, top-left quarter of the view", _wmean(cos, quarter),
+                                int(quarter.sum()), note="context effects are smaller here"))
     return checks
 
 
-def _identity_note(flip: bool, key: str) -> str:
-    if flip and not key.endswith("f"):
-        return "reference: below 1 unless the teacher is flip-invariant"
-    return "must be 1.0 (to codec precision)"
+def _wmean(cos: torch.Tensor, w: torch.Tensor) -> float:
+    total = float(w.sum())
+    return float((cos * w).sum()) / total if total else float("nan")
+
+
+def _bank_checks(ctx: _Ctx, tiles: Sequence[int], max_views: int,
+                 batch_size: int) -> list[Check]:
+    """The exact view bank on its own views (empty when the store has no bank of the teacher)."""
+    store = ctx.store
+    if max_views <= 0 or not store.has_bank or ctx.name not in store.bank.teachers:
+        return []
+    banked = [int(i) for i in tiles if store.bank.done()[int(i)]]
+    res = bank_fidelity(store, ctx.name, ctx.teacher, banked, ctx.n, max_views, batch_size,
+                        ctx.device)
+    note = "must be 1.0 (to codec precision)"
+    return [Check(f"bank grid vs teacher on the bank view ({g} grid)", *res[g], note=note)
+            for g in (ctx.grid.kind, ctx.other.kind)]
 
 
 # ----------------------------------------------------------------------------- public
@@ -345,7 +307,8 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
                 teacher: Any = None, device: str | torch.device = "cpu",
                 crop_size: int | None = None, n_tokens: int | None = None,
                 batch_size: int = 8, grid_aligned: bool = False, ceiling: bool = True,
-                identity_tiles: int = 8) -> AuditResult:
+                identity_tiles: int = 8, grid: str = "teacher",
+                bank_views: int = 64) -> AuditResult:
     """Audit the fidelity of cached targets against the teacher run on the views.
 
     Args:
@@ -366,6 +329,11 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
             official rule.
         ceiling: Also run the teacher on a cache rendered at each view's exact scale.
         identity_tiles: Tiles used by the identity checks.
+        grid: ``"teacher"`` (default: the teacher's own tokens on the view, no resampling of the
+            online output, so the figure isolates the cache) or ``"student"`` (the ``V / 14``
+            grid the loss reads, online output resampled as online training does). The other
+            grid's overall row is reported too.
+        bank_views: Bank views to check when the store has an exact view bank (0: skip).
 
     Returns:
         The audit result (``to_markdown`` / ``to_json``).
@@ -391,9 +359,13 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
     _check_spec(store, teacher_name, teacher)
     sch = store.schema
     crop = int(crop_size or sch.base_size)
-    ctx = _Ctx(store, teacher_name, teacher, dev, sch.tile_size, sch.base_size, crop,
-               int(n_tokens or max(1, crop // STUDENT_PATCH)),
-               _resolve_sets(store, teacher_name, level_sets))
+    n = int(n_tokens or max(1, crop // STUDENT_PATCH))
+    if grid not in ("teacher", "student"):
+        raise AuditError(f"grid must be 'teacher' or 'student', got {grid!r} (--grid)")
+    other = "student" if grid == "teacher" else "teacher"
+    ctx = _Ctx(store, teacher_name, teacher, dev, sch.tile_size, sch.base_size, crop, n,
+               _resolve_sets(store, teacher_name, level_sets),
+               make_grid(grid, teacher, crop, n), make_grid(other, teacher, crop, n))
     done = np.flatnonzero(store.done())
     if done.size == 0:
         raise AuditError(f"store {store_url} has no done tiles; run the extraction first")
@@ -411,8 +383,11 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
             params = [draw_view(rng, ctx.tile, crop, OFFICIAL_SCALE_RANGE, 0.5, align)
                       for _ in idx]
             _audit_batch(ctx, idx, params, gen, acc, ceiling)
+        bank = _bank_checks(ctx, [int(i) for i in done], bank_views, batch_size)
     result = _summarise(ctx, acc, identity, ceiling)
-    result.meta.update(store=str(store_url), teacher=teacher_name, n_views=n_views, seed=seed,
+    result.bank = bank
+    result.meta.update(grid=grid, grid_n=ctx.grid.n, other_grid_n=ctx.other.n,
+                       store=str(store_url), teacher=teacher_name, n_views=n_views, seed=seed,
                        tile_size=ctx.tile, base_size=ctx.base, crop_size=crop, n_tokens=ctx.n,
                        grid_aligned=grid_aligned, seconds=round(time.perf_counter() - t0, 2),
                        level_sets={k: [lv.key for lv in v] for k, v in ctx.configs.items()})
@@ -442,6 +417,9 @@ def _summarise(ctx: _Ctx, acc: dict[str, Any], identity: list[Check],
         rows.append(FactorRow(factor, case, {lb: mean(f"{lb}|plain", m)[0] for lb in labels},
                               mean(f"{main}|plain", m)[1], int(m.sum())))
     alls = np.ones_like(zoom, bool)
+    rows.append(FactorRow("other grid", f"{ctx.other.kind} grid ({ctx.other.n}x{ctx.other.n}), "
+                          "overall", {lb: mean(f"{lb}|other", alls)[0] for lb in labels},
+                          mean(f"{main}|other", alls)[1], int(alls.sum())))
     for kind, case in (("cutmix", "all tokens"), ("cutmix_edge", "within 1 token of box edge"),
                        ("colour", "strong colour on the online view")):
         rows.append(FactorRow(kind.split("_")[0], case,

@@ -26,7 +26,7 @@ from featstore import TeacherSpec
 from pipelines.config import ExtractConfig
 from pipelines.extract import run_extraction
 from pipelines.synthetic import generate_synthetic
-from pipelines.teachers import Teacher, register_teacher, registry
+from pipelines.teachers import Teacher, create_teacher, register_teacher, registry
 
 BASE, TILE = 70, 64  # 5x5 tokens of 14 px at scale 1
 EQUI = "audit_test_patchify"
@@ -110,7 +110,8 @@ def test_result_has_every_factor_row(vit_result) -> None:  # noqa: ANN001
                 ("crop", "whole tile (S <= V)"), ("flip", "flipped"), ("flip", "not flipped"),
                 ("cutmix", "all tokens"), ("cutmix", "within 1 token of box edge"),
                 ("colour", "strong colour on the online view")]
-    assert [(r.factor, r.case) for r in vit_result.factors] == expected
+    other = [("other grid", "student grid (5x5), overall")]
+    assert [(r.factor, r.case) for r in vit_result.factors] == expected[:9] + other + expected[9:]
     for r in vit_result.factors:
         assert set(r.cosine) == set(configs)
     overall = vit_result.row("all views", "overall")
@@ -119,7 +120,7 @@ def test_result_has_every_factor_row(vit_result) -> None:  # noqa: ANN001
     # bins partition the views
     assert sum(vit_result.row("rescale", c).views for _, c in expected[1:5]) == 12
     data = json.loads(vit_result.to_json())
-    assert len(data["factors"]) == len(expected) and len(data["identity"]) == 3
+    assert len(data["factors"]) == len(expected) + 1 and len(data["identity"]) == 5
     assert {r["name"] for r in data["references"]} >= {
         "cache at exactly the view's scale (ceiling of any warp)",
         "colour alone: online clean vs online jittered"}
@@ -169,3 +170,61 @@ def test_cli_writes_json(vit_store: str, tmp_path: Path) -> None:
     assert data["meta"]["n_views"] == 4 and "identity view vs s1.00" in res.output
     bad = CliRunner().invoke(main, ["audit", vit_store, "--teacher", "nope", "--tiny"])
     assert bad.exit_code == 1 and "not in" in bad.output
+
+
+# ----------------------------------------------------------------------------- grids, bank
+
+
+@pytest.mark.parametrize("grid", ["teacher", "student"])
+def test_equivariant_identities_on_each_grid(equi_store: str, grid: str) -> None:
+    """Identity, flipped and zoom identity are exact for a teacher with no cross-patch mixing."""
+    res = audit_store(equi_store, EQUI, teacher=PatchifyTeacher(), n_views=4, seed=1,
+                      batch_size=4, grid=grid, ceiling=False)
+    assert res.meta["grid"] == grid
+    for name in ("identity view vs s1.00", "flipped identity vs s1.00f",
+                 "zoom identity (S=140, origin crop) vs s2.00"):
+        chk = res.check(name)
+        assert chk.tokens == 4 * 25 and chk.cosine > FP16_COS, (name, chk)
+    assert res.check("flipped identity vs s1.00 (mirrored read)").cosine < 0.99
+
+
+def test_teacher_grid_compares_raw_teacher_tokens(equi_store: str) -> None:
+    """Grid-aligned views on the teacher grid: cached == teacher on the view, token by token."""
+    res = audit_store(equi_store, EQUI, teacher=PatchifyTeacher(), n_views=8, seed=2,
+                      batch_size=8, grid_aligned=True, grid="teacher", ceiling=False,
+                      level_sets={"scales + flip": ["s1.00", "s1.00f", "s2.00", "s2.00f"]})
+    assert res.meta["grid_n"] == 5
+    assert res.row("all views", "overall").cosine["scales + flip"] > FP16_COS
+
+
+def test_teacher_grid_points_are_the_teacher_token_centres() -> None:
+    """Brute force: centre j of a stride-s teacher with P px input on a V px view."""
+    from featcache.audit_grid import make_grid
+
+    teacher = create_teacher("timm:tf_efficientnet_lite0", tiny=True, base_size=BASE)
+    g = make_grid("teacher", teacher, 70, 5)
+    px, s = teacher.input_px(70), teacher.spec.stride
+    expect = [(j + 0.5) * s * 70 / px for j in range(teacher.grid_size(70))]
+    assert g.centres().tolist() == pytest.approx(expect)
+    out = teacher(torch.zeros(1, 3, 70, 70))
+    assert out.shape[1] == g.n
+
+
+def test_view_bank_matches_teacher_on_its_views(equi_store: str, tmp_path: Path,
+                                                equi_registered: str) -> None:
+    """A bank of the equivariant teacher: stored grid == teacher on the re-rendered view."""
+    import shutil
+
+    from pipelines.viewbank import build_view_bank
+
+    url = str(tmp_path / "bank.zarr")
+    shutil.copytree(equi_store, url)
+    build_view_bank(url, [EQUI], k=3, seed=4, batch_size=4)
+    res = audit_store(url, EQUI, teacher=PatchifyTeacher(), n_views=2, seed=0, batch_size=4,
+                      ceiling=False, bank_views=12)
+    names = [c.name for c in res.bank]
+    assert names == ["bank grid vs teacher on the bank view (teacher grid)",
+                     "bank grid vs teacher on the bank view (student grid)"]
+    for c in res.bank:
+        assert c.tokens > 0 and c.cosine > FP16_COS, c
+    assert "exact view bank" in res.to_markdown()
