@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from featstore.schema import ResizeSpec, TeacherSpec
@@ -61,6 +62,11 @@ class TimmFeatureTeacher(Teacher):
     def __init__(self, spec: TeacherSpec, model: nn.Module, base_size: int, cnn: bool) -> None:
         super().__init__(spec, base_size)
         self.model = model
+        # TF "SAME" padding pads by an amount that depends on each stage's input parity, so at
+        # sizes that are not a multiple of the stride (518, 1036) the token phase drifts with the
+        # input size and a cache at one scale no longer lines up with a view at another. Padding
+        # the input to a multiple of the stride keeps every token at its cell centre.
+        self.pad_to = spec.stride if dict(spec.extra).get("pad_to_stride") == "1" else 1
         # channels_last convolutions are faster on GPUs (and oneDNN) and make the final
         # NCHW → NHWC permute free.
         self.memory_format = torch.channels_last if cnn else torch.contiguous_format
@@ -69,7 +75,12 @@ class TimmFeatureTeacher(Teacher):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The selected level as [B, g, g, C]."""
+        h, w = x.shape[-2:]
+        if self.pad_to > 1:
+            x = F.pad(x, (0, -w % self.pad_to, 0, -h % self.pad_to))
         (fmap,) = self.model(x.contiguous(memory_format=self.memory_format))
+        if self.pad_to > 1:
+            fmap = fmap[..., : -(-h // self.spec.stride), : -(-w // self.spec.stride)]
         return fmap.permute(0, 2, 3, 1)
 
 
@@ -108,6 +119,11 @@ def _features_model(arch: str, full: nn.Module, index: int, kwargs: dict) -> nn.
         )
     finally:
         builder_log.setLevel(level)
+
+
+def _dynamic_same_padding(model: nn.Module) -> bool:
+    """Whether the network pads "SAME" by input size (timm's ``*Same`` layers of TF ports)."""
+    return any(type(m).__name__.endswith("2dSame") for m in model.modules())
 
 
 def _grid_rounding(model: nn.Module, stride: int) -> str:
@@ -153,6 +169,8 @@ def timm_teacher(
     extra = {"feature_index": str(index)}
     if cnn:
         extra["grid_rounding"] = _grid_rounding(model, stride)
+        if _dynamic_same_padding(model):  # TF ports: see TimmFeatureTeacher
+            extra["pad_to_stride"] = "1"
     else:
         extra["snap_to_stride"] = "1"
     overrides = {k: v for k, v in kwargs.items() if k in TINY_VIT}

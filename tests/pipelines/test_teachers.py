@@ -430,3 +430,17 @@ def test_real_architectures(name: str, canvas: int, shape: tuple) -> None:
     teacher = create_teacher(name)
     assert teacher.spec.extra_dict["tiny"] == "0"
     assert teacher(_images(1, canvas)).shape == (1, *shape)
+
+
+def test_same_padded_cnn_keeps_token_phase_at_any_size() -> None:
+    # TF "SAME" padding shifts the token phase when a stage's input is odd (518 px); the teacher
+    # pads its input to a multiple of the stride so tokens stay at their cell centres.
+    teacher = create_teacher("timm:tf_efficientnet_lite0", base_size=BASE)
+    assert dict(teacher.spec.extra)["pad_to_stride"] == "1"
+    assert "pad_to_stride" not in dict(create_teacher("timm:resnet10t", base_size=BASE).spec.extra)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 330, 330)  # 330 px: odd stage sizes (165, 83 ...) without the fix
+    full, cut = teacher.features(x), teacher.features(x[..., :320, :320])
+    # Tokens whose receptive field lies inside both inputs see identical pixels: they agree
+    # exactly only if both inputs put their tokens at the same phase.
+    torch.testing.assert_close(full[:, :4, :4], cut[:, :4, :4], rtol=1e-5, atol=1e-5)
