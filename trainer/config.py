@@ -113,11 +113,16 @@ class OptimConfig:
 
 @dataclass
 class FixMatchConfig:
-    """Pseudo-labelling and the EMA teacher."""
+    """Pseudo-labelling and the EMA teacher.
+
+    ``photometric``: colour jitter, grayscale and blur on the strong views (official: on);
+    ``False`` with ``cutmix_p = 0`` makes strong views equal the weak ones (exactness tests).
+    """
 
     conf_thresh: float = 0.95
     ema_max: float = 0.996
     cutmix_p: float = 0.5
+    photometric: bool = True
 
 
 @dataclass
@@ -126,6 +131,10 @@ class DistillConfig:
 
     ``levels``: cached level keys the run samples from (None: every level the store holds);
     a key the store lacks is an error. ``level_stats``: level whose statistics standardise.
+    ``target_mode``: "warp" (sample the nearest cached level through the view), "grid_aligned"
+    (views snapped to cached token grids) or "view_bank" (views from the store's exact view bank
+    with probability ``p_bank``, the rest warped; the bank's draw rule replaces
+    ``data.scale_range``/``flip_p``).
     """
 
     masked: bool = True
@@ -133,6 +142,7 @@ class DistillConfig:
     target_mode: str = "warp"
     levels: list[str] | None = None
     level_stats: str = "s1.00"
+    p_bank: float = 1.0
 
 
 @dataclass
@@ -208,6 +218,12 @@ class TrainConfig:
         if self.mode == "online" and not (self.data.source or self.data.store):
             raise TrainConfigError("mode 'online' needs data.source (--source PATH) or a store "
                                    "with pixels (--store URL)")
+        if not 0.0 <= self.distill.p_bank <= 1.0:
+            raise TrainConfigError(f"distill.p_bank = {self.distill.p_bank} must be in [0, 1] "
+                                   "(the probability that a view comes from the view bank)")
+        if self.distill.target_mode != "warp" and self.mode != "cached":
+            raise TrainConfigError(f"distill.target_mode {self.distill.target_mode!r} reads the "
+                                   "store's cache: use mode 'cached' (or target_mode 'warp')")
         if self.crop_size % 14:
             raise TrainConfigError(f"crop_size {self.crop_size} must be a multiple of 14 "
                                    "(the student's patch size), e.g. 518")

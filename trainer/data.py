@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Sampler
 
 from featstore.schema import LevelSpec, TileRecord
 from trainer.geometry import ViewParams, choose_level, draw_view
+from trainer.viewbank import draw_bank_item
 
 
 class TileReader(Protocol):
@@ -83,12 +84,14 @@ class StoreDataset(Dataset):
             labeled-set repetition).
         stream: Separates the draws of datasets that share a seed (labeled 0, unlabeled 1).
         features: Optional reader of the grids when it differs from ``reader``.
+        p_bank: ``view_bank`` target mode: probability that an item's view comes from the
+            store's view bank (``features.bank``); None: every view is drawn with ``sampling``.
     """
 
     def __init__(self, reader: TileReader, indices: Sequence[int],
                  levels_by_teacher: Mapping[str, Sequence[LevelSpec]], labeled: bool, seed: int,
                  sampling: ViewSampling, length: int | None = None, stream: int = 0,
-                 features: Any = None) -> None:
+                 features: Any = None, p_bank: float | None = None) -> None:
         if not indices:
             raise ValueError("StoreDataset needs at least one tile index")
         self.reader = reader
@@ -100,6 +103,7 @@ class StoreDataset(Dataset):
         self.sampling = sampling
         self.length = len(self.indices) if length is None else int(length)
         self.stream = int(stream)
+        self.p_bank = None if p_bank is None else float(p_bank)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -109,9 +113,12 @@ class StoreDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def _rng(self, k: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.stream, self.epoch, int(k)])
+
     def draw(self, k: int) -> ViewParams:
         """The view of position ``k`` in the current epoch (pure function of the seeds)."""
-        rng = np.random.default_rng([self.seed, self.stream, self.epoch, int(k)])
+        rng = self._rng(k)
         s = self.sampling
         view = draw_view(rng, s.tile_size, s.crop_size, tuple(s.scale_range), s.flip_p,
                          s.grid_aligned)
@@ -121,17 +128,20 @@ class StoreDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = self.indices[k % len(self.indices)]
-        view = self.draw(k)
         image = torch.from_numpy(np.ascontiguousarray(self.reader.read_image(i)))
-        item: dict[str, Any] = {"index": i, "image": image.permute(2, 0, 1).contiguous(),
-                                "view": view}
+        item: dict[str, Any] = {"index": i, "image": image.permute(2, 0, 1).contiguous()}
         if self.labeled:
             item["mask"] = torch.from_numpy(np.ascontiguousarray(self.reader.read_mask(i)))
+        if self.p_bank is None:
+            view = self.draw(k)
+            grids = {name: self.features.read(name, i, level.key)
+                     for name, level in view.levels.items()}
+        else:  # a bank view (its grids from the bank) or a warped view (its cached levels)
+            view, item["bank_slot"], grids = draw_bank_item(self.features, i, self._rng(k),
+                                                            self.levels, self.p_bank)
+        item["view"] = view
         # float16 halves host memory and transfer; decoded values are at most fp16-precise.
-        item["grids"] = {
-            name: torch.from_numpy(self.features.read(name, i, level.key)).to(torch.float16)
-            for name, level in view.levels.items()
-        }
+        item["grids"] = {name: torch.from_numpy(g).to(torch.float16) for name, g in grids.items()}
         return item
 
 
@@ -145,6 +155,8 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     if "mask" in items[0]:
         batch["mask"] = torch.stack([it["mask"] for it in items])
+    if "bank_slot" in items[0]:  # view_bank mode: -1 marks a warped view
+        batch["bank_slot"] = torch.tensor([it["bank_slot"] for it in items], dtype=torch.int64)
     return batch
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ from trainer.logging_utils import RunLogger
 from trainer.prepare import RunData, build_loaders, build_student, open_data, store_stats
 from trainer.step import CachedTargets, LossSettings, poly_lr, render_batch, train_step
 from trainer.student import param_groups
+from trainer.viewbank import BankTargets, bank_reuse
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,13 +101,32 @@ class Trainer:
         sch = cfg.schedule
         self.total = sch.iters or sch.epochs * self.loaders.per_epoch
         self.state = RunState()
+        self.bank_reuse: float | None = None
         if self.ckpt is not None:
             self._restore(self.ckpt, str(resume))
         self.ddp = self._wrap()
-        self.targets = (CachedTargets(self.data.level_geoms) if cfg.mode == "cached"
-                        else self._online_targets())
+        self.targets = self._targets()
         self.settings = LossSettings(cfg.fixmatch.conf_thresh, cfg.distill.masked,
                                      cfg.runtime.bf16, store_stats(cfg, self.data, self.device))
+
+    def _targets(self) -> Any:
+        """The distillation target provider of the run's mode."""
+        cfg = self.cfg
+        if cfg.mode == "online":
+            return self._online_targets()
+        if cfg.distill.target_mode != "view_bank":
+            return CachedTargets(self.data.level_geoms)
+        store = self.data.store
+        n_train = len(set(self.data.sets["labeled"]) | set(self.data.sets["unlabeled"]))
+        # every view of an iteration (labeled + unlabeled, all ranks) is drawn from the bank
+        batch = (cfg.schedule.batch_labeled + cfg.schedule.batch_unlabeled) * self.info.world
+        self.bank_reuse = bank_reuse(store.bank.k, n_train, self.total, batch, cfg.distill.p_bank)
+        LOG.info("view bank: K=%d views per tile, p_bank=%.2f: each view is used about %.1f times "
+                 "over %d iterations", store.bank.k, cfg.distill.p_bank, self.bank_reuse,
+                 self.total)
+        specs = {t.name: store.schema.teacher(t.name).spec for t in cfg.model.teachers}
+        return BankTargets(self.data.level_geoms, specs, store.bank.teachers,
+                           store.schema.base_size)
 
     def _online_teachers(self) -> dict[str, Any] | None:
         if self.cfg.mode != "online" or not self.cfg.model.teachers:
@@ -182,7 +205,8 @@ class Trainer:
         gen = torch.Generator(device=self.device)
         # Per-step seed: the on-device augmentation replays exactly after a resume.
         gen.manual_seed(self.cfg.runtime.seed * 1_000_003 + step * 7 + self.info.rank)
-        views = render_batch(batch_l, batch_u, self.device, gen, self.cfg.fixmatch.cutmix_p)
+        fm = self.cfg.fixmatch
+        views = render_batch(batch_l, batch_u, self.device, gen, fm.cutmix_p, fm.photometric)
         teachers = [t.name for t in self.cfg.model.teachers]
         terms = train_step(self.ddp, self.ema.module, self.optimizer, views, self.targets,
                            batch_l, batch_u, teachers, self.settings, step)

@@ -107,9 +107,35 @@ def open_data(cfg: TrainConfig, pinned: dict[str, Any] | None = None) -> RunData
         data.levels = resolve_levels(store, names, cfg.distill.levels)
         data.level_geoms = {(n, lv.key): store.level_geometry(n, lv.key)
                             for n, lvs in data.levels.items() for lv in lvs}
+    if cfg.distill.target_mode == "view_bank":
+        check_view_bank(cfg, store, sets["labeled"] + sets["unlabeled"])
     data.num_classes = check_classes(cfg.model.num_classes, class_names, reader,
                                      sets["labeled"] + sets["val"], data.ignore_index)
     return data
+
+
+def check_view_bank(cfg: TrainConfig, store: Any, train_ids: list[int]) -> None:
+    """Refuse ``view_bank`` mode without a usable bank: none, other crop, tiles not banked."""
+    url = cfg.data.store
+    if store is None or not store.has_bank:
+        raise DataCheckError(f"distill.target_mode 'view_bank' needs a store with a view bank; "
+                             f"{url} has none: build one with pipelines.viewbank.build_view_bank "
+                             "(or use target_mode 'warp')")
+    bank = store.bank
+    if bank.spec.crop != cfg.crop_size:
+        raise DataCheckError(f"the view bank of {url} holds {bank.spec.crop} px views but "
+                             f"crop_size is {cfg.crop_size}: set crop_size {bank.spec.crop} or "
+                             f"rebuild the bank with crop={cfg.crop_size}")
+    names = [t.name for t in cfg.model.teachers]
+    if not set(names) & set(bank.teachers):
+        raise DataCheckError(f"none of the distillation teachers {names} has a view bank in "
+                             f"{url} (banked: {list(bank.teachers)}); bank them or use 'warp'")
+    done = bank.done()
+    missing = [store.tiles[i].tile_id for i in train_ids if not done[i]]
+    if missing:
+        raise DataCheckError(f"the view bank of {url} is incomplete: {len(missing)} training "
+                             f"tiles have no bank views yet, e.g. {missing[:10]}; resume "
+                             "build_view_bank with the same arguments before training")
 
 
 def student_config(cfg: TrainConfig, num_classes: int, channels: dict[str, int]) -> StudentConfig:
@@ -170,11 +196,8 @@ class Loaders:
 def _grid_align(cfg: TrainConfig, data: RunData) -> GridAlign | None:
     """``grid_aligned`` target mode: views snapped to the first teacher's cached token grid."""
     mode = cfg.distill.target_mode
-    if mode == "warp":
+    if mode in ("warp", "view_bank"):  # view_bank: the bank's own draw rule (trainer.viewbank)
         return None
-    if mode == "view_bank":
-        raise DataCheckError("distill.target_mode 'view_bank' is not wired into the engine yet; "
-                             "use 'warp' or 'grid_aligned'")
     if cfg.mode != "cached" or not cfg.model.teachers:
         raise DataCheckError("distill.target_mode 'grid_aligned' needs cached mode and a teacher")
     first = cfg.model.teachers[0].name
@@ -192,10 +215,11 @@ def build_loaders(cfg: TrainConfig, data: RunData, info: DistInfo) -> Loaders:
     use_u = bool(unl) and cfg.schedule.batch_unlabeled > 0
     n = len(unl) if use_u else len(lab)
     seed = cfg.runtime.seed
+    p_bank = cfg.distill.p_bank if cfg.distill.target_mode == "view_bank" else None
     ds_l = StoreDataset(data.reader, repeat_to(lab, n), levels, True, seed, sampling,
-                        stream=0, features=feats)
+                        stream=0, features=feats, p_bank=p_bank)
     ds_u = (StoreDataset(data.reader, unl, levels, False, seed, sampling, stream=1,
-                         features=feats) if use_u else None)
+                         features=feats, p_bank=p_bank) if use_u else None)
     s_l = EpochSampler(len(ds_l), seed, info.rank, info.world)
     s_u = EpochSampler(len(ds_u), seed + 7919, info.rank, info.world) if ds_u else None
     per = iters_per_epoch(len(ds_l), info.world, cfg.schedule.batch_labeled)
@@ -223,5 +247,5 @@ def store_stats(cfg: TrainConfig, data: RunData, device: torch.device
     return out
 
 
-__all__ = ["Loaders", "RunData", "build_loaders", "build_student", "open_data", "store_stats",
-           "student_config", "teacher_channels"]
+__all__ = ["Loaders", "RunData", "build_loaders", "build_student", "check_view_bank", "open_data",
+           "store_stats", "student_config", "teacher_channels"]
