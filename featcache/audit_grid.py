@@ -22,13 +22,7 @@ import torch
 from featstore import LevelGeometry
 from trainer.augment import render_views
 from trainer.geometry import ViewGeometry, ViewParams, token_centres, view_to_tile
-from trainer.targets import (
-    _as_table,
-    _bilinear_gather,
-    _group_by_level,
-    resample_to_student,
-    sample_targets,
-)
+from trainer.targets import resample_to_student, sample_targets
 from trainer.viewbank import bank_targets_to_student
 
 GRIDS = ("teacher", "student")
@@ -108,20 +102,7 @@ def sample_on(grid: CompareGrid, grids: Sequence[torch.Tensor],
     """
     if grid.kind == "student":
         return sample_targets(grids, level_geoms, geom, grid.n)
-    device, n = geom.device, grid.n
-    table, sides = _as_table(grids)
-    table = table.to(device=device, dtype=torch.float32)
-    c = grid.centres(device)
-    ty, tx, valid = view_to_tile(geom, c.view(1, n, 1), c.view(1, 1, n))
-    uy, ux = torch.empty_like(ty), torch.empty_like(tx)
-    for lg, idx in _group_by_level(level_geoms).items():
-        sel = torch.tensor(idx, device=device)
-        gy, gx = lg.tile_to_token(ty.index_select(0, sel), tx.index_select(0, sel))
-        uy.index_copy_(0, sel, gy)
-        ux.index_copy_(0, sel, gx)
-    gsize = torch.tensor(sides, device=device, dtype=torch.int64)
-    base = torch.cumsum(gsize * gsize, 0) - gsize * gsize
-    return _bilinear_gather(table, base, gsize, uy, ux), valid.to(torch.float32)
+    return sample_targets(grids, level_geoms, geom, grid.n, centres=grid.centres(geom.device))
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,7 @@ def sample_targets(
     level_geoms: LevelGeometry | Sequence[LevelGeometry],
     geom: ViewGeometry,
     n: int,
+    centres: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample cached grids at the student token centres of each view.
 
@@ -104,6 +105,8 @@ def sample_targets(
         level_geoms: the level each grid was cached at (one per sample, or one for all).
         geom: the views' geometry (on the target device).
         n: student tokens per side.
+        centres: ``[n]`` view-px sample positions per axis; default the student token centres
+            ``(i + 0.5) * V / n`` (the audit passes a teacher's own token centres).
 
     Returns:
         ``(targets float32 [B, n, n, C], valid float32 [B, n, n])``; valid is 1 where the token
@@ -131,7 +134,7 @@ def sample_targets(
             )
     device = geom.device
     table = table.to(device=device, dtype=torch.float32)
-    c = token_centres(geom.crop, n, device=device)
+    c = token_centres(geom.crop, n, device=device) if centres is None else centres.to(device)
     ty, tx, valid = view_to_tile(geom, c.view(1, n, 1), c.view(1, 1, n))
     uy, ux = torch.empty_like(ty), torch.empty_like(tx)
     # one call per distinct level (a handful), not per sample
