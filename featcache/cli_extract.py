@@ -200,4 +200,36 @@ def synth_command(out: str, n_images: int, size: int, seed: int) -> None:
     click.echo(f"wrote {n_images} synthetic images of {size} px to {out}")
 
 
-COMMANDS = [extract_command, info_command, verify_command, synth_command]
+@click.command("bank")
+@click.argument("store")
+@click.option("--teacher", "-t", multiple=True,
+              help="Teacher in the store to bank (repeatable; default: all of them).")
+@click.option("--weights", multiple=True, metavar="NAME=PATH",
+              help="Weights the store was extracted with (repeatable).")
+@click.option("--tiny", is_flag=True, help="The store was extracted with --tiny teachers.")
+@click.option("--k", "k", default=8, show_default=True, type=int, help="Views per tile.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a bank drawn with other parameters.")
+def bank_command(store: str, teacher: tuple[str, ...], weights: tuple[str, ...], tiny: bool,
+                 k: int, seed: int, batch_size: int, device: str, overwrite: bool) -> None:
+    """Add an exact view bank to STORE: K recorded views per tile with the teacher run on each.
+
+    Training with `target_mode: view_bank` then draws views whose targets equal the online
+    teacher's. Resumable: re-run the same command after a crash.
+    """
+    from pipelines.config import parse_weights
+    from pipelines.viewbank import ViewBankError, build_view_bank
+
+    try:
+        with _user_errors():
+            build_view_bank(store, teacher_names=teacher or None, weights=parse_weights(weights),
+                            tiny=tiny, k=k, seed=seed, batch_size=batch_size, device=device,
+                            overwrite=overwrite, progress=True)
+    except ViewBankError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"view bank of {k} views per tile written to {store}")
+
+
+COMMANDS = [extract_command, info_command, verify_command, synth_command, bank_command]

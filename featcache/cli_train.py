@@ -92,6 +92,7 @@ def build_config(opts: dict[str, Any]) -> Any:
         "eval_mode": ("eval", "mode"), "num_classes": ("model", "num_classes"),
         "pretrained": ("model", "pretrained"), "lr": ("optim", "lr"),
         "standardize": ("distill", "standardize"), "masked": ("distill", "masked"),
+        "target_mode": ("distill", "target_mode"), "p_bank": ("distill", "p_bank"),
     }
     for key, (section, attr) in set_if.items():
         if opts.get(key) is not None:
@@ -134,6 +135,10 @@ def build_config(opts: dict[str, Any]) -> Any:
 @click.option("--lr", type=float)
 @click.option("--standardize/--no-standardize", default=None,
               help="Standardise targets with the store's statistics.")
+@click.option("--target-mode", type=click.Choice(["warp", "grid_aligned", "view_bank"]),
+              help="Cached targets: warp the nearest level (default), grid-aligned views, or "
+                   "views from the store's exact view bank (see `featcache bank`).")
+@click.option("--p-bank", type=float, help="view_bank: probability a view comes from the bank.")
 @click.option("--masked/--unmasked", default=None,
               help="Weight distillation by validity (default) or the official plain mean.")
 @click.option("--eval-mode", type=click.Choice(["whole", "sliding"]))

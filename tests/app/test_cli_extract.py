@@ -137,3 +137,17 @@ def test_bad_options_are_click_errors(synth: Path, tmp_path: Path) -> None:
     assert result.exit_code == 1 and str(empty) in result.output, result.output
     assert not out.exists()
     np.testing.assert_equal(sorted(p.name for p in tmp_path.iterdir()), ["empty"])
+
+
+def test_bank_command_adds_a_verified_view_bank(store: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "b.zarr"
+    shutil.copytree(store, copy)
+    result = _run("bank", copy, "--tiny", "--k", "2", "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    reader = open_store(copy)
+    assert reader.has_bank and reader.bank.spec.k == 2
+    assert _run("verify", copy).exit_code == 0
+    # different bank parameters on the same store: refused with the fix named
+    result = _run("bank", copy, "--tiny", "--k", "3")
+    assert result.exit_code == 1 and "overwrite" in result.output
+    assert "Traceback" not in result.output
