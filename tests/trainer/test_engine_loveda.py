@@ -62,6 +62,10 @@ def test_short_loveda_run_learns(loveda_sample: Path, tmp_path: Path, one_thread
     cfg.data.scale_range = (0.5, 1.0)  # 128 px tiles in a 70 px crop: keep the context
     cfg.model.teachers = [TeacherConfig(DINO)]
     cfg.model.tiny = True
+    # LayerScale at 1.0 as in the official DINOv2 (timm's random init uses 1e-5, which leaves a
+    # random-init ViT near the identity and learning slowly).
+    cfg.model.student = {"model_kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2,
+                                          "init_values": 1.0}}
     cfg.optim.lr, cfg.optim.lr_multi = 2e-3, 1.0  # random init: far above the fine-tune lr
     cfg.schedule.batch_labeled, cfg.schedule.batch_unlabeled = 8, 4
     cfg.schedule.iters = 250
@@ -82,4 +86,4 @@ def test_short_loveda_run_learns(loveda_sample: Path, tmp_path: Path, one_thread
     m = result.metrics["student"]  # the EMA lags behind in a run this short
     print(f"constant mIoU {const_miou:.3f} OA {const_oa:.3f}; student {m['miou']:.3f} "
           f"{m['oa']:.3f}; loss {losses[:20].mean():.3f} -> {losses[-20:].mean():.3f}")
-    assert m["miou"] > const_miou, (m, const_miou)
+    assert m["miou"] > const_miou + 0.015, (m, const_miou)  # measured: 0.104 vs 0.077
