@@ -198,31 +198,22 @@ def compute_features(ctx: ExtractContext, images: np.ndarray,
     return {n: {k: np.concatenate(v) for k, v in lv.items()} for n, lv in out.items()}
 
 
-def compute_shard(ctx: ExtractContext, writer: Any, k: int,
-                  pixels: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
-    """Features of shard group `k` as `write_shard` keyword arguments (tiles loaded if needed)."""
-    images, masks = pixels if pixels is not None else load_tiles(ctx, writer.shard_tiles(k))
+def process_shard(ctx: ExtractContext, writer: Any, k: int,
+                  pixels: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+    """Compute and write shard group `k` (tiles loaded here unless `pixels` is given)."""
+    indices = writer.shard_tiles(k)
+    images, masks = pixels if pixels is not None else load_tiles(ctx, indices)
     levels = level_specs(ctx.cfg.scales, ctx.cfg.flip)
     with torch_threads(ctx.cfg.threads):
         features = compute_features(ctx, images, levels)
     if ctx.cfg.store_pixels:
-        return {"features": features, "images": images, "masks": masks}
-    return {"features": features}
-
-
-def write_computed(writer: Any, k: int, shard: dict[str, Any]) -> int:
-    """Write a computed shard (its `done` chunk last); return its tile count."""
-    writer.write_shard(k, **shard)
+        writer.write_shard(k, features=features, images=images, masks=masks)
+    else:
+        writer.write_shard(k, features=features)
     delay = float(os.environ.get(SLEEP_ENV, "0") or 0)
     if delay > 0:
         time.sleep(delay)
-    return len(writer.shard_tiles(k))
-
-
-def process_shard(ctx: ExtractContext, writer: Any, k: int,
-                  pixels: tuple[np.ndarray, np.ndarray] | None = None) -> int:
-    """Compute and write shard group `k` (tiles loaded here unless `pixels` is given)."""
-    return write_computed(writer, k, compute_shard(ctx, writer, k, pixels))
+    return len(indices)
 
 
 def pca_samples(ctx: ExtractContext, name: str) -> np.ndarray:
@@ -268,22 +259,16 @@ def _progress_bar(total: int, done: int, enabled: bool) -> Any:
 
 
 def _run_local(ctx: ExtractContext, writer: Any, shards: list[int], bar: Any) -> None:
-    """Shards in order, overlapped: while shard k computes, one thread decodes the tiles of k+1
-    and another writes shard k-1 (at most one write in flight, so shards finish in order)."""
+    """Shards in order; a thread decodes the next shard's tiles while this one computes."""
     if not shards:
         return
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="featcache-io") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-load") as pool:
         nxt = pool.submit(load_tiles, ctx, writer.shard_tiles(shards[0]))
-        pending = None
         for pos, k in enumerate(shards):
             pixels = nxt.result()
             if pos + 1 < len(shards):
                 nxt = pool.submit(load_tiles, ctx, writer.shard_tiles(shards[pos + 1]))
-            shard = compute_shard(ctx, writer, k, pixels)
-            if pending is not None:
-                bar.update(pending.result())  # re-raises a failed write
-            pending = pool.submit(write_computed, writer, k, shard)
-        bar.update(pending.result())
+            bar.update(process_shard(ctx, writer, k, pixels))
 
 
 def run_extraction(cfg: ExtractConfig, progress: bool = True) -> str:
