@@ -233,8 +233,7 @@ class _BankBase:
         """Tile indices of shard group ``k``."""
         if not 0 <= k < self.n_shards:
             raise StoreError(f"shard {k} out of range: {self.url!r} has {self.n_shards} shards")
-        tps = self.schema.tiles_per_shard
-        return range(k * tps, min((k + 1) * tps, self.n_tiles))
+        return self.schema.shard_range(k, self.n_tiles)
 
     def done(self) -> np.ndarray:
         """bool ``[N]``: tiles whose bank shard is committed."""

@@ -359,6 +359,11 @@ class StoreSchema:
         """Number of shard groups for ``n_tiles`` tiles (the last may be partial)."""
         return -(-n_tiles // self.tiles_per_shard)
 
+    def shard_range(self, k: int, n_tiles: int) -> range:
+        """Tile indices of shard group ``k`` (``0 <= k < n_shards``; the last may be partial)."""
+        tps = self.tiles_per_shard
+        return range(k * tps, min((k + 1) * tps, n_tiles))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (``bank`` only when set, so bank-less fingerprints never change)."""
         d = {

@@ -77,10 +77,10 @@ def _pca_problems(group: zarr.Group, schema: StoreSchema) -> list[str]:
 
 
 def _done_shards(schema: StoreSchema, done: np.ndarray) -> list[tuple[int, slice]]:
-    tps, n = schema.tiles_per_shard, done.shape[0]
-    out = []
+    n, out = done.shape[0], []
     for k in range(schema.n_shards(n)):
-        sl = slice(k * tps, min((k + 1) * tps, n))
+        r = schema.shard_range(k, n)
+        sl = slice(r.start, r.stop)
         if done[sl].all():
             out.append((k, sl))
     return out
