@@ -46,12 +46,10 @@ def features(name: str, weights: str | None, images: Any, batch: int = 4) -> Any
     import torch
 
     from featstore import LevelSpec
-    from pipelines.extract import RANDOM_INIT_SEED, render_level
+    from pipelines.extract import render_level
     from pipelines.teachers import create_teacher
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        teacher = create_teacher(name, weights=weights, base_size=518)
+    teacher = create_teacher(name, weights=weights, base_size=518)
     out = []
     with torch.inference_mode():
         for s in range(0, len(images), batch):

@@ -44,16 +44,14 @@ def bare(name: str, weights: str | None, source: str, threads: int) -> dict[str,
     import torch
 
     from featstore import LevelSpec
-    from pipelines.extract import RANDOM_INIT_SEED, render_level
+    from pipelines.extract import render_level
     from pipelines.sources import open_source
     from pipelines.teachers import create_teacher
 
     src = open_source(source, tile_size=512)
     images = np.stack([src.load(i)[0] for i in range(len(src.records))])
     torch.set_num_threads(threads)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        teacher = create_teacher(name, weights=weights, base_size=518)
+    teacher = create_teacher(name, weights=weights, base_size=518)
     canvases = [render_level(torch.from_numpy(images[s:s + BATCH]), LevelSpec(1.0), 518)
                 for s in range(0, len(images), BATCH)]
     with torch.inference_mode():

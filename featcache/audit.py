@@ -118,14 +118,11 @@ def _resolve_sets(store: Any, name: str, level_sets: Mapping[str, Sequence[str]]
 
 def create_store_teacher(store: Any, name: str, weights: str | None, tiny: bool,
                          device: torch.device) -> Any:
-    """The registry teacher built as extraction builds it (random init under a fixed seed)."""
-    from pipelines.extract import RANDOM_INIT_SEED
+    """The registry teacher built as extraction builds it (`create_teacher` seeds random init)."""
     from pipelines.teachers import create_teacher
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        return create_teacher(name, weights=weights, tiny=tiny, device=device,
-                              base_size=store.schema.base_size)
+    return create_teacher(name, weights=weights, tiny=tiny, device=device,
+                          base_size=store.schema.base_size)
 
 
 def _check_spec(store: Any, name: str, teacher: Any) -> None:

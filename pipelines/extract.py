@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from featstore import LevelSpec, StoreSchema, TeacherEntry, create_store, get_codec
 from pipelines.config import ExtractConfig, ExtractConfigError, parse_scheduler
-from pipelines.teachers.registry import RANDOM_INIT_SEED  # noqa: F401  (re-exported)
 
 # Hidden test hook: seconds to sleep after each written shard, so a test can kill a run mid-way.
 SLEEP_ENV = "FEATCACHE_TEST_SLEEP_AFTER_SHARD"

@@ -131,9 +131,7 @@ def test_resumed_bank_equals_uninterrupted(tmp_path: Path) -> None:
 
 
 def _seeded_teacher() -> Any:
-    from pipelines.extract import RANDOM_INIT_SEED
-
-    torch.manual_seed(RANDOM_INIT_SEED)
+    # create_teacher seeds random init, so this is the network build_view_bank uses.
     return create_teacher(TEACHER, tiny=True, base_size=BASE)
 
 

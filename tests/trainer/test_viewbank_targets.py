@@ -31,7 +31,7 @@ TEACHER = "dinov2_vitb14"
 
 
 def _teacher() -> Any:
-    torch.manual_seed(0)  # the extraction's fixed random-init seed (pipelines.extract)
+    # create_teacher seeds random init, so this is the network that filled the store.
     return create_teacher(TEACHER, tiny=True, base_size=BASE)
 
 
