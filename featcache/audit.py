@@ -40,10 +40,10 @@ from trainer.geometry import (
     GridAlign,
     ViewGeometry,
     ViewParams,
-    choose_level,
+    blend_levels,
     draw_view,
 )
-from trainer.targets import cutmix_targets
+from trainer.targets import cutmix_targets, mix_levels
 
 OFFICIAL_SCALE_RANGE = (0.5, 2.0)
 STUDENT_PATCH = 14
@@ -67,7 +67,7 @@ class _Ctx:
     base: int
     crop: int
     n: int
-    configs: dict[str, tuple[LevelSpec, ...]]
+    configs: dict[str, tuple[tuple[LevelSpec, ...], float]]  # label -> (levels, scale_blend)
     grid: CompareGrid
     other: CompareGrid
     geoms: dict[str, LevelGeometry] = field(default_factory=dict)
@@ -100,6 +100,21 @@ def default_level_sets(keys: Sequence[str]) -> dict[str, list[str]]:
         if chosen and all(sorted(chosen) != sorted(v) for v in sets.values()):
             sets[label] = chosen
     return sets
+
+
+NEAREST = " (nearest level)"
+
+
+def _with_blend(sets: dict[str, tuple[LevelSpec, ...]], blend: float
+                ) -> dict[str, tuple[tuple[LevelSpec, ...], float]]:
+    """Every set with the blend rule; when blending, each set of several scales is also
+    reported with its nearest level only (just before it), so the table shows what mixing buys."""
+    out: dict[str, tuple[tuple[LevelSpec, ...], float]] = {}
+    for label, levels in sets.items():
+        if blend > 0 and len({lv.scale for lv in levels}) > 1:
+            out[label + NEAREST] = (levels, 0.0)
+        out[label] = (levels, blend)
+    return out
 
 
 def _resolve_sets(store: Any, name: str, level_sets: Mapping[str, Sequence[str]] | None
@@ -147,13 +162,34 @@ def _images(ctx: _Ctx, idx: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(ctx.device)
 
 
+@dataclass
+class _Read:
+    """The cached grids of a batch of views: the nearest level and the levels mixed in."""
+
+    grids: list[torch.Tensor]
+    geoms: list[LevelGeometry]
+    extras: list[list[tuple[torch.Tensor, LevelGeometry, float]]]  # per view (grid, level, w)
+
+    def on(self, grid: CompareGrid, geom: ViewGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets on ``grid`` as the trainer builds them (``CachedTargets``)."""
+        target, valid = sample_on(grid, self.grids, self.geoms, geom)
+        mix_levels(target, self.extras, lambda g, lg, sub: sample_on(grid, g, lg, sub)[0], geom)
+        return target, valid
+
+
 def _read_levels(ctx: _Ctx, idx: Sequence[int], params: Sequence[ViewParams],
-                 levels: Sequence[LevelSpec]) -> tuple[list[torch.Tensor], list[LevelGeometry]]:
-    """Each view's nearest allowed level: the decoded grids and their geometry."""
-    chosen = [choose_level(levels, p.size, p.flip, ctx.tile, ctx.base) for p in params]
-    grids = [torch.from_numpy(ctx.store.read(ctx.name, int(i), lv.key))
-             for i, lv in zip(idx, chosen, strict=True)]
-    return grids, [ctx.geom(lv.key) for lv in chosen]
+                 levels: Sequence[LevelSpec], blend: float) -> _Read:
+    """Each view's nearest allowed level and the levels ``blend_levels`` mixes in."""
+    def read(i: int, lv: LevelSpec) -> torch.Tensor:
+        return torch.from_numpy(ctx.store.read(ctx.name, int(i), lv.key))
+
+    out = _Read([], [], [])
+    for i, p in zip(idx, params, strict=True):
+        mix = blend_levels(levels, p.size, p.flip, ctx.tile, ctx.base, blend)
+        out.grids.append(read(i, mix[0][0]))
+        out.geoms.append(ctx.geom(mix[0][0].key))
+        out.extras.append([(read(i, lv), ctx.geom(lv.key), w) for lv, w in mix[1:]])
+    return out
 
 
 def _near_edge(boxes: torch.Tensor, grid: CompareGrid) -> torch.Tensor:
@@ -209,16 +245,16 @@ def _audit_batch(ctx: _Ctx, idx: Sequence[int], params: Sequence[ViewParams],
     def add(key: str, cos: torch.Tensor, w: torch.Tensor) -> None:
         acc.setdefault(key, []).append(torch.stack([(cos * w).sum((1, 2)), w.sum((1, 2))], 1))
 
-    for label, levels in ctx.configs.items():
-        grids, lgs = _read_levels(ctx, idx, params, levels)
-        target, tvalid = sample_on(ctx.grid, grids, lgs, geom)
+    for label, (levels, blend) in ctx.configs.items():
+        read = _read_levels(ctx, idx, params, levels, blend)
+        target, tvalid = read.on(ctx.grid, geom)
         add(f"{label}|plain", cosine(target, online), valid * tvalid)
         add(f"{label}|colour", cosine(target, colour_online), valid * tvalid)
         mt, mv = cutmix_targets(target, tvalid * valid, boxes, extent)
         mixed_cos = cosine(mt, mixed_online)
         add(f"{label}|cutmix", mixed_cos, mv)
         add(f"{label}|cutmix_edge", mixed_cos, mv * edge)
-        t2, v2 = sample_on(ctx.other, grids, lgs, geom)
+        t2, v2 = read.on(ctx.other, geom)
         add(f"{label}|other", cosine(t2, online_other), v2 * valid_other)
     add("ref|colour", cosine(colour_online, online), valid)
     mo, mv = cutmix_targets(online, valid, boxes, extent)
@@ -305,7 +341,7 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
                 crop_size: int | None = None, n_tokens: int | None = None,
                 batch_size: int = 8, grid_aligned: bool = False, ceiling: bool = True,
                 identity_tiles: int = 8, grid: str = "teacher",
-                bank_views: int = 64) -> AuditResult:
+                bank_views: int = 64, scale_blend: float = 0.25) -> AuditResult:
     """Audit the fidelity of cached targets against the teacher run on the views.
 
     Args:
@@ -331,6 +367,10 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
             grid the loss reads, online output resampled as online training does). The other
             grid's overall row is reported too.
         bank_views: Bank views to check when the store has an exact view bank (0: skip).
+        scale_blend: Kernel width (octaves of zoom) over which neighbouring cached levels are
+            mixed into the target, as the trainer's ``distill.scale_blend`` (warp mode); the
+            main (last) set is also reported with its nearest level only. 0: nearest only.
+            Grid-aligned views read exact levels (no mixing), as in training.
 
     Returns:
         The audit result (``to_markdown`` / ``to_json``).
@@ -361,7 +401,8 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
         raise AuditError(f"grid must be 'teacher' or 'student', got {grid!r} (--grid)")
     other = "student" if grid == "teacher" else "teacher"
     ctx = _Ctx(store, teacher_name, teacher, dev, sch.tile_size, sch.base_size, crop, n,
-               _resolve_sets(store, teacher_name, level_sets),
+               _with_blend(_resolve_sets(store, teacher_name, level_sets),
+                           0.0 if grid_aligned else scale_blend),
                make_grid(grid, teacher, crop, n), make_grid(other, teacher, crop, n))
     done = np.flatnonzero(store.done())
     if done.size == 0:
@@ -387,7 +428,8 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
                        store=str(store_url), teacher=teacher_name, n_views=n_views, seed=seed,
                        tile_size=ctx.tile, base_size=ctx.base, crop_size=crop, n_tokens=ctx.n,
                        grid_aligned=grid_aligned, seconds=round(time.perf_counter() - t0, 2),
-                       level_sets={k: [lv.key for lv in v] for k, v in ctx.configs.items()})
+                       scale_blend=0.0 if grid_aligned else scale_blend,
+                       level_sets={k: [lv.key for lv in v[0]] for k, v in ctx.configs.items()})
     return result
 
 

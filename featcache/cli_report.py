@@ -66,6 +66,9 @@ def _parse_level_sets(items: tuple[str, ...]) -> dict[str, list[str]] | None:
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @click.option("--grid-aligned", is_flag=True, help="Draw views on the cached token grid.")
 @click.option("--no-ceiling", is_flag=True, help="Skip the exact-scale ceiling (saves time).")
+@click.option("--scale-blend", default=0.25, show_default=True, type=float,
+              help="Kernel width (octaves of zoom) over which neighbouring cached levels are "
+                   "mixed, as the trainer's distill.scale_blend; 0: nearest level only.")
 @click.option("--grid", type=click.Choice(["teacher", "student"]), default="teacher",
               show_default=True, help="Compare on the teacher's own tokens (cache fidelity "
                                       "alone) or on the student grid the loss reads.")
@@ -75,8 +78,8 @@ def _parse_level_sets(items: tuple[str, ...]) -> dict[str, list[str]] | None:
               help="Also write the markdown tables here.")
 def audit_command(store: str, teacher: str, weights: str | None, tiny: bool, views: int,
                   seed: int, device: str, level_sets: tuple[str, ...], crop_size: int | None,
-                  batch_size: int, grid_aligned: bool, no_ceiling: bool, grid: str,
-                  json_out: str | None, md_out: str | None) -> None:
+                  batch_size: int, grid_aligned: bool, no_ceiling: bool, scale_blend: float,
+                  grid: str, json_out: str | None, md_out: str | None) -> None:
     """Measure how close targets sampled from STORE are to the teacher run on each view."""
     from featcache.audit import audit_store
 
@@ -85,7 +88,7 @@ def audit_command(store: str, teacher: str, weights: str | None, tiny: bool, vie
         result = audit_store(store, teacher, weights=weights, tiny=tiny, n_views=views,
                              seed=seed, level_sets=sets, device=device, crop_size=crop_size,
                              batch_size=batch_size, grid_aligned=grid_aligned,
-                             ceiling=not no_ceiling, grid=grid)
+                             ceiling=not no_ceiling, grid=grid, scale_blend=scale_blend)
     md = result.to_markdown()
     click.echo(md)
     for path, text in ((json_out, result.to_json()), (md_out, md)):

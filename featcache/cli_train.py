@@ -93,6 +93,7 @@ def build_config(opts: dict[str, Any]) -> Any:
         "pretrained": ("model", "pretrained"), "lr": ("optim", "lr"),
         "standardize": ("distill", "standardize"), "masked": ("distill", "masked"),
         "target_mode": ("distill", "target_mode"), "p_bank": ("distill", "p_bank"),
+        "scale_blend": ("distill", "scale_blend"),
     }
     for key, (section, attr) in set_if.items():
         if opts.get(key) is not None:
@@ -136,9 +137,12 @@ def build_config(opts: dict[str, Any]) -> Any:
 @click.option("--standardize/--no-standardize", default=None,
               help="Standardise targets with the store's statistics.")
 @click.option("--target-mode", type=click.Choice(["warp", "grid_aligned", "view_bank"]),
-              help="Cached targets: warp the nearest level (default), grid-aligned views, or "
+              help="Cached targets: warp the cached levels (default), grid-aligned views, or "
                    "views from the store's exact view bank (see `featcache bank`).")
 @click.option("--p-bank", type=float, help="view_bank: probability a view comes from the bank.")
+@click.option("--scale-blend", type=float,
+              help="Warped targets: kernel width (octaves of zoom, default 0.25) over which "
+                   "neighbouring cached levels are mixed; 0: nearest level only.")
 @click.option("--masked/--unmasked", default=None,
               help="Weight distillation by validity (default) or the official plain mean.")
 @click.option("--eval-mode", type=click.Choice(["whole", "sliding"]))

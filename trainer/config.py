@@ -134,12 +134,16 @@ class DistillConfig:
     ``target_mode``: "warp" (sample the nearest cached level through the view), "grid_aligned"
     (views snapped to cached token grids) or "view_bank" (views from the store's exact view bank
     with probability ``p_bank``, the rest warped; the bank's draw rule replaces
-    ``data.scale_range``/``flip_p``).
+    ``data.scale_range``/``flip_p``). ``scale_blend`` (warp mode): kernel width in octaves of
+    zoom over which neighbouring cached levels are mixed into the target
+    (``trainer.geometry.blend_levels``: with the default 9 scales, 2-4 reads per item instead of
+    one); 0: the nearest level only. Grid-aligned and bank views read exact levels, unmixed.
     """
 
     masked: bool = True
     standardize: bool = False
     target_mode: str = "warp"
+    scale_blend: float = 0.25
     levels: list[str] | None = None
     level_stats: str = "s1.00"
     p_bank: float = 1.0
@@ -218,6 +222,10 @@ class TrainConfig:
         if self.mode == "online" and not (self.data.source or self.data.store):
             raise TrainConfigError("mode 'online' needs data.source (--source PATH) or a store "
                                    "with pixels (--store URL)")
+        if not 0.0 <= self.distill.scale_blend <= 4.0:
+            raise TrainConfigError(f"distill.scale_blend = {self.distill.scale_blend} must be in "
+                                   "[0, 4] octaves (0: nearest cached level only); fix "
+                                   "--scale-blend")
         if not 0.0 <= self.distill.p_bank <= 1.0:
             raise TrainConfigError(f"distill.p_bank = {self.distill.p_bank} must be in [0, 1] "
                                    "(the probability that a view comes from the view bank)")

@@ -1,8 +1,9 @@
 """Datasets over a feature store (or a plain tile source), samplers and collation.
 
 Each item draws its view on the CPU (zoomed size, crop offset, flip, the cached level nearest the
-zoom per teacher) from a generator seeded by ``(seed, stream, epoch, position)``, so a killed and
-resumed run sees exactly the same data. Only the chosen level of each teacher is read; the pixel
+zoom per teacher and, with ``scale_blend``, the neighbouring levels mixed in) from a generator
+seeded by ``(seed, stream, epoch, position)``, so a killed and resumed run sees exactly the same
+data. Only the chosen levels of each teacher are read; the pixel
 work (rendering, colour, CutMix) happens batched on the training device (``trainer.augment``).
 """
 
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from featstore.schema import LevelSpec, TileRecord
-from trainer.geometry import ViewParams, choose_level, draw_view
+from trainer.geometry import ViewParams, blend_levels, draw_view
 from trainer.viewbank import draw_bank_item
 
 
@@ -68,6 +69,7 @@ class ViewSampling:
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip_p: float = 0.5
     grid_aligned: Any = None
+    scale_blend: float = 0.0  # kernel width in octaves (trainer.geometry.blend_levels)
 
 
 class StoreDataset(Dataset):
@@ -122,9 +124,14 @@ class StoreDataset(Dataset):
         s = self.sampling
         view = draw_view(rng, s.tile_size, s.crop_size, tuple(s.scale_range), s.flip_p,
                          s.grid_aligned)
-        chosen = {name: choose_level(lv, view.size, view.flip, s.tile_size, s.base_size)
-                  for name, lv in self.levels.items()}
-        return view.with_levels(chosen)
+        chosen, blend = {}, {}
+        for name, lv in self.levels.items():
+            mix = blend_levels(lv, view.size, view.flip, s.tile_size, s.base_size,
+                               s.scale_blend if s.grid_aligned is None else 0.0)
+            chosen[name] = mix[0][0]
+            if len(mix) > 1:
+                blend[name] = mix[1:]
+        return view.with_levels(chosen, blend)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = self.indices[k % len(self.indices)]
@@ -136,6 +143,10 @@ class StoreDataset(Dataset):
             view = self.draw(k)
             grids = {name: self.features.read(name, i, level.key)
                      for name, level in view.levels.items()}
+            item["blend_grids"] = {
+                name: [torch.from_numpy(self.features.read(name, i, lv.key)).to(torch.float16)
+                       for lv, _ in mix]
+                for name, mix in view.blend.items()}
         else:  # a bank view (its grids from the bank) or a warped view (its cached levels)
             view, item["bank_slot"], grids = draw_bank_item(self.features, i, self._rng(k),
                                                             self.levels, self.p_bank)
@@ -155,6 +166,10 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     if "mask" in items[0]:
         batch["mask"] = torch.stack([it["mask"] for it in items])
+    blended = {name for it in items for name in it.get("blend_grids", {})}
+    if blended:  # levels mixed in by the scale blend; None for items without
+        batch["blend_grids"] = {name: [it["blend_grids"].get(name) for it in items]
+                                for name in sorted(blended)}
     if "bank_slot" in items[0]:  # view_bank mode: -1 marks a warped view
         batch["bank_slot"] = torch.tensor([it["bank_slot"] for it in items], dtype=torch.int64)
     return batch

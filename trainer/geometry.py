@@ -31,7 +31,10 @@ class ViewParams:
         flip: whether the crop is h-flipped.
         tile: tile side ``T``.
         crop: view side ``V``.
-        levels: cached level chosen per teacher name (filled by the dataset).
+        levels: cached level chosen per teacher name (filled by the dataset): the nearest one.
+        blend: per teacher, the other cached levels mixed in and their weights (target =
+            ``(1 - sum w) * levels[name] + sum w * level``, ``blend_levels``); absent: nearest
+            level only.
     """
 
     size: int
@@ -41,11 +44,17 @@ class ViewParams:
     tile: int
     crop: int
     levels: Mapping[str, LevelSpec] = field(default_factory=dict)
+    blend: Mapping[str, tuple[tuple[LevelSpec, float], ...]] = field(default_factory=dict)
 
-    def with_levels(self, levels: Mapping[str, LevelSpec]) -> ViewParams:
-        """Copy with the per-teacher level choice set."""
+    def with_levels(
+        self,
+        levels: Mapping[str, LevelSpec],
+        blend: Mapping[str, tuple[tuple[LevelSpec, float], ...]] | None = None,
+    ) -> ViewParams:
+        """Copy with the per-teacher level choice (and the levels mixed in) set."""
         return ViewParams(
-            self.size, self.oy, self.ox, self.flip, self.tile, self.crop, dict(levels)
+            self.size, self.oy, self.ox, self.flip, self.tile, self.crop, dict(levels),
+            dict(blend or {}),
         )
 
 
@@ -183,6 +192,56 @@ def choose_level(
     return best
 
 
+BLEND_MIN_WEIGHT = 0.05  # levels below this share of the nearest level's weight are not read
+
+
+def blend_levels(
+    levels: Sequence[LevelSpec],
+    size: int,
+    flip: bool,
+    tile_size: int,
+    base_size: int,
+    width: float,
+) -> tuple[tuple[LevelSpec, float], ...]:
+    """Cached levels to mix for a view of zoomed size ``S``, with normalised weights.
+
+    Each cached scale (orientation-matched when possible, as in ``choose_level``) gets weight
+    ``exp(-(log2(S / render) / width) ** 2)``; scales below ``BLEND_MIN_WEIGHT`` of the
+    nearest one are dropped and the rest normalised. The nearest level (``choose_level``) comes
+    first. Nearest only when ``width <= 0`` or when ``S`` equals a cached render size (an exact
+    read stays exact). Mixing levels averages out part of the teacher's dependence on the
+    sub-token phase, which differs between levels (measured in BENCHMARKS.md section 6).
+
+    Args:
+        levels: The teacher's allowed cached levels.
+        size: View's zoomed tile size ``S`` in px.
+        flip: Whether the view is flipped.
+        tile_size: Tile side ``T`` (validates ``size``).
+        base_size: Store base size (render px of a level = ``round(scale * base)``).
+        width: Kernel width in octaves of zoom (0: nearest level only).
+
+    Returns:
+        ``((nearest, w0), (level, w), ...)``, weights summing to 1, heaviest first.
+    """
+    nearest = choose_level(levels, size, flip, tile_size, base_size)
+    r_near = nearest.render_px(base_size)
+    if width <= 0 or r_near == size:
+        return ((nearest, 1.0),)
+    by_render: dict[int, LevelSpec] = {}
+    for render in sorted({lv.render_px(base_size) for lv in levels} - {r_near}):
+        same = [lv for lv in levels if lv.render_px(base_size) == render]
+        by_render[render] = choose_level(same, size, flip, tile_size, base_size)
+
+    def kernel(render: int) -> float:
+        return math.exp(-((math.log2(size / render) / width) ** 2))
+
+    k_near = kernel(r_near)
+    picked = sorted(((lv, kernel(r)) for r, lv in by_render.items()
+                     if kernel(r) >= BLEND_MIN_WEIGHT * k_near), key=lambda p: -p[1])
+    total = k_near + sum(k for _, k in picked)
+    return ((nearest, k_near / total),) + tuple((lv, k / total) for lv, k in picked)
+
+
 @dataclass
 class ViewGeometry:
     """A batch of views as device tensors ``[B]`` (``S``, ``oy``, ``ox`` int64, ``flip`` bool)."""
@@ -229,6 +288,12 @@ class ViewGeometry:
             self.tile,
             self.crop,
         )
+
+    def select(self, index: Sequence[int] | torch.Tensor) -> ViewGeometry:
+        """The views at ``index`` (a sub-batch)."""
+        idx = torch.as_tensor(index, dtype=torch.int64, device=self.device)
+        return ViewGeometry(self.size[idx], self.oy[idx], self.ox[idx], self.flip[idx],
+                            self.tile, self.crop)
 
     def per_sample(self, ndim: int) -> tuple[torch.Tensor, ...]:
         """``(S, oy, ox, flip)`` viewed as ``[B, 1, ..., 1]`` with ``ndim`` trailing dims."""
@@ -288,6 +353,8 @@ __all__ = [
     "ViewBatch",
     "ViewGeometry",
     "ViewParams",
+    "BLEND_MIN_WEIGHT",
+    "blend_levels",
     "choose_level",
     "draw_view",
     "identity_view",

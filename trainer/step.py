@@ -35,7 +35,7 @@ from trainer.losses import (
     total_loss,
     unsupervised_loss,
 )
-from trainer.targets import cutmix_targets, sample_targets
+from trainer.targets import cutmix_targets, mix_levels, sample_targets
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -107,9 +107,19 @@ class CachedTargets:
 
     def _sample(self, name: str, n: int, batch: Mapping[str, Any],
                 geom: ViewGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-        geoms = [self.level_geoms[(name, v.levels[name].key)] for v in batch["view"]]
+        views = batch["view"]
+        geoms = [self.level_geoms[(name, v.levels[name].key)] for v in views]
         grids = [g.to(geom.device, non_blocking=True) for g in batch["grids"][name]]
-        return sample_targets(grids, geoms, geom, n)
+        targets, valid = sample_targets(grids, geoms, geom, n)
+        if any(name in v.blend for v in views):  # scale blend: mix in the other levels
+            extra = batch["blend_grids"][name]
+            extras = [[(extra[b][k].to(geom.device, non_blocking=True),
+                        self.level_geoms[(name, lv.key)], w)
+                       for k, (lv, w) in enumerate(v.blend.get(name, ()))]
+                      for b, v in enumerate(views)]
+            mix_levels(targets, extras,
+                       lambda g, lg, sub: sample_targets(g, lg, sub, n)[0], geom)
+        return targets, valid
 
     def __call__(self, name: str, n: int, views: Views, batch_l: Mapping[str, Any],
                  batch_u: Mapping[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ concatenated table, and gives exact weights 0/1 at integer coordinates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -149,6 +150,43 @@ def sample_targets(
     return targets, valid.to(torch.float32)
 
 
+def mix_levels(
+    targets: torch.Tensor,
+    extras: Sequence[Sequence[tuple[Any, LevelGeometry, float]]],
+    sample: Callable[[list[Any], list[LevelGeometry], ViewGeometry], torch.Tensor],
+    geom: ViewGeometry,
+) -> torch.Tensor:
+    """Mix further cached levels into each sample's targets (``trainer.geometry.blend_levels``).
+
+    ``t[b] = (1 - sum_k w_bk) * t[b] + sum_k w_bk * sample(grid_bk)``; samples without extras
+    are left bit-exact.
+
+    Args:
+        targets: ``[B, n, m, C]`` from each sample's nearest level (updated in place).
+        extras: per sample, ``(grid, level geometry, weight)`` of each further level.
+        sample: reads grids at the views' points: ``(grids, level geoms, sub-batch geometry)
+            -> [K, n, m, C]`` (``sample_targets`` at the wanted grid).
+        geom: geometry of the whole batch.
+
+    Returns:
+        ``targets``.
+    """
+    rounds = max((len(e) for e in extras), default=0)
+    if rounds == 0:
+        return targets
+    own = [1.0 - sum(w for _, _, w in e) for e in extras]
+    targets.mul_(torch.tensor(own, dtype=targets.dtype, device=targets.device).view(-1, 1, 1, 1))
+    for r in range(rounds):  # one batched read per rank of extra level, not per sample
+        sel = [b for b, e in enumerate(extras) if len(e) > r]
+        got = sample([extras[b][r][0] for b in sel], [extras[b][r][1] for b in sel],
+                     geom.select(sel))
+        w = torch.tensor([extras[b][r][2] for b in sel], dtype=targets.dtype,
+                         device=targets.device).view(-1, 1, 1, 1)
+        idx = torch.tensor(sel, dtype=torch.int64, device=targets.device)
+        targets.index_add_(0, idx, got.to(targets.dtype) * w)
+    return targets
+
+
 def _cell_overlap(lo: torch.Tensor, length: torch.Tensor, view: int, n: int) -> torch.Tensor:
     """Fraction ``[B, n]`` of each token cell ``[i V/n, (i+1) V/n)`` inside ``[lo, lo+length)``."""
     edges = torch.arange(n + 1, device=lo.device, dtype=torch.float64) * (view / n)
@@ -223,4 +261,10 @@ def resample_to_student(
     return _bilinear_gather(table, base, gsize, uy, ux)
 
 
-__all__ = ["cutmix_targets", "cutmix_weights", "resample_to_student", "sample_targets"]
+__all__ = [
+    "cutmix_targets",
+    "cutmix_weights",
+    "mix_levels",
+    "resample_to_student",
+    "sample_targets",
+]

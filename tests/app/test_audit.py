@@ -102,8 +102,11 @@ def test_identity_views_match_cached_levels(vit_result) -> None:  # noqa: ANN001
 
 
 def test_result_has_every_factor_row(vit_result) -> None:  # noqa: ANN001
-    configs = ["s1.00 only", "all scales", "all scales + flip"]
+    # sets of several scales are also reported with the nearest level only (the default blends)
+    configs = ["s1.00 only", "all scales (nearest level)", "all scales",
+               "all scales + flip (nearest level)", "all scales + flip"]
     assert vit_result.configs == configs
+    assert vit_result.meta["scale_blend"] == 0.25
     expected = [("all views", "overall"), ("rescale", "zoom < 0.75"),
                 ("rescale", "0.75 <= zoom < 1.25"), ("rescale", "1.25 <= zoom < 1.75"),
                 ("rescale", "zoom >= 1.75"), ("crop", "part of the tile (S > V)"),
