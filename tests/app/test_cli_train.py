@@ -83,3 +83,7 @@ def test_options_map_onto_the_config() -> None:
     assert (cfg.schedule.batch_labeled, cfg.schedule.batch_unlabeled) == (4, 6)
     assert cfg.runtime.bf16 and cfg.runtime.grad_checkpointing and not cfg.distill.masked
     assert cfg.crop_size == 70 and cfg.data.store == "s.zarr"
+    assert cfg.distill.scale_blend == 0.25  # the default mixes neighbouring levels
+    assert build_config({"store": "s.zarr", "scale_blend": 0.0}).distill.scale_blend == 0.0
+    with pytest.raises(Exception, match="--scale-blend"):
+        build_config({"store": "s.zarr", "scale_blend": -1.0})
