@@ -211,7 +211,7 @@ def _near_edge(boxes: torch.Tensor, grid: CompareGrid) -> torch.Tensor:
 
 def _exact_scale(ctx: _Ctx, images: torch.Tensor,
                  params: Sequence[ViewParams], geom: ViewGeometry) -> torch.Tensor:
-    """Targets from a cache rendered at exactly each view's scale (the ceiling of any warp)."""
+    """Targets from a cache rendered at exactly each view's scale (the best a one-level warp can do)."""
     from pipelines.extract import render_level
 
     grids, lgs = [], []
@@ -469,7 +469,7 @@ def _summarise(ctx: _Ctx, acc: dict[str, Any], identity: list[Check],
                   *mean("ref|cutmix", alls)),
             Check("  same, within 1 token of the box edge", *mean("ref|cutmix_edge", alls))]
     if ceiling:
-        refs.insert(0, Check("cache at exactly the view's scale (ceiling of any warp)",
+        refs.insert(0, Check("cache at exactly the view's scale (best one-level warp)",
                              *mean("ref|exact_scale", alls)))
     return AuditResult(identity=identity, factors=rows, references=refs, configs=labels)
 

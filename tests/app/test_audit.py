@@ -125,7 +125,7 @@ def test_result_has_every_factor_row(vit_result) -> None:  # noqa: ANN001
     data = json.loads(vit_result.to_json())
     assert len(data["factors"]) == len(expected) + 1 and len(data["identity"]) == 5
     assert {r["name"] for r in data["references"]} >= {
-        "cache at exactly the view's scale (ceiling of any warp)",
+        "cache at exactly the view's scale (best one-level warp)",
         "colour alone: online clean vs online jittered"}
     md = vit_result.to_markdown()
     assert md.count("\n| ") >= 3 + len(expected) + 4
@@ -146,7 +146,7 @@ def test_equivariant_teacher_on_grid_views_gives_one(equi_store: str) -> None:
     assert plain.cosine["scales"] > FP16_COS
     # the wrong mapping: flipped views against an unflipped cache
     assert flipped.cosine["scales"] < 0.99
-    assert res.check("cache at exactly the view's scale (ceiling of any warp)").cosine > FP16_COS
+    assert res.check("cache at exactly the view's scale (best one-level warp)").cosine > FP16_COS
     # cached CutMix targets equal token mixing of the online ones: same cosine either way
     cm = res.row("cutmix", "all tokens").cosine["scales + flip"]
     ref = res.check("CutMix token mixing of online targets vs teacher on mixed view").cosine
