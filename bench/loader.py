@@ -9,9 +9,11 @@ straight through featstore's writer) and 512 px tiles. Measured:
   and ``collate``; view rendering + strong colour + CutMix (``render_batch``); target sampling
   (``CachedTargets``: bilinear gather + CutMix mixing), all on this CPU;
 * the trainer's consumption: the cached training step at real size measured in the same run
-  (``bench/train_step.py --child cached``, batch 1+1, scaled x8 to 8+8 as FLOPs scale).
+  (``bench/train_step.py --child cached``, batch 1+1, scaled x8 to 8+8 as FLOPs scale);
+* the cost of the scale blend: the same data path on a store of the default levels
+  (``MULTI_SCALES`` + flip, random DINOv2-B-sized grids), nearest level vs the default blend.
 
-Usage: ``python bench/loader.py [--quick]``.
+Usage: ``python bench/loader.py [--quick] [--blend-only]``.
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ NAME, GRID, CH, TILE, CROP = "dinov2_vitb14", 37, 768, 512, 518
 BATCH = 8
 
 
-def build_store(url: str, n: int, tps: int = 16) -> float:
-    """Write ``n`` tiles of random fp16 features + random pixels; return the write seconds."""
+def build_store(url: str, n: int, tps: int = 16, levels: tuple = ()) -> float:  # noqa: ANN001
+    """Write ``n`` tiles of random fp16 features + random pixels; return the write seconds.
+
+    ``levels``: the cached ``LevelSpec`` set (default: ``s1.00`` only).
+    """
     import numpy as np
 
     from featstore import (
+        LevelGeometry,
         LevelSpec,
         StoreSchema,
         TeacherEntry,
@@ -46,7 +52,10 @@ def build_store(url: str, n: int, tps: int = 16) -> float:
     spec = TeacherSpec(NAME, "timm", "vit_base_patch14_dinov2", "random", None, 518, 14, CH,
                        extra=(("snap_to_stride", "1"),))
     schema = StoreSchema("bench", TILE, CROP, class_names=tuple(f"c{i}" for i in range(7)),
-                         tiles_per_shard=tps, teachers=(TeacherEntry(spec, (LevelSpec(1.0),)),))
+                         tiles_per_shard=tps,
+                         teachers=(TeacherEntry(spec, tuple(levels) or (LevelSpec(1.0),)),))
+    grids = {lv.key: LevelGeometry.from_specs(TILE, CROP, lv, spec).grid
+             for lv in schema.teachers[0].levels}
     tiles = [TileRecord(f"t{i:05d}", "bench", (0, 0, TILE, TILE), "train", f"{i:016x}")
              for i in range(n)]
     w = create_store(url, schema, tiles, overwrite=True)
@@ -54,10 +63,11 @@ def build_store(url: str, n: int, tps: int = 16) -> float:
     t0 = time.perf_counter()
     for k in range(w.n_shards):
         m = len(w.shard_tiles(k))
-        feats = rng.standard_normal((m, GRID, GRID, CH), dtype=np.float32)
+        feats = {key: rng.standard_normal((m, g, g, CH), dtype=np.float32)
+                 for key, g in grids.items()}
         images = rng.integers(0, 256, (m, TILE, TILE, 3), dtype=np.uint8)
         masks = rng.integers(0, 7, (m, TILE, TILE), dtype=np.uint8)
-        w.write_shard(k, {NAME: {"s1.00": feats}}, images=images, masks=masks)
+        w.write_shard(k, {NAME: feats}, images=images, masks=masks)
     w.finalize()
     return time.perf_counter() - t0
 
@@ -94,7 +104,7 @@ def random_reads(url: str, n_reads: int) -> dict[str, Any]:
             "encoded_only_tiles_per_s": n_reads / raw}
 
 
-def data_path(url: str, n_steps: int) -> dict[str, Any]:
+def data_path(url: str, n_steps: int, scale_blend: float = 0.0) -> dict[str, Any]:
     """Per-stage seconds of the 8+8 data path (items+collate, render, targets), on the CPU."""
     import numpy as np
     import torch
@@ -106,7 +116,7 @@ def data_path(url: str, n_steps: int) -> dict[str, Any]:
     store = open_store(url)
     n = len(store)
     levels = {NAME: store.levels(NAME)}
-    sampling = ViewSampling(TILE, CROP, CROP)
+    sampling = ViewSampling(TILE, CROP, CROP, scale_blend=scale_blend)
     ds_l = StoreDataset(store, list(range(n)), levels, True, 0, sampling, stream=0)
     ds_u = StoreDataset(store, list(range(n)), levels, False, 0, sampling, stream=1)
     geoms = {(NAME, lv.key): store.level_geometry(NAME, lv.key) for lv in store.levels(NAME)}
@@ -133,6 +143,28 @@ def data_path(url: str, n_steps: int) -> dict[str, Any]:
     return per
 
 
+def blend_cost(url: str, n_tiles: int, n_steps: int) -> dict[str, Any]:
+    """The data path on a store of the default levels, nearest level vs the default blend."""
+    from featstore import LevelSpec
+    from pipelines.config import MULTI_SCALES
+    from trainer.config import DistillConfig
+
+    levels = [LevelSpec(s, f) for f in (False, True) for s in MULTI_SCALES]
+    write_s = build_store(url, n_tiles, tps=4, levels=tuple(levels))
+    width = DistillConfig().scale_blend
+    return {"tiles": n_tiles, "levels": len(levels), "write_s": write_s, "width": width,
+            "nearest": data_path(url, n_steps, 0.0), "blend": data_path(url, n_steps, width)}
+
+
+def blend_table(blend: dict[str, Any]) -> str:
+    """Nearest level vs scale blend, stage by stage, with the ratio."""
+    rows = [[k, f"{1000 * blend['nearest'][k]:.0f} ms", f"{1000 * blend['blend'][k]:.0f} ms",
+             f"{blend['blend'][k] / blend['nearest'][k]:.2f}"]
+            for k in ("items", "render", "targets", "total")]
+    return C.markdown_table([f"stage per 8+8 step, store of {blend['levels']} levels",
+                             "nearest level", f"scale blend {blend['width']}", "ratio"], rows)
+
+
 def trainer_step(quick: bool) -> dict[str, Any]:
     """Cached training step at real size (1+1, fresh process), same run; or bench 1's JSON."""
     import json
@@ -153,13 +185,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="32 tiles, fewer reads/steps, trainer step from train_step.json")
+    ap.add_argument("--blend-only", action="store_true",
+                    help="only the scale-blend cost (nearest level vs blend, default levels)")
     args = ap.parse_args()
+    if args.blend_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            blend = blend_cost(f"{tmp}/levels.zarr", 8 if args.quick else 16,
+                               2 if args.quick else 6)
+        print(blend_table(blend))
+        C.write_json("loader_blend", blend)
+        return
     n_tiles = 32 if args.quick else 128
     with tempfile.TemporaryDirectory() as tmp:
         url = f"{tmp}/store.zarr"
         write_s = build_store(url, n_tiles)
         reads = random_reads(url, 64 if args.quick else 256)
         path = data_path(url, 2 if args.quick else 6)
+        blend = blend_cost(f"{tmp}/levels.zarr", 8 if args.quick else 16, 2 if args.quick else 6)
     step = trainer_step(args.quick)
     # A 1+1 step scaled to 8+8: FLOPs and time are linear in the batch at this size.
     step_88_s = step["median_s"] * BATCH
@@ -189,12 +231,13 @@ def main() -> None:
           f"{headroom_full:.0f}x", ">= 3x", C.goal(headroom_full, 3.0, False)],
          ["loader stage alone (items + collate) / trainer consumption",
           f"{headroom_loader:.0f}x", ">= 3x", C.goal(headroom_loader, 3.0, False)]])
-    text = f"{t1}\n\n{t2}\n\n{t3}\n"
+    text = f"{t1}\n\n{t2}\n\n{t3}\n\n{blend_table(blend)}\n"
     print(text)
     C.write_json("loader", {"tiles": n_tiles, "write_s": write_s, "reads": reads,
                             "data_path_s": path, "trainer_step": step,
                             "step_8p8_s": step_88_s, "headroom_full": headroom_full,
-                            "headroom_loader": headroom_loader, "markdown": text})
+                            "headroom_loader": headroom_loader, "scale_blend": blend,
+                            "markdown": text})
 
 
 if __name__ == "__main__":
