@@ -113,15 +113,20 @@ def main() -> None:
         bytes_per_tile = storage(url, name, sets, n_tiles)
         bank_bytes = open_store(url).bank.nbytes_per_tile(name)
         bank_disk = dir_bytes(Path(url) / "teachers" / name / "bank") / n_tiles
+        views = view_counts(store, name, sets)
         kw = dict(weights=str(wpath), n_views=n_views, seed=0, batch_size=8, level_sets=sets)
         main_res = audit_store(url, name, bank_views=n_tiles * args.bank_k, **kw)
         aligned = audit_store(url, name, grid_aligned=True, ceiling=False, bank_views=0,
                               identity_tiles=1, **kw)
     rows = option_rows(main_res, aligned, sets, times, bytes_per_tile, bank_bytes, bank_disk,
                        n_tiles, args.bank_k)
+    for row, count in zip(rows, [views["official"]] * (len(rows) - 2)
+                          + [views["grid-aligned"], args.bank_k], strict=True):
+        row.append(f"{count:,}")
     text = (C.markdown_table(["option", "cosine (teacher grid)", "cosine (student grid)",
                               "storage KiB/tile", "extraction s/tile", "extraction vs 1 scale",
-                              "teacher passes/tile (online: 118)"], rows)
+                              "teacher passes/tile (online: 118)",
+                              "distinct views/tile"], rows)
             + "\n\n" + main_res.to_markdown() + "\n\nGrid-aligned views:\n\n"
             + aligned.to_markdown())
     print(text)
@@ -130,7 +135,19 @@ def main() -> None:
                               "bytes_per_tile": bytes_per_tile, "bank_bytes_per_tile": bank_bytes,
                               "bank_disk_bytes_per_tile": bank_disk, "bank_k": args.bank_k,
                               "scales": MULTI_SCALES, "weights": str(wpath),
+                              "distinct_views_per_tile": views,
                               "load_avg": os.getloadavg()})
+
+
+def view_counts(store, name, sets):  # noqa: ANN001, ANN201
+    """Augmentation diversity: distinct geometric views per tile of each draw rule."""
+    from featcache.audit import OFFICIAL_SCALE_RANGE
+    from trainer.geometry import GridAlign, count_views
+
+    tile, crop = store.schema.tile_size, store.schema.base_size
+    align = GridAlign.from_levels([store.level_geometry(name, k) for k in list(sets.values())[-1]])
+    return {"official": count_views(tile, crop, OFFICIAL_SCALE_RANGE),
+            "grid-aligned": count_views(tile, crop, OFFICIAL_SCALE_RANGE, align)}
 
 
 def option_rows(res, aligned, sets, times, bpt, bank_bytes, bank_disk, n_tiles, k):  # noqa: ANN001, ANN201, E501

@@ -101,12 +101,17 @@ class GridAlign:
         return cls(sizes, tuple(by_size[s] for s in sizes), flipped)
 
 
-def _snapped_offset(rng: np.random.Generator, span: int, pitch: float) -> int:
-    """``round(k * pitch)`` with ``k`` uniform such that the result stays in ``[0, span]``."""
+def _snap_kmax(span: int, pitch: float) -> int:
+    """Largest ``k`` with ``round(k * pitch) <= span`` (at most ``floor(span / pitch)``)."""
     kmax = int(math.floor(span / pitch + 1e-9))
     while kmax > 0 and round(kmax * pitch) > span:
         kmax -= 1
-    return int(round(int(rng.integers(0, kmax + 1)) * pitch))
+    return kmax
+
+
+def _snapped_offset(rng: np.random.Generator, span: int, pitch: float) -> int:
+    """``round(k * pitch)`` with ``k`` uniform such that the result stays in ``[0, span]``."""
+    return int(round(int(rng.integers(0, _snap_kmax(span, pitch) + 1)) * pitch))
 
 
 def draw_view(
@@ -151,6 +156,28 @@ def draw_view(
     if flip and grid_aligned.flipped_cache:
         ox = span - ox  # align from the right edge: that edge becomes the flipped level's left
     return ViewParams(size, oy, ox, flip, tile_size, crop_size)
+
+
+def count_views(
+    tile_size: int,
+    crop_size: int,
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    grid_aligned: GridAlign | None = None,
+) -> int:
+    """Distinct geometric views ``(S, oy, ox, flip)`` that ``draw_view`` can produce per tile.
+
+    The augmentation diversity of a draw rule: the official rule has every integer ``S`` and
+    every integer offset; a grid-aligned rule only cached sizes and offsets on the token grid.
+    """
+    if grid_aligned is None:
+        sizes = range(int(scale_range[0] * tile_size), int(scale_range[1] * tile_size) + 1)
+        return 2 * sum((max(s, crop_size) - crop_size + 1) ** 2 for s in sizes)
+    total = 0
+    for size, pitch in zip(grid_aligned.sizes, grid_aligned.pitch, strict=True):
+        span = max(size, crop_size) - crop_size
+        offsets = {round(k * pitch) for k in range(_snap_kmax(span, pitch) + 1)}
+        total += 2 * len(offsets) ** 2
+    return total
 
 
 def identity_view(tile_size: int, base_size: int, crop_size: int | None = None) -> ViewParams:
@@ -356,6 +383,7 @@ __all__ = [
     "BLEND_MIN_WEIGHT",
     "blend_levels",
     "choose_level",
+    "count_views",
     "draw_view",
     "identity_view",
     "token_centres",

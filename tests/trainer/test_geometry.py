@@ -15,6 +15,7 @@ from trainer.geometry import (
     ViewGeometry,
     ViewParams,
     choose_level,
+    count_views,
     draw_view,
     identity_view,
     token_valid,
@@ -144,3 +145,15 @@ def test_grid_aligned_draws_follow_the_rule() -> None:
     assert {(140, k * 14) for k in range(6)} <= seen
     with pytest.raises(ValueError, match="GridAlign"):
         GridAlign((), ())
+
+
+@pytest.mark.parametrize("align", [None, GridAlign((8, 12, 16), (2.0, 3.0, 2.5))])
+def test_count_views_matches_the_views_draw_view_produces(align: GridAlign | None) -> None:
+    """Brute force: collect every distinct (S, oy, ox, flip) over many draws on a tiny tile."""
+    rng = np.random.default_rng(0)
+    seen = {(p.size, p.oy, p.ox, p.flip)
+            for p in (draw_view(rng, 8, 7, (0.5, 2.0), 0.5, align) for _ in range(60_000))}
+    assert count_views(8, 7, (0.5, 2.0), align) == len(seen)
+    # by hand: official 2 * (4 sizes <= 7 with one offset + sum_{k=2..10} k^2); aligned
+    # spans 1 / 5 / 9 at pitch 2 / 3 / 2.5 give 1 / 2 / 4 offsets per axis
+    assert len(seen) == (2 * (4 + 384) if align is None else 2 * (1 + 4 + 16))
