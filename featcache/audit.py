@@ -211,7 +211,7 @@ def _near_edge(boxes: torch.Tensor, grid: CompareGrid) -> torch.Tensor:
 
 def _exact_scale(ctx: _Ctx, images: torch.Tensor,
                  params: Sequence[ViewParams], geom: ViewGeometry) -> torch.Tensor:
-    """Targets from a cache rendered at exactly each view's scale (the best a one-level warp can do)."""
+    """Targets from a cache rendered at exactly each view's scale (best one-level warp)."""
     from pipelines.extract import render_level
 
     grids, lgs = [], []
@@ -341,7 +341,8 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
                 crop_size: int | None = None, n_tokens: int | None = None,
                 batch_size: int = 8, grid_aligned: bool = False, ceiling: bool = True,
                 identity_tiles: int = 8, grid: str = "teacher",
-                bank_views: int = 64, scale_blend: float = 0.25) -> AuditResult:
+                bank_views: int = 64, scale_blend: float = 0.25,
+                aligned_views: int = 0) -> AuditResult:
     """Audit the fidelity of cached targets against the teacher run on the views.
 
     Args:
@@ -371,6 +372,8 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
             mixed into the target, as the trainer's ``distill.scale_blend`` (warp mode); the
             main (last) set is also reported with its nearest level only. 0: nearest only.
             Grid-aligned views read exact levels (no mixing), as in training.
+        aligned_views: Also audit this many grid-aligned views (same store and sets) and add
+            the main set's overall cosine on them to the references (0: skip).
 
     Returns:
         The audit result (``to_markdown`` / ``to_json``).
@@ -424,6 +427,10 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
         bank = _bank_checks(ctx, [int(i) for i in done], bank_views, batch_size)
     result = _summarise(ctx, acc, identity, ceiling)
     result.bank = bank
+    if aligned_views > 0 and not grid_aligned:
+        result.references.append(_aligned_reference(
+            store_url, teacher_name, teacher, aligned_views, seed, level_sets, dev, crop_size,
+            n_tokens, batch_size, grid))
     result.meta.update(grid=grid, grid_n=ctx.grid.n, other_grid_n=ctx.other.n,
                        store=str(store_url), teacher=teacher_name, n_views=n_views, seed=seed,
                        tile_size=ctx.tile, base_size=ctx.base, crop_size=crop, n_tokens=ctx.n,
@@ -431,6 +438,21 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
                        scale_blend=0.0 if grid_aligned else scale_blend,
                        level_sets={k: [lv.key for lv in v[0]] for k, v in ctx.configs.items()})
     return result
+
+
+def _aligned_reference(store_url: str, name: str, teacher: Any, n_views: int, seed: int,
+                       level_sets: Mapping[str, Sequence[str]] | None, device: torch.device,
+                       crop_size: int | None, n_tokens: int | None, batch_size: int,
+                       grid: str) -> Check:
+    """The main set's overall cosine on grid-aligned views (exact reads on the token grid)."""
+    sub = audit_store(store_url, name, teacher=teacher, n_views=n_views, seed=seed,
+                      level_sets=level_sets, device=device, crop_size=crop_size,
+                      n_tokens=n_tokens, batch_size=batch_size, grid_aligned=True,
+                      ceiling=False, identity_tiles=1, grid=grid, bank_views=0)
+    main = sub.configs[-1]
+    row = sub.row("all views", "overall")
+    return Check(f"grid-aligned views ({n_views}), {main}: exact reads on the token grid",
+                 row.cosine[main], row.tokens)
 
 
 def _summarise(ctx: _Ctx, acc: dict[str, Any], identity: list[Check],

@@ -65,6 +65,9 @@ def _parse_level_sets(items: tuple[str, ...]) -> dict[str, list[str]] | None:
 @click.option("--crop-size", default=None, type=int, help="View side (default: base size).")
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @click.option("--grid-aligned", is_flag=True, help="Draw views on the cached token grid.")
+@click.option("--aligned-views", default=None, type=int,
+              help="Also audit this many grid-aligned views and report them beside the "
+                   "official views (default: half of --views; 0: skip).")
 @click.option("--no-ceiling", is_flag=True, help="Skip the exact-scale ceiling (saves time).")
 @click.option("--scale-blend", default=0.25, show_default=True, type=float,
               help="Kernel width (octaves of zoom) over which neighbouring cached levels are "
@@ -78,7 +81,8 @@ def _parse_level_sets(items: tuple[str, ...]) -> dict[str, list[str]] | None:
               help="Also write the markdown tables here.")
 def audit_command(store: str, teacher: str, weights: str | None, tiny: bool, views: int,
                   seed: int, device: str, level_sets: tuple[str, ...], crop_size: int | None,
-                  batch_size: int, grid_aligned: bool, no_ceiling: bool, scale_blend: float,
+                  batch_size: int, grid_aligned: bool, aligned_views: int | None,
+                  no_ceiling: bool, scale_blend: float,
                   grid: str, json_out: str | None, md_out: str | None) -> None:
     """Measure how close targets sampled from STORE are to the teacher run on each view."""
     from featcache.audit import audit_store
@@ -88,7 +92,8 @@ def audit_command(store: str, teacher: str, weights: str | None, tiny: bool, vie
         result = audit_store(store, teacher, weights=weights, tiny=tiny, n_views=views,
                              seed=seed, level_sets=sets, device=device, crop_size=crop_size,
                              batch_size=batch_size, grid_aligned=grid_aligned,
-                             ceiling=not no_ceiling, grid=grid, scale_blend=scale_blend)
+                             ceiling=not no_ceiling, grid=grid, scale_blend=scale_blend,
+                             aligned_views=views // 2 if aligned_views is None else aligned_views)
     md = result.to_markdown()
     click.echo(md)
     for path, text in ((json_out, result.to_json()), (md_out, md)):

@@ -153,6 +153,16 @@ def test_equivariant_teacher_on_grid_views_gives_one(equi_store: str) -> None:
     assert math.isclose(cm, ref, abs_tol=1e-3)
 
 
+def test_aligned_views_are_reported_beside_official_views(equi_store: str) -> None:
+    """An equivariant teacher: grid-aligned reads are exact, official (off-grid) views are not."""
+    res = audit_store(equi_store, EQUI, teacher=PatchifyTeacher(), n_views=8, seed=4,
+                      batch_size=8, ceiling=False, aligned_views=8,
+                      level_sets={"scales + flip": ["s1.00", "s1.00f", "s2.00", "s2.00f"]})
+    aligned = res.check("grid-aligned views (8), scales + flip: exact reads on the token grid")
+    assert aligned.cosine > FP16_COS and aligned.tokens > 0
+    assert res.row("all views", "overall").cosine["scales + flip"] < 0.99
+
+
 def test_teacher_with_other_spec_is_refused(vit_store: str) -> None:
     with pytest.raises(AuditError, match="differs"):
         audit_store(vit_store, "dinov2_vitb14", teacher=PatchifyTeacher(), n_views=1)
@@ -171,6 +181,7 @@ def test_cli_writes_json(vit_store: str, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert data["meta"]["n_views"] == 4 and "identity view vs s1.00" in res.output
+    assert "grid-aligned views (2)" in res.output  # half of --views by default
     bad = CliRunner().invoke(main, ["audit", vit_store, "--teacher", "nope", "--tiny"])
     assert bad.exit_code == 1 and "not in" in bad.output
 
