@@ -3,8 +3,8 @@
 Each item draws its view on the CPU (zoomed size, crop offset, flip, the cached level nearest the
 zoom per teacher and, with ``scale_blend``, the neighbouring levels mixed in) from a generator
 seeded by ``(seed, stream, epoch, position)``, so a killed and resumed run sees exactly the same
-data. Only the chosen levels of each teacher are read; the pixel
-work (rendering, colour, CutMix) happens batched on the training device (``trainer.augment``).
+data. Only the chosen levels of each teacher are read; the pixel work (rendering, colour, CutMix)
+happens batched on the training device (``trainer.augment``).
 """
 
 from __future__ import annotations
