@@ -44,6 +44,10 @@ class FeatureCodec:
         """Decode stored data (numpy or dask) back to float32 ``[..., g, g, C]``."""
         raise NotImplementedError
 
+    def decode_half(self, data: Any, aux: Any = None) -> Any:
+        """Decode to float16 (what the trainer keeps in host memory)."""
+        return self.decode(data, aux).astype(np.float16)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able parameters (no fitted data) that ``get_codec`` accepts."""
         return {"name": self.name}
@@ -79,6 +83,10 @@ class Float16Codec(FeatureCodec):
     def decode(self, data: Any, aux: Any = None) -> Any:
         """Cast back to float32."""
         return data.astype(np.float32)
+
+    def decode_half(self, data: Any, aux: Any = None) -> Any:
+        """The stored array itself: no float32 round trip (the same values, exactly)."""
+        return data.astype(np.float16, copy=False)
 
 
 class Int8Codec(FeatureCodec):

@@ -180,6 +180,14 @@ class FeatureStore:
         data, aux = self.read_encoded(teacher, i, level)
         return np.asarray(self.codec(teacher).decode(data, aux), dtype=np.float32)
 
+    def read_half(self, teacher: str, i: int, level: LevelLike = "s1.00") -> np.ndarray:
+        """Decoded float16 ``[g, g, C]`` tokens of tile ``i`` (no float32 copy for fp16 stores).
+
+        Equals ``read(...).astype(float16)``; the trainer's datasets read through it.
+        """
+        data, aux = self.read_encoded(teacher, i, level)
+        return np.asarray(self.codec(teacher).decode_half(data, aux), dtype=np.float16)
+
     def read_many(
         self, teacher: str, indices: Sequence[int], level: LevelLike = "s1.00", max_workers: int = 8
     ) -> np.ndarray:

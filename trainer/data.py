@@ -141,17 +141,18 @@ class StoreDataset(Dataset):
             item["mask"] = torch.from_numpy(np.ascontiguousarray(self.reader.read_mask(i)))
         if self.p_bank is None:
             view = self.draw(k)
-            grids = {name: self.features.read(name, i, level.key)
+            grids = {name: self.features.read_half(name, i, level.key)
                      for name, level in view.levels.items()}
             item["blend_grids"] = {
-                name: [torch.from_numpy(self.features.read(name, i, lv.key)).to(torch.float16)
+                name: [torch.from_numpy(self.features.read_half(name, i, lv.key))
                        for lv, _ in mix]
                 for name, mix in view.blend.items()}
         else:  # a bank view (its grids from the bank) or a warped view (its cached levels)
             view, item["bank_slot"], grids = draw_bank_item(self.features, i, self._rng(k),
                                                             self.levels, self.p_bank)
         item["view"] = view
-        # float16 halves host memory and transfer; decoded values are at most fp16-precise.
+        # float16 halves host memory and transfer; decoded values are at most fp16-precise
+        # (read_half hands an fp16 store's array over as is: no float32 round trip).
         item["grids"] = {name: torch.from_numpy(g).to(torch.float16) for name, g in grids.items()}
         return item
 

@@ -102,7 +102,7 @@ def draw_bank_item(
         name: (
             load_bank_targets(store, name, tile_index, slot)
             if name in banked
-            else store.read(name, tile_index, levels[name].key)
+            else store.read_half(name, tile_index, levels[name].key)
         )
         for name in levels_by_teacher
     }
