@@ -109,12 +109,6 @@ def draw_bank_item(
     return view.with_levels(levels), slot, grids
 
 
-def _subset(geom: ViewGeometry, idx: torch.Tensor) -> ViewGeometry:
-    return ViewGeometry(
-        geom.size[idx], geom.oy[idx], geom.ox[idx], geom.flip[idx], geom.tile, geom.crop
-    )
-
-
 class BankTargets:
     """Target provider of ``view_bank`` mode (same call signature as ``step.CachedTargets``).
 
@@ -159,7 +153,7 @@ class BankTargets:
                 n,
                 [grids[i] for i in idx.tolist()],
                 [batch["view"][i] for i in idx.tolist()],
-                _subset(geom, idx),
+                geom.select(idx),
             )
             if out is None:
                 out = part.new_empty((len(geom), *part.shape[1:]))
