@@ -178,10 +178,18 @@ class _Read:
 
 
 def _read_levels(ctx: _Ctx, idx: Sequence[int], params: Sequence[ViewParams],
-                 levels: Sequence[LevelSpec], blend: float) -> _Read:
-    """Each view's nearest allowed level and the levels ``blend_levels`` mixes in."""
+                 levels: Sequence[LevelSpec], blend: float,
+                 cache: dict[tuple[int, str], torch.Tensor]) -> _Read:
+    """Each view's nearest allowed level and the levels ``blend_levels`` mixes in.
+
+    ``cache`` holds the batch's decoded grids by ``(tile, level key)``: the configurations
+    overlap (nested sets, each with and without the blend), so each grid is read once.
+    """
     def read(i: int, lv: LevelSpec) -> torch.Tensor:
-        return torch.from_numpy(ctx.store.read(ctx.name, int(i), lv.key))
+        key = (int(i), lv.key)
+        if key not in cache:
+            cache[key] = torch.from_numpy(ctx.store.read(ctx.name, int(i), lv.key))
+        return cache[key]
 
     out = _Read([], [], [])
     for i, p in zip(idx, params, strict=True):
@@ -245,8 +253,9 @@ def _audit_batch(ctx: _Ctx, idx: Sequence[int], params: Sequence[ViewParams],
     def add(key: str, cos: torch.Tensor, w: torch.Tensor) -> None:
         acc.setdefault(key, []).append(torch.stack([(cos * w).sum((1, 2)), w.sum((1, 2))], 1))
 
+    grids: dict[tuple[int, str], torch.Tensor] = {}
     for label, (levels, blend) in ctx.configs.items():
-        read = _read_levels(ctx, idx, params, levels, blend)
+        read = _read_levels(ctx, idx, params, levels, blend, grids)
         target, tvalid = read.on(ctx.grid, geom)
         add(f"{label}|plain", cosine(target, online), valid * tvalid)
         add(f"{label}|colour", cosine(target, colour_online), valid * tvalid)
