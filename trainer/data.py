@@ -69,7 +69,9 @@ class ViewSampling:
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip_p: float = 0.5
     grid_aligned: Any = None
-    scale_blend: float = 0.0  # kernel width in octaves (trainer.geometry.blend_levels)
+    # kernel width in octaves (trainer.geometry.blend_levels); grid-aligned views and bank
+    # items are exact and never mixed
+    scale_blend: float = 0.0
 
 
 class StoreDataset(Dataset):

@@ -254,17 +254,17 @@ def blend_levels(
     r_near = nearest.render_px(base_size)
     if width <= 0 or r_near == size:
         return ((nearest, 1.0),)
-    by_render: dict[int, LevelSpec] = {}
-    for render in sorted({lv.render_px(base_size) for lv in levels} - {r_near}):
-        same = [lv for lv in levels if lv.render_px(base_size) == render]
-        by_render[render] = choose_level(same, size, flip, tile_size, base_size)
-
     def kernel(render: int) -> float:
         return math.exp(-((math.log2(size / render) / width) ** 2))
 
     k_near = kernel(r_near)
-    picked = sorted(((lv, kernel(r)) for r, lv in by_render.items()
-                     if kernel(r) >= BLEND_MIN_WEIGHT * k_near), key=lambda p: -p[1])
+    picked = []
+    for render in sorted({lv.render_px(base_size) for lv in levels} - {r_near}):
+        k = kernel(render)
+        if k >= BLEND_MIN_WEIGHT * k_near:
+            same = [lv for lv in levels if lv.render_px(base_size) == render]
+            picked.append((choose_level(same, size, flip, tile_size, base_size), k))
+    picked.sort(key=lambda p: -p[1])
     total = k_near + sum(k for _, k in picked)
     return ((nearest, k_near / total),) + tuple((lv, k / total) for lv, k in picked)
 

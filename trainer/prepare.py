@@ -209,7 +209,7 @@ def build_loaders(cfg: TrainConfig, data: RunData, info: DistInfo) -> Loaders:
     """Labeled ids repeated to the unlabeled length (official); samplers sharded by rank."""
     sampling = ViewSampling(data.tile_size, cfg.crop_size, data.base_size,
                             tuple(cfg.data.scale_range), cfg.data.flip_p, _grid_align(cfg, data),
-                            cfg.distill.scale_blend if cfg.distill.target_mode == "warp" else 0.0)
+                            cfg.distill.scale_blend)  # unmixed where views are exact
     levels = data.levels if cfg.mode == "cached" else {}
     feats = data.store if cfg.mode == "cached" else None
     lab, unl = data.sets["labeled"], data.sets["unlabeled"]
