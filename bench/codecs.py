@@ -49,7 +49,8 @@ def features(name: str, weights: str | None, images: Any, batch: int = 4) -> Any
     from pipelines.extract import render_level
     from pipelines.teachers import create_teacher
 
-    teacher = create_teacher(name, weights=weights, base_size=518)
+    # The DINOv2 set measures a random-init ViT on purpose (weights None).
+    teacher = create_teacher(name, weights=weights, base_size=518, random_weights=True)
     out = []
     with torch.inference_mode():
         for s in range(0, len(images), batch):

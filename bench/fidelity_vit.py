@@ -46,6 +46,7 @@ def extract(out: str, name: str, weights: str | None, scales: tuple[float, ...],
                         weights={name: weights} if weights else {}, scales=scales, flip=True,
                         batch_size=args.batch_size, device=args.device, threads=args.threads,
                         tiles_per_shard=4, overwrite=True, tiny=args.tiny,
+                        random_weights=args.random_weights,
                         limit=None if args.tiles >= ALL_TILES else args.tiles)
     t0 = time.perf_counter()
     url = run_extraction(cfg, progress=False)
@@ -130,6 +131,8 @@ def parse_args() -> argparse.Namespace:
                     help="skip the exact-scale ceiling (one more teacher pass per view)")
     ap.add_argument("--identity-tiles", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="tiny random teachers (smoke runs only)")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="accept a full-size teacher with random init when --weights is absent")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -149,6 +152,7 @@ def run_audits(url: str, name: str, args: argparse.Namespace, sets: dict[str, li
     from pipelines.teachers import create_teacher
 
     teacher = create_teacher(name, weights=args.weights, tiny=args.tiny, device=args.device,
+                             random_weights=args.random_weights,
                              base_size=open_store(url).schema.base_size)
     kw = dict(teacher=teacher, seed=0, batch_size=args.batch_size, level_sets=sets,
               device=args.device, identity_tiles=args.identity_tiles)
@@ -216,7 +220,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         build_view_bank(url, [name], weights={name: args.weights}, tiny=args.tiny, k=args.bank_k,
-                        seed=0,
+                        seed=0, random_weights=args.random_weights,
                         batch_size=args.batch_size, device=args.device, threads=args.threads)
         times["view bank"] = time.perf_counter() - t0
         bpt = storage(url, name, sets, n_tiles)

@@ -129,7 +129,8 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
     # departs from the official architecture, measured to show what it saves
     student = Student(StudentConfig(num_classes=7, img_size=CROP,
                                     grad_checkpointing=config == "cached+ckpt",
-                                    clip_from_full=config == "cached+clipfull"))
+                                    clip_from_full=config == "cached+clipfull",
+                                    random_weights=True))  # step cost: weights do not matter
     student.train()
     specs = _teacher_specs()
     static: dict[str, int] = {"student": _nbytes(student)}
@@ -138,7 +139,7 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
         from pipelines.teachers import create_teacher
         from trainer.online import OnlineTargets
 
-        teachers = {t: create_teacher(t, weights=None, device="cpu", base_size=CROP)
+        teachers = {t: create_teacher(t, device="cpu", base_size=CROP, random_weights=True)
                     for t in (DINO, CLIP)}
         targets: Any = OnlineTargets(teachers)
         for t, m in teachers.items():

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from featcache.audit_grid import (
     CompareGrid,
@@ -35,6 +36,8 @@ from featcache.audit_grid import (
 )
 from featcache.audit_result import AuditResult, Check, FactorRow
 from featstore import LevelGeometry, LevelSpec, open_store
+from featstore.errors import MissingTeacherError
+from featstore.teacher_names import resolve_teacher_name
 from trainer.augment import cutmix_boxes, cutmix_pixels, render_views, strong_photometric
 from trainer.geometry import (
     GridAlign,
@@ -132,12 +135,12 @@ def _resolve_sets(store: Any, name: str, level_sets: Mapping[str, Sequence[str]]
 
 
 def create_store_teacher(store: Any, name: str, weights: str | None, tiny: bool,
-                         device: torch.device) -> Any:
+                         device: torch.device, random_weights: bool = False) -> Any:
     """The registry teacher built as extraction builds it (`create_teacher` seeds random init)."""
     from pipelines.teachers import create_teacher
 
     return create_teacher(name, weights=weights, tiny=tiny, device=device,
-                          base_size=store.schema.base_size)
+                          base_size=store.schema.base_size, random_weights=random_weights)
 
 
 def _check_spec(store: Any, name: str, teacher: Any) -> None:
@@ -351,12 +354,14 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
                 batch_size: int = 8, grid_aligned: bool = False, ceiling: bool = True,
                 identity_tiles: int = 8, grid: str = "teacher",
                 bank_views: int = 64, scale_blend: float = 0.25,
-                aligned_views: int = 0) -> AuditResult:
+                aligned_views: int = 0, progress: bool = False,
+                random_weights: bool = False) -> AuditResult:
     """Audit the fidelity of cached targets against the teacher run on the views.
 
     Args:
         store_url: A store with pixels (``store_pixels``).
-        teacher_name: Teacher name in the store.
+        teacher_name: Teacher name in the store, or the name typed at extraction
+            (``timm:<model>`` finds ``timm:<model>:<index>``; see ``featstore.teacher_names``).
         weights: Weights the store was extracted with (ignored when ``teacher`` is given).
         tiny: Tiny random teacher, as extracted with ``--tiny``.
         n_views: Random views to draw.
@@ -383,6 +388,9 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
             Grid-aligned views read exact levels (no mixing), as in training.
         aligned_views: Also audit this many grid-aligned views (same store and sets) and add
             the main set's overall cosine on them to the references (0: skip).
+        progress: Show a progress bar over the drawn views.
+        random_weights: Accept random init for a full-size teacher without weights, as the
+            extraction did (``--random-weights``).
 
     Returns:
         The audit result (``to_markdown`` / ``to_json``).
@@ -392,9 +400,10 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
     """
     t0 = time.perf_counter()
     store = open_store(store_url)
-    if teacher_name not in store.teacher_names:
-        raise AuditError(f"teacher {teacher_name!r} is not in {store_url} (it holds "
-                         f"{list(store.teacher_names)}); pass one of those to --teacher")
+    try:
+        teacher_name = resolve_teacher_name(store.schema, teacher_name)
+    except MissingTeacherError as err:
+        raise AuditError(f"{store_url}: {err}") from None
     if not store.schema.store_pixels:
         raise AuditError(f"store {store_url} holds no pixels; re-extract without --no-pixels "
                          "so the audit can render the views")
@@ -402,7 +411,7 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
         raise AuditError(f"--views ({n_views}) and batch size ({batch_size}) must be >= 1")
     dev = torch.device(device)
     if teacher is None:
-        teacher = create_store_teacher(store, teacher_name, weights, tiny, dev)
+        teacher = create_store_teacher(store, teacher_name, weights, tiny, dev, random_weights)
     else:
         teacher = teacher.to(dev).eval()
     _check_spec(store, teacher_name, teacher)
@@ -427,12 +436,15 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
     acc: dict[str, Any] = {}
     with torch.no_grad():
         identity = _identity_checks(ctx, [int(i) for i in done[:identity_tiles]])
+        bar = tqdm(total=n_views, desc="audit", unit="view", disable=not progress)
         for start in range(0, n_views, batch_size):
             count = min(batch_size, n_views - start)
             idx = [int(i) for i in rng.choice(done, size=count)]
             params = [draw_view(rng, ctx.tile, crop, OFFICIAL_SCALE_RANGE, 0.5, align)
                       for _ in idx]
             _audit_batch(ctx, idx, params, gen, acc, ceiling)
+            bar.update(count)
+        bar.close()
         bank = _bank_checks(ctx, [int(i) for i in done], bank_views, batch_size)
     result = _summarise(ctx, acc, identity, ceiling)
     result.bank = bank

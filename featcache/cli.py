@@ -1,7 +1,8 @@
 """The `featcache` command line: one click group; each area registers its commands here.
 
-Commands live in small modules (`cli_extract`, `cli_train`, `cli_report`) that parse options into a
-config dataclass and call the library; heavy imports happen inside the commands so `--help` is fast.
+Commands live in small modules (`cli_extract`, `cli_train`, `cli_report`, `cli_export`, ...) that
+parse options into a config dataclass and call the library; heavy imports (torch, timm) happen
+inside the commands so `--help` and `info` start without them (tests/app/test_cli_help.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import click
 from featcache import __version__
 
 # Modules that define click commands; each exposes COMMANDS, a list of click.Command.
-_COMMAND_MODULES = ("featcache.cli_extract", "featcache.cli_train", "featcache.cli_report")
+_COMMAND_MODULES = (
+    "featcache.cli_extract",
+    "featcache.cli_train",
+    "featcache.cli_report",
+    "featcache.cli_export",
+    "featcache.cli_splits",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -56,12 +56,41 @@ def _config(source: str, store: str, **opts: Any) -> Any:
         source=source, out=store, layout=opts["layout"], split_file=opts["split_file"],
         tile_size=opts["tile_size"], bands=parse_bands(opts["bands"]),
         teachers=tuple(opts["teacher"]), weights=parse_weights(opts["weights"]),
-        tiny=opts["tiny"], scales=parse_scales(opts["scales"]), flip=opts["flip"],
+        tiny=opts["tiny"], random_weights=opts["random_weights"],
+        scales=parse_scales(opts["scales"]), flip=opts["flip"],
         codec=parse_codec(opts["codec"]), batch_size=opts["batch_size"], device=opts["device"],
         scheduler=opts["scheduler"], tiles_per_shard=opts["tiles_per_shard"],
         store_pixels=not opts["no_pixels"], overwrite=opts["overwrite"],
         threads=opts["threads"], base_size=opts["base_size"], limit=opts["limit"],
+        classes=opts["classes"], reduce_zero_label=opts["reduce_zero_label"],
+        ignore_index=opts["ignore_index"], palette=opts["palette"],
     ).validate()
+
+
+# pipelines.sources.LAYOUTS, spelled out so `--help` does not import numpy/PIL (a test keeps
+# the two equal).
+LAYOUT_CHOICES = ("auto", "loveda", "loveda-folder", "potsdam", "deepglobe", "folder", "geotiff",
+                  "potsdam-mmseg", "vaihingen-mmseg", "loveda-mmseg", "mmseg")
+
+
+@contextlib.contextmanager
+def _echo_label_warnings() -> Iterator[None]:
+    """Show label-convention warnings on stderr as `warning: ...` lines, when they happen."""
+    import warnings
+
+    from pipelines.sources.errors import LabelConventionWarning
+
+    def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, LabelConventionWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            default(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        default = warnings.showwarning
+        warnings.simplefilter("always", LabelConventionWarning)
+        warnings.showwarning = show
+        yield
 
 
 @click.command("extract")
@@ -70,23 +99,46 @@ def _config(source: str, store: str, **opts: Any) -> Any:
 @click.option("--teacher", "-t", multiple=True, required=True,
               help="Teacher registry name (repeatable), e.g. dinov2_vitb14, clip_vitl14.")
 @click.option("--weights", multiple=True, metavar="NAME=PATH",
-              help="Weights file or pretrained tag of a teacher (repeatable).")
+              help="Weights of a teacher: a local checkpoint file, or a pretrained tag where the "
+                   "model hub is reachable (repeatable).")
 @click.option("--tiny", is_flag=True, help="Tiny random-init teachers (smoke runs, tests).")
+@click.option("--random-weights", is_flag=True,
+              help="Accept random init for full-size teachers given no --weights (refused "
+                   "otherwise; efficientnet_lite0 still loads its shipped weights).")
 @click.option("--scales", default=",".join(f"{s:g}" for s in MULTI_SCALES), show_default=True,
               help="Cached scales, e.g. 1 or 1,2 (default covers the 0.5-2.0 rescale range).")
 @click.option("--flip/--no-flip", default=True, show_default=True,
               help="Also cache an h-flipped copy of every scale.")
 @click.option("--codec", default="fp16", show_default=True, help="fp16 | int8 | pca:K.")
-@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int,
+              help="Tiles per teacher forward.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
 @click.option("--scheduler", default="local", show_default=True,
               help="local | local:N (N worker processes) | tcp://host:port.")
-@click.option("--tiles-per-shard", default=16, show_default=True, type=int)
-@click.option("--tile-size", default=512, show_default=True, type=int)
+@click.option("--tiles-per-shard", default=16, show_default=True, type=int,
+              help="Tiles per storage chunk (and per resumable unit of work).")
+@click.option("--tile-size", default=512, show_default=True, type=int,
+              help="Side in px of the tiles cut from each source image.")
 @click.option("--base-size", default=518, show_default=True, type=int,
               help="Canvas px of a scale-1 tile (the trainer's crop size).")
-@click.option("--layout", default="auto", show_default=True, help="Source layout.")
-@click.option("--split-file", type=click.Path(), default=None, help="Tile-to-split file.")
+@click.option("--layout", default="auto", show_default=True, type=click.Choice(LAYOUT_CHOICES),
+              help="Source layout; dataset layouts fix the label convention (potsdam-mmseg, "
+                   "vaihingen-mmseg: mmseg's ISPRS tiles, 0 = ignore; loveda*: 0 = no-data), "
+                   "folder/mmseg take it from --classes etc.")
+@click.option("--classes", default=None, metavar="NAMES|FILE",
+              help="Class names in id order, comma-separated or a file with one per line "
+                   "(generic layouts; default: classes.txt beside the data).")
+@click.option("--reduce-zero-label/--no-reduce-zero-label", default=None,
+              help="Index masks: 0 means ignore and value v is class v-1 (mmseg's "
+                   "reduce_zero_label) / values are class ids. Not given: ambiguous masks warn.")
+@click.option("--ignore-index", default=None, type=click.IntRange(0, 255), metavar="N",
+              help="A source mask value that means ignore (255 always does).")
+@click.option("--palette", default=None, type=click.Path(dir_okay=False),
+              help="Colour-coded RGB masks: file with one 'NAME R G B' line per class in id "
+                   "order ('ignore R G B' for ignored colours), or JSON {NAME: [R, G, B]}.")
+@click.option("--split-file", type=click.Path(), default=None,
+              help="RS-MTDF/DWL split file ('<image> <mask>' per line) instead of the folder walk; "
+                   "--layout still sets the label convention.")
 @click.option("--bands", default=None, help="1-based source bands used as RGB, e.g. 3,2,1.")
 @click.option("--no-pixels", is_flag=True, help="Do not store images and masks.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at STORE and start over.")
@@ -103,8 +155,36 @@ def extract_command(source: str, store: str, quiet: bool, **opts: Any) -> None:
 
     with _user_errors():
         cfg = _config(source, store, **opts)
-        url = run_extraction(cfg, progress=not quiet)
+        note = _random_note(cfg.teachers, cfg.weights, cfg.tiny, cfg.random_weights)
+        if note:
+            click.echo(note)
+        with _echo_label_warnings():
+            url = run_extraction(cfg, progress=not quiet)
+        table = _class_table(url)
     click.echo(f"wrote {url}")
+    click.echo("\n".join(table))
+
+
+def _class_table(url: str) -> list[str]:
+    """The class table as the store recorded it (so it matches `info`)."""
+    from featstore import open_store
+    from pipelines.sources.classtable import class_table_lines
+
+    return class_table_lines(open_store(url).schema)
+
+
+def _random_note(names: tuple[str, ...], weights: dict[str, str], tiny: bool,
+                 accepted: bool) -> str | None:
+    """First line of a run whose full-size teachers run with random weights (--random-weights)."""
+    from pipelines.teachers import plan_weights
+
+    if tiny or not accepted:  # tiny is random by definition; without the flag it is refused
+        return None
+    rand = [n for n in names if plan_weights(n, weights.get(n)) in (None, "random")]
+    if not rand:
+        return None
+    return (f"random weights (--random-weights): {', '.join(rand)}; their features carry no "
+            "pretrained knowledge (smoke runs only)")
 
 
 def _level_bytes(url: str, teacher: str, key: str) -> int:
@@ -130,6 +210,7 @@ def _human(n: float) -> str:
 
 def _info_lines(url: str) -> list[str]:
     from featstore import get_codec, open_store
+    from pipelines.sources.classtable import class_table_lines
 
     store = open_store(url)
     schema = store.schema
@@ -144,6 +225,7 @@ def _info_lines(url: str) -> list[str]:
         f"{schema.tiles_per_shard} per shard)",
         "splits:      " + ", ".join(f"{k or '-'}={v}" for k, v in sorted(splits.items())),
         f"classes:     {', '.join(schema.class_names) or '-'} (ignore {schema.ignore_index})",
+        *class_table_lines(schema),
         f"pixels:      {'stored' if schema.store_pixels else 'not stored'}",
         f"fingerprint: {store.fingerprint}",
     ]
@@ -188,9 +270,11 @@ def verify_command(store: str) -> None:
 
 @click.command("synth")
 @click.argument("out", type=click.Path())
-@click.option("--n-images", default=8, show_default=True, type=int)
+@click.option("--n-images", default=8, show_default=True, type=int,
+              help="Number of synthetic scenes.")
 @click.option("--size", default=256, show_default=True, type=int, help="Image edge in px.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Random seed (same seed, same bytes).")
 def synth_command(out: str, n_images: int, size: int, seed: int) -> None:
     """Write a small synthetic dataset (images/ + masks/) into OUT."""
     from pipelines.synthetic import generate_synthetic
@@ -207,13 +291,19 @@ def synth_command(out: str, n_images: int, size: int, seed: int) -> None:
 @click.option("--weights", multiple=True, metavar="NAME=PATH",
               help="Weights the store was extracted with (repeatable).")
 @click.option("--tiny", is_flag=True, help="The store was extracted with --tiny teachers.")
+@click.option("--random-weights", is_flag=True,
+              help="The store was extracted with --random-weights (accept random init).")
 @click.option("--k", "k", default=8, show_default=True, type=int, help="Views per tile.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch-size", default=16, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the recorded view draws.")
+@click.option("--batch-size", default=16, show_default=True, type=int,
+              help="Views per teacher forward.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
 @click.option("--overwrite", is_flag=True, help="Replace a bank drawn with other parameters.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def bank_command(store: str, teacher: tuple[str, ...], weights: tuple[str, ...], tiny: bool,
-                 k: int, seed: int, batch_size: int, device: str, overwrite: bool) -> None:
+                 random_weights: bool, k: int, seed: int, batch_size: int, device: str,
+                 overwrite: bool, quiet: bool) -> None:
     """Add an exact view bank to STORE: K recorded views per tile with the teacher run on each.
 
     Training with `target_mode: view_bank` then draws views whose targets equal the online
@@ -226,7 +316,8 @@ def bank_command(store: str, teacher: tuple[str, ...], weights: tuple[str, ...],
         with _user_errors():
             build_view_bank(store, teacher_names=teacher or None, weights=parse_weights(weights),
                             tiny=tiny, k=k, seed=seed, batch_size=batch_size, device=device,
-                            overwrite=overwrite, progress=True)
+                            overwrite=overwrite, progress=not quiet,
+                            random_weights=random_weights)
     except ViewBankError as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"view bank of {k} views per tile written to {store}")

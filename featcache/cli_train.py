@@ -69,9 +69,8 @@ def _teachers(items: tuple[str, ...], weights: tuple[str, ...]) -> list[Any]:
     out = []
     for item in items:
         name, _, branch = item.partition("@")
-        if not branch:  # the official CLIP path is the 224 branch
-            branch = "clip224" if name.startswith("clip") else "full"
-        out.append(TeacherConfig(name, branch, w.get(name)))
+        # no @branch: None, the teacher's default from its spec (trainer.config.default_branch)
+        out.append(TeacherConfig(name, branch or None, w.get(name)))
     return out
 
 
@@ -93,7 +92,7 @@ def build_config(opts: dict[str, Any]) -> Any:
         "pretrained": ("model", "pretrained"), "lr": ("optim", "lr"),
         "standardize": ("distill", "standardize"), "masked": ("distill", "masked"),
         "target_mode": ("distill", "target_mode"), "p_bank": ("distill", "p_bank"),
-        "scale_blend": ("distill", "scale_blend"),
+        "scale_blend": ("distill", "scale_blend"), "partition": ("data", "partition"),
     }
     for key, (section, attr) in set_if.items():
         if opts.get(key) is not None:
@@ -102,10 +101,15 @@ def build_config(opts: dict[str, Any]) -> Any:
         if opts.get(key) is not None:
             setattr(cfg, attr, opts[key])
     if opts.get("teacher"):
+        if opts.get("no_distill"):
+            raise click.UsageError("--teacher and --no-distill contradict: drop one")
         cfg.model.teachers = _teachers(opts["teacher"], opts.get("weights") or ())
+    if opts.get("no_distill"):
+        cfg.model.teachers, cfg.distill.enabled = None, False
     if opts.get("batch"):
         cfg.schedule.batch_labeled, cfg.schedule.batch_unlabeled = parse_batch(opts["batch"])
     for flag, (section, attr) in (("tiny", ("model", "tiny")), ("bf16", ("runtime", "bf16")),
+                                  ("random_weights", ("model", "random_weights")),
                                   ("grad_ckpt", ("runtime", "grad_checkpointing"))):
         if opts.get(flag):
             setattr(getattr(cfg, section), attr, True)
@@ -119,21 +123,36 @@ def build_config(opts: dict[str, Any]) -> Any:
               help="YAML config (options below override it).")
 @click.option("--store", help="Feature store URL (cached mode; also pixels for online mode).")
 @click.option("--source", help="Image dataset folder (online mode without a store).")
-@click.option("--teacher", multiple=True, help="Teacher NAME[@full|@clip224] (repeat).")
-@click.option("--weights", multiple=True, help="Online teacher weights NAME=PATH_OR_TAG.")
-@click.option("--mode", type=click.Choice(["cached", "online"]))
+@click.option("--teacher", multiple=True,
+              help="Distil from teacher NAME[@full|@clip224] only (repeat). Default: every "
+                   "teacher the store holds, CLIP on @clip224, others on @full.")
+@click.option("--no-distill", is_flag=True,
+              help="Plain FixMatch: train without any teacher (no distillation).")
+@click.option("--weights", multiple=True, metavar="NAME=PATH",
+              help="Online-mode teacher weights: a local file or a pretrained tag (repeat).")
+@click.option("--mode", type=click.Choice(["cached", "online"]),
+              help="Distillation targets from the store's cache, or teachers run on each view.")
 @click.option("--out", help="Run folder (checkpoints, logs, config.yaml).")
 @click.option("--iters", type=int, help="Total iterations (overrides --epochs).")
-@click.option("--epochs", type=int)
+@click.option("--epochs", type=int, help="Training length in passes over the labeled set.")
 @click.option("--batch", help="Per-process batch LABELED+UNLABELED, e.g. 8+8.")
 @click.option("--crop", type=int, help="Crop size (multiple of 14).")
 @click.option("--labeled", help="Labeled split name(s) or tile-id file.")
 @click.option("--unlabeled", help="Unlabeled split name(s) or tile-id file.")
 @click.option("--val", help="Validation split name(s) or tile-id file.")
+@click.option("--partition",
+              help="A labeled/unlabeled/val partition saved by `featcache splits` (default: the "
+                   "store's partition 'default' when no --labeled/--unlabeled/--val is given).")
 @click.option("--tile-size", type=int, help="Tile size for --source.")
-@click.option("--num-classes", type=int)
-@click.option("--pretrained", help="Student backbone weights (DINOv2 file or timm[:tag]).")
-@click.option("--lr", type=float)
+@click.option("--num-classes", type=int,
+              help="Expected class count (checked against the data's class list).")
+@click.option("--pretrained",
+              help="Student backbone weights: a DINOv2 .pth/.safetensors file, or timm[:tag] "
+                   "where the model hub is reachable. Required unless --tiny/--random-weights.")
+@click.option("--random-weights", is_flag=True,
+              help="Accept random init for a full-size student without --pretrained and for "
+                   "online teachers without --weights (refused otherwise).")
+@click.option("--lr", type=float, help="Backbone learning rate (the head's is lr_multi times).")
 @click.option("--standardize/--no-standardize", default=None,
               help="Standardise targets with the store's statistics.")
 @click.option("--target-mode", type=click.Choice(["warp", "grid_aligned", "view_bank"]),
@@ -145,18 +164,19 @@ def build_config(opts: dict[str, Any]) -> Any:
                    "neighbouring cached levels are mixed; 0: nearest level only.")
 @click.option("--masked/--unmasked", default=None,
               help="Weight distillation by validity (default) or the official plain mean.")
-@click.option("--eval-mode", type=click.Choice(["whole", "sliding"]))
-@click.option("--eval-interval", type=int)
-@click.option("--log-interval", type=int)
+@click.option("--eval-mode", type=click.Choice(["whole", "sliding"]),
+              help="Validation: resize each tile to a multiple of 14, or crop-size windows.")
+@click.option("--eval-interval", type=int, help="Validate every N iterations.")
+@click.option("--log-interval", type=int, help="Log losses every N iterations.")
 @click.option("--stop-after", type=int, help="Leave after N iterations (resume later).")
 @click.option("--resume", help="Checkpoint to resume, or 'auto' (OUT/latest.pt if present).")
 @click.option("--tiny", is_flag=True, help="Tiny student (and tiny online teachers).")
 @click.option("--device", help="auto | cpu | cuda | cuda:N")
-@click.option("--seed", type=int)
+@click.option("--seed", type=int, help="Seed of the run (views, init, sampling).")
 @click.option("--workers", type=int, help="DataLoader workers.")
 @click.option("--bf16", is_flag=True, help="bf16 autocast.")
 @click.option("--grad-ckpt", is_flag=True, help="Activation checkpointing of the backbone.")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_cmd(**opts: Any) -> None:
     """Train the student (FixMatch + EMA + distillation) from a store or online teachers."""
     import os
@@ -164,7 +184,7 @@ def train_cmd(**opts: Any) -> None:
     from trainer.engine import train
 
     with _user_errors():
-        result = train(build_config(opts))
+        result = train(build_config(opts), echo=click.echo)
     if int(os.environ.get("RANK", "0")) == 0:
             click.echo(json.dumps({"step": result.step, "best": result.best,
                                "out_dir": str(result.out_dir)}))
@@ -183,56 +203,87 @@ def _eval_reader(store: str | None, source: str | None, tile_size: int) -> Any:
     raise click.UsageError("give --store URL or --source PATH")
 
 
+def _ignore_index(reader: Any) -> int:
+    """The mask value to skip: a store keeps it in its schema, a source reader on itself."""
+    schema = getattr(reader, "schema", None)
+    return int(schema.ignore_index if schema is not None else reader.ignore_index)
+
+
 @click.command("evaluate")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--store", help="Store with pixels and masks.")
-@click.option("--source", help="Image dataset folder.")
+@click.option("--store", help="Store with pixels and masks to evaluate on.")
+@click.option("--source", help="Image dataset folder to evaluate on (instead of --store).")
 @click.option("--split", help="Split name(s) or tile-id file (default: the run's val).")
-@click.option("--tile-size", type=int, default=512, show_default=True)
-@click.option("--weights", type=click.Choice(["ema", "student", "both"]), default="both",
-              show_default=True)
+@click.option("--tile-size", type=int, default=512, show_default=True,
+              help="Tile size for --source.")
+@click.option("--use", type=click.Choice(["ema", "student", "both"]), default="both",
+              show_default=True, help="Which weights of the checkpoint to evaluate.")
 @click.option("--mode", type=click.Choice(["whole", "sliding"]), default="whole",
-              show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+              show_default=True,
+              help="whole: resize the tile to a multiple of 14; sliding: crop-size windows.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
+@click.option("--out", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the metrics JSON to this file.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 def evaluate_cmd(checkpoint: str, store: str | None, source: str | None, split: str | None,
-                 tile_size: int, weights: str, mode: str, device: str) -> None:
-    """Print validation metrics (JSON) of a checkpoint's student and/or EMA."""
-    from trainer.checkpoint import load_student
-    from trainer.checks import select_tiles
-    from trainer.evaluate import evaluate
+                 tile_size: int, use: str, mode: str, device: str, json_out: str | None,
+                 no_progress: bool) -> None:
+    """Print validation metrics (strict JSON, classes by name) of a checkpoint's student/EMA."""
+    from pathlib import Path
+
+    from trainer.checkpoint import class_names, load_student
+    from trainer.checks import recorded_val, select_tiles
+    from trainer.evaluate import evaluate, metrics_json
 
     with _user_errors():
-        names = ["student", "ema"] if weights == "both" else [weights]
+        names = ["student", "ema"] if use == "both" else [use]
         models, ckpt = {}, None
         for name in names:
             models[name], ckpt = load_student(checkpoint, name, device)
         reader = _eval_reader(store, source, tile_size)
-        spec = split or ckpt["config"]["data"]["val"]
-        indices = select_tiles(reader.tiles, spec, "--split")
+        if not split and "data" not in ckpt["config"]:
+            raise click.UsageError(f"{checkpoint} is an export and records no val split; pass "
+                                   "--split NAME (see `featcache splits STORE`)")
+        if split:
+            spec, indices = f"--split {split!r}", select_tiles(reader.tiles, split, "--split")
+        else:  # the run's val: its partition's val set, or its val selection
+            spec = "the run's val set"
+            indices = recorded_val(reader.tiles, ckpt["config"].get("data", {}), store)
         if not indices:
-            raise click.UsageError(f"--split {spec!r} selects no tiles")
+            raise click.UsageError(f"{spec} selects no tiles; pass --split NAME")
         metrics = evaluate(models, reader, indices, int(ckpt["student_config"]["num_classes"]),
-                           mode, int(ckpt["config"]["crop_size"]), device=device)
-    click.echo(json.dumps(metrics, indent=1))
+                           mode, int(ckpt["config"]["crop_size"]), device=device,
+                           ignore_index=_ignore_index(reader), progress=not no_progress)
+    text = metrics_json(metrics, class_names(ckpt))
+    click.echo(text)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(text + "\n")
 
 
 @click.command("predict")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--out", required=True, help="Output folder.")
-@click.option("--weights", type=click.Choice(["ema", "student"]), default="ema",
-              show_default=True)
+@click.option("--out", required=True, help="Output folder (masks, GeoTIFFs, legend).")
+@click.option("--use", type=click.Choice(["ema", "student"]), default="ema", show_default=True,
+              help="Which weights of the checkpoint to use (an export holds one set).")
 @click.option("--mode", type=click.Choice(["whole", "sliding"]), default="whole",
-              show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+              show_default=True,
+              help="whole: resize the image to a multiple of 14; sliding: crop-size windows.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
 @click.option("--no-geotiff", is_flag=True, help="Only PNG masks.")
-def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, weights: str, mode: str,
-                device: str, no_geotiff: bool) -> None:
-    """Segment images / folders / stores with a checkpoint (no teacher, no store needed)."""
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, use: str, mode: str,
+                device: str, no_geotiff: bool, no_progress: bool) -> None:
+    """Segment images / folders / stores with a checkpoint or export (no teacher needed).
+
+    CHECKPOINT is a run's best.pt / latest.pt or a `featcache export` .safetensors file.
+    """
     from trainer.predict import predict
 
     with _user_errors():
-        files = predict(checkpoint, inputs, out, device, weights, mode, geotiff=not no_geotiff)
+        files = predict(checkpoint, inputs, out, device, use, mode, geotiff=not no_geotiff,
+                        progress=not no_progress)
     click.echo(f"wrote {len(files)} files to {out}")
 
 

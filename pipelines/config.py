@@ -41,6 +41,8 @@ class ExtractConfig:
         teachers: Teacher registry names.
         weights: Teacher name -> weights path or pretrained tag (missing: registry default).
         tiny: Build tiny random-init teachers (tests, smoke runs).
+        random_weights: Accept random init for full-size teachers without weights (refused
+            otherwise; a teacher with default weights, e.g. efficientnet_lite0, still loads them).
         scales: Cached scales (render = round(scale * base_size)). The library default is one
             scale; the CLI default is `MULTI_SCALES` + flip, which covers RS-MTDF's 0.5-2.0
             rescale range (see BENCHMARKS.md for what each option buys).
@@ -58,6 +60,14 @@ class ExtractConfig:
             distributed run computes bit-identical features to an uninterrupted one.
         base_size: Canvas edge of the scale-1 rendering (the trainer's crop size).
         limit: Only the first N tiles of the source (smoke runs); None for all.
+        classes: Class names of a generic layout: comma-separated, or a file with one name per
+            line (None: classes.txt beside the data, or the --palette names).
+        reduce_zero_label: Generic index masks: True = source 0 is ignore and v -> id v-1;
+            False = values are ids; None = not stated (ambiguous masks warn or are refused).
+        ignore_index: Generic index masks: one more source value that means ignore (255 always
+            does).
+        palette: Generic colour-coded masks: palette file, one `NAME R G B` line per class in id
+            order (`ignore R G B` marks ignored colours), or JSON {"NAME": [R, G, B], ...}.
     """
 
     source: str
@@ -69,6 +79,7 @@ class ExtractConfig:
     teachers: tuple[str, ...] = ("dinov2_vitb14",)
     weights: dict[str, str] = field(default_factory=dict)
     tiny: bool = False
+    random_weights: bool = False
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     codec: dict[str, Any] = field(default_factory=lambda: {"name": "fp16"})
@@ -81,6 +92,10 @@ class ExtractConfig:
     threads: int = 1
     base_size: int = 518
     limit: int | None = None
+    classes: str | None = None
+    reduce_zero_label: bool | None = None
+    ignore_index: int | None = None
+    palette: str | None = None
 
     def validate(self) -> ExtractConfig:
         """Check option values (no I/O) and return self; raise `ExtractConfigError` otherwise."""
@@ -103,6 +118,9 @@ class ExtractConfig:
         _check_positive("threads", self.threads)
         if self.limit is not None:
             _check_positive("limit", self.limit)
+        if self.ignore_index is not None and not 0 <= self.ignore_index <= 255:
+            raise ExtractConfigError(
+                f"--ignore-index {self.ignore_index} is not an 8-bit mask value; give 0..255")
         parse_scheduler(self.scheduler)
         _check_codec(self.codec)
         return self

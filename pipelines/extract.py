@@ -115,7 +115,9 @@ def open_tiles(cfg: ExtractConfig) -> tuple[Any, list[Any]]:
     from pipelines.sources import open_source
 
     source = open_source(cfg.source, layout=cfg.layout, split_file=cfg.split_file,
-                         tile_size=cfg.tile_size, bands=cfg.bands)
+                         tile_size=cfg.tile_size, bands=cfg.bands, class_names=cfg.classes,
+                         reduce_zero_label=cfg.reduce_zero_label, ignore_index=cfg.ignore_index,
+                         palette=cfg.palette)
     records = list(source.records)
     if cfg.limit is not None:
         records = records[: cfg.limit]
@@ -137,7 +139,8 @@ def load_teachers(cfg: ExtractConfig, device: str) -> dict[str, Any]:
     with torch_threads(cfg.threads):
         for name in cfg.teachers:
             teacher = create_teacher(name, weights=cfg.weights.get(name), tiny=cfg.tiny,
-                                     device=device, base_size=cfg.base_size)
+                                     device=device, base_size=cfg.base_size,
+                                     random_weights=cfg.random_weights)
             # The store names a teacher by its canonical spec name (e.g. "timm:m" -> "timm:m:3").
             if teacher.spec.name in teachers:
                 raise ExtractConfigError(f"--teacher {name!r} is the same teacher as another "
@@ -161,6 +164,10 @@ def build_schema(ctx: ExtractContext) -> StoreSchema:
         dataset=ctx.source.dataset, tile_size=cfg.tile_size, base_size=cfg.base_size,
         class_names=tuple(ctx.source.class_names), ignore_index=int(ctx.source.ignore_index),
         tiles_per_shard=cfg.tiles_per_shard, teachers=entries, store_pixels=cfg.store_pixels,
+        class_colors=tuple(ctx.source.class_colors), class_sources=tuple(ctx.source.class_sources),
+        label_rule=ctx.source.label_rule,
+        # the records are the source's first len(records) tiles (cfg.limit)
+        label_stats=ctx.source.label_stats(range(len(ctx.records))),
     )
 
 

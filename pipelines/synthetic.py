@@ -248,4 +248,6 @@ def generate_synthetic(
         Image.fromarray(image).save(out / "images" / f"{i:0{width}d}.png")
         Image.fromarray(mask).save(out / "masks" / f"{i:0{width}d}.png")
     (out / "classes.txt").write_text("\n".join(CLASS_NAMES) + "\n")
+    # mask value = class id (0 = background is a class): stated, so no reading is guessed
+    (out / "labels.json").write_text('{"reduce_zero_label": false}\n')
     return out

@@ -156,7 +156,12 @@ def _threads(n: int | None) -> Iterator[None]:
 
 
 def load_bank_teachers(
-    store: Any, names: Sequence[str], weights: Mapping[str, str | None], tiny: bool, device: str
+    store: Any,
+    names: Sequence[str],
+    weights: Mapping[str, str | None],
+    tiny: bool,
+    device: str,
+    random_weights: bool = False,
 ) -> dict[str, Any]:
     """Build the teachers that filled the store and check their specs against it.
 
@@ -175,6 +180,7 @@ def load_bank_teachers(
             tiny=tiny,
             device=device,
             base_size=store.schema.base_size,
+            random_weights=random_weights,
         )
         stored = store.schema.teacher(name).spec
         if teacher.spec.to_dict() != stored.to_dict():
@@ -185,6 +191,17 @@ def load_bank_teachers(
             )
         out[name] = teacher
     return out
+
+
+def _stored_names(store: Any, typed: Sequence[str]) -> tuple[str, ...]:
+    """Store names of the teachers the user named (``timm:<model>`` finds ``timm:<model>:3``)."""
+    from featstore.errors import MissingTeacherError
+    from featstore.teacher_names import resolve_teacher_name
+
+    try:
+        return tuple(resolve_teacher_name(store.schema, name) for name in typed)
+    except MissingTeacherError as err:
+        raise ViewBankError(f"{err} (bank only stored teachers)") from None
 
 
 def _check_store(store: Any, names: Sequence[str]) -> None:
@@ -221,6 +238,7 @@ def build_view_bank(
     overwrite: bool = False,
     threads: int | None = None,
     progress: bool = False,
+    random_weights: bool = False,
 ) -> str:
     """Add an exact view bank to a store whose tiles (with pixels) are written; resumable.
 
@@ -230,8 +248,9 @@ def build_view_bank(
 
     Args:
         store_url: the store.
-        teacher_names: teachers to bank (default: every teacher of the store).
-        weights: per-teacher weights, as given to the extraction.
+        teacher_names: teachers to bank (default: every teacher of the store); stored names or
+            the names typed at extraction (see ``featstore.teacher_names``).
+        weights: per-teacher weights, as given to the extraction (keyed like teacher_names).
         tiny: tiny random teachers (tests), as given to the extraction.
         k: views per tile.
         seed: seed of the view draws.
@@ -243,12 +262,16 @@ def build_view_bank(
         overwrite: replace an existing bank with other parameters.
         threads: torch intra-op threads (fixed for reproducible CPU numerics).
         progress: show a progress bar.
+        random_weights: accept random init for full-size teachers without weights, as the
+            extraction did (``--random-weights``).
 
     Returns:
         The store URL.
     """
     store = open_store(store_url)
-    names = tuple(teacher_names) if teacher_names else store.teacher_names
+    names = _stored_names(store, teacher_names) if teacher_names else store.teacher_names
+    given = dict(weights or {})
+    by_name = dict(zip(_stored_names(store, list(given)), given.values(), strict=True))
     _check_store(store, names)
     spec = BankSpec(
         k=k,
@@ -259,7 +282,7 @@ def build_view_bank(
         teachers=() if tuple(names) == store.teacher_names else names,
     )
     with _threads(threads):
-        teachers = load_bank_teachers(store, names, dict(weights or {}), tiny, device)
+        teachers = load_bank_teachers(store, names, by_name, tiny, device, random_weights)
         writer = add_bank(store_url, spec, overwrite=overwrite)
         _write_pending(store, writer, teachers, batch_size, device, progress)
     writer.finalize()

@@ -8,6 +8,7 @@ checkpoint; loading into a different architecture raises `CheckpointError` namin
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 from pathlib import Path
@@ -20,6 +21,7 @@ from featstore.schema import dict_differences
 from trainer.student import Student, StudentConfig
 
 FORMAT = "featcache-train/1"
+EXPORT_FORMAT = "featcache-export/1"
 
 
 class CheckpointError(ValueError):
@@ -29,8 +31,7 @@ class CheckpointError(ValueError):
 def student_config_dict(cfg: StudentConfig) -> dict[str, Any]:
     """JSON-like dict of a `StudentConfig` (tuples as lists)."""
     d = dataclasses.asdict(cfg)
-    d["teachers"] = [dataclasses.asdict(t) if not isinstance(t, dict) else t
-                     for t in cfg.teachers]
+    d["teachers"] = [dataclasses.asdict(t) if not isinstance(t, dict) else t for t in cfg.teachers]
     return _lists(d)
 
 
@@ -78,16 +79,21 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint dict on the CPU (tensors and plain types only)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; pass the latest.pt / best.pt of a "
-                              "training run (its --out folder)")
+        raise CheckpointError(
+            f"checkpoint {path} not found; pass the latest.pt / best.pt of a "
+            "training run (its --out folder)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
-                              "it may be truncated or not a featcache checkpoint") from err
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
+            "it may be truncated or not a featcache checkpoint"
+        ) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a featcache training checkpoint (format "
-                              f"{FORMAT!r} expected)")
+        raise CheckpointError(
+            f"{path} is not a featcache training checkpoint (format {FORMAT!r} expected)"
+        )
     return ckpt
 
 
@@ -95,14 +101,22 @@ def check_architecture(ckpt: dict[str, Any], cfg: StudentConfig, path: str | Pat
     """Refuse a checkpoint whose recorded student architecture differs from ``cfg``."""
     mine = student_config_dict(cfg)
     theirs = ckpt.get("student_config", {})
-    ignore = {"backbone_weights", "grad_checkpointing"}  # no effect on the weights' shapes
-    diffs = [d for d in dict_differences({k: v for k, v in theirs.items() if k not in ignore},
-                                         {k: v for k, v in mine.items() if k not in ignore},
-                                         "student")]
+    # No effect on the weights' shapes.
+    ignore = {"backbone_weights", "random_weights", "grad_checkpointing"}
+    diffs = [
+        d
+        for d in dict_differences(
+            {k: v for k, v in theirs.items() if k not in ignore},
+            {k: v for k, v in mine.items() if k not in ignore},
+            "student",
+        )
+    ]
     if diffs:
-        raise CheckpointError(f"checkpoint {path} holds another student architecture: "
-                              f"{'; '.join(diffs[:6])}; use a checkpoint of this model or "
-                              "the same model options")
+        raise CheckpointError(
+            f"checkpoint {path} holds another student architecture: "
+            f"{'; '.join(diffs[:6])}; use a checkpoint of this model or "
+            "the same model options"
+        )
 
 
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -110,32 +124,160 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{what} does not fit the model: {str(err)[:400]}; the checkpoint "
-                              "was made for another architecture") from err
+        raise CheckpointError(
+            f"{what} does not fit the model: {str(err)[:400]}; the checkpoint "
+            "was made for another architecture"
+        ) from err
 
 
-def load_student(path: str | Path, which: str = "ema",
-                 device: torch.device | str = "cpu") -> tuple[Student, dict[str, Any]]:
-    """Rebuild the student of a checkpoint (no teacher, no store needed).
+def load_student(
+    path: str | Path, which: str = "ema", device: torch.device | str = "cpu"
+) -> tuple[Student, dict[str, Any]]:
+    """Rebuild the student of a checkpoint or of an exported file (no teacher, no store needed).
 
     Args:
-        path: ``latest.pt`` / ``best.pt``.
-        which: ``"ema"`` or ``"student"`` weights.
+        path: ``latest.pt`` / ``best.pt`` of a run, or a ``.safetensors`` from `export_student`.
+        which: ``"ema"`` or ``"student"`` weights (``--use``). An export holds one set only;
+            asking it for the other is an error.
         device: Target device.
 
     Returns:
-        ``(model in eval mode, checkpoint dict)``.
+        ``(model in eval mode, checkpoint dict)``; for an export the dict has the fields predict
+        reads (``config.crop_size``, ``student_config``, ``class_names``, ``class_colors``).
     """
-    ckpt = read_checkpoint(path)
     if which not in ("ema", "student"):
-        raise CheckpointError(f"weights {which!r} must be 'ema' or 'student'")
+        raise CheckpointError(f"--use {which!r}: choose 'ema' or 'student'")
+    if Path(path).suffix == ".safetensors":
+        ckpt, state = read_export(path, which)
+    else:
+        ckpt = read_checkpoint(path)
+        state = ckpt[which]
     scfg = dict(ckpt["student_config"])
     scfg["backbone_weights"] = None  # weights come from the checkpoint, not the file
+    scfg["random_weights"] = True  # the init is overwritten at once: nothing to refuse
     model = Student(StudentConfig(**scfg))
-    load_state(model, ckpt[which], f"{path} [{which}]")
+    load_state(model, state, f"{path} [{which}]")
     return model.to(device).eval(), ckpt
 
 
-__all__ = ["CheckpointError", "FORMAT", "check_architecture", "load_state", "load_student",
-           "read_checkpoint", "rng_state", "save_checkpoint", "set_rng_state",
-           "student_config_dict"]
+def class_names(ckpt: dict[str, Any]) -> list[str]:
+    """One name per output class: the run's names, ``class_<i>`` for classes it did not name."""
+    n = int(ckpt["student_config"]["num_classes"])
+    names = [str(c) for c in ckpt.get("class_names") or []][:n]
+    return names + [f"class_{i}" for i in range(len(names), n)]
+
+
+def class_colors(ckpt: dict[str, Any]) -> list[tuple[int, int, int]] | None:
+    """RGB per class recorded with the run (the store schema's ``class_colors``), else None.
+
+    Training saves the store schema into every checkpoint, so the dataset's palette comes along
+    without a separate field; an export or a later checkpoint may carry ``class_colors`` itself.
+    """
+    colours = ckpt.get("class_colors")
+    if colours is None:
+        colours = ((ckpt.get("store") or {}).get("schema") or {}).get("class_colors")
+    if not colours:
+        return None
+    return [(int(c[0]), int(c[1]), int(c[2])) for c in colours]
+
+
+def _export_metadata(ckpt: dict[str, Any], which: str, source: Path) -> dict[str, str]:
+    """What predict needs besides the weights (safetensors metadata is ``str -> str``)."""
+    return {
+        "format": EXPORT_FORMAT,
+        "use": which,
+        "student_config": json.dumps(ckpt["student_config"]),
+        "class_names": json.dumps(class_names(ckpt)),
+        "class_colors": json.dumps(class_colors(ckpt)),
+        "crop_size": str(int(ckpt["config"]["crop_size"])),
+        "step": str(int((ckpt.get("run") or {}).get("step", -1))),
+        "source": source.name,
+    }
+
+
+def export_student(checkpoint: str | Path, out: str | Path, which: str = "ema") -> Path:
+    """Write one weight set of a checkpoint as ``.safetensors``: no optimizer, RNG or teacher.
+
+    The student's translators and projections stay: the fused deepest level feeds the head, so
+    prediction needs them. Tensors keep their dtype, so the export predicts bit for bit like the
+    checkpoint.
+
+    Args:
+        checkpoint: ``latest.pt`` / ``best.pt`` of a run.
+        out: Output file; must end in ``.safetensors``.
+        which: ``"ema"`` or ``"student"`` (``--use``).
+
+    Returns:
+        The written path.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise CheckpointError(f"export file {out} must end in .safetensors, e.g. model.safetensors")
+    if which not in ("ema", "student"):
+        raise CheckpointError(f"--use {which!r}: choose 'ema' or 'student'")
+    ckpt = read_checkpoint(checkpoint)
+    # clone: safetensors refuses tensors that share storage, and a state dict may hold views
+    state = {k: v.detach().clone().contiguous() for k, v in ckpt[which].items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(state, str(tmp), metadata=_export_metadata(ckpt, which, Path(checkpoint)))
+    os.replace(tmp, out)
+    return out
+
+
+def read_export(path: str | Path, which: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(checkpoint-like dict, state dict)`` of an `export_student` file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"exported model {path} not found; write one with `featcache "
+            "export RUN/best.pt model.safetensors`"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} cannot be read as safetensors ({err})") from err
+    if meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a featcache export (format {EXPORT_FORMAT!r} "
+            "expected); write one with `featcache export RUN/best.pt OUT`"
+        )
+    if meta["use"] != which:
+        raise CheckpointError(
+            f"{path} holds the {meta['use']} weights only; pass --use "
+            f"{meta['use']}, or export the {which} weights with --use {which}"
+        )
+    ckpt = {
+        "student_config": json.loads(meta["student_config"]),
+        "class_names": json.loads(meta["class_names"]),
+        "class_colors": json.loads(meta["class_colors"]),
+        "config": {"crop_size": int(meta["crop_size"])},
+        "run": {"step": int(meta["step"])},
+        "export": meta,
+    }
+    return ckpt, state
+
+
+__all__ = [
+    "CheckpointError",
+    "EXPORT_FORMAT",
+    "FORMAT",
+    "check_architecture",
+    "class_colors",
+    "class_names",
+    "export_student",
+    "load_state",
+    "load_student",
+    "read_export",
+    "read_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "student_config_dict",
+]

@@ -48,19 +48,64 @@ def select_tiles(tiles: Sequence[TileRecord], spec: str, option: str) -> list[in
     return [i for i, t in enumerate(tiles) if t.split in names]
 
 
-def check_splits(tiles: Sequence[TileRecord], sets: dict[str, list[int]]) -> None:
-    """Refuse an empty labeled set and any overlap between labeled / unlabeled / val."""
-    if not sets.get("labeled"):
-        raise DataCheckError("the labeled set is empty: set data.labeled (--labeled) to split "
-                             "names or a tile-id file that selects at least one labeled tile")
+def select_sets(tiles: Sequence[TileRecord], specs: dict[str, str],
+                fix: str = "") -> dict[str, list[int]]:
+    """Indices per set (``{"labeled": spec, ...}``); every problem of every set in one error.
+
+    Args:
+        tiles: The tile index.
+        specs: Set name -> split names or tile-id file (see `select_tiles`).
+        fix: A line appended to the message (e.g. the `featcache splits` command to run).
+    """
+    sets: dict[str, list[int]] = {}
+    problems: list[str] = []
+    failed: set[str] = set()
+    for key, spec in specs.items():
+        try:
+            sets[key] = select_tiles(tiles, spec, f"data.{key} (--{key})")
+        except DataCheckError as err:
+            problems.append(str(err))
+            sets[key] = []
+            failed.add(key)
+    # an unknown labeled split already says why the labeled set is empty
+    problems += split_problems(tiles, sets, skip_empty="labeled" in failed)
+    if problems:
+        raise DataCheckError(splits_message(problems, fix))
+    return sets
+
+
+def splits_message(problems: Sequence[str], fix: str = "") -> str:
+    """One message listing every split problem, then the fix."""
+    lines = [f"the labeled / unlabeled / val selection has {len(problems)} problem(s):"]
+    lines += [f"  - {p}" for p in problems]
+    if fix:
+        lines.append(fix)
+    return "\n".join(lines)
+
+
+def split_problems(tiles: Sequence[TileRecord], sets: dict[str, list[int]],
+                   skip_empty: bool = False) -> list[str]:
+    """Problems of selected sets: an empty labeled set, overlaps, scenes across sets."""
+    problems = []
+    if not sets.get("labeled") and not skip_empty:
+        problems.append("the labeled set is empty: set data.labeled (--labeled) to split names "
+                        "or a tile-id file that selects at least one labeled tile")
     names = list(sets)
     for a_pos, a in enumerate(names):
         for b in names[a_pos + 1:]:
             both = sorted(set(sets[a]) & set(sets[b]))
             if both:
                 ids = [tiles[i].tile_id for i in both[:5]]
-                raise DataCheckError(f"{a} and {b} sets overlap in {len(both)} tiles, e.g. {ids}; "
-                                     f"make the selections (data.{a}, data.{b}) disjoint")
+                problems.append(f"{a} and {b} sets overlap in {len(both)} tiles, e.g. {ids}; "
+                                f"make the selections (data.{a}, data.{b}) disjoint")
+    return problems
+
+
+def check_splits(tiles: Sequence[TileRecord], sets: dict[str, list[int]], fix: str = "") -> None:
+    """Refuse an empty labeled set and any overlap between labeled / unlabeled / val."""
+    problems = split_problems(tiles, sets)
+    if problems:
+        raise DataCheckError(splits_message(problems, fix))
 
 
 def check_done(store: Any, indices: Sequence[int]) -> None:
@@ -82,7 +127,7 @@ def resolve_levels(store: Any, teachers: Sequence[str],
     for name in teachers:
         if name not in have:
             raise DataCheckError(f"teacher {name!r} is not in the store (it holds {have}); "
-                                 "extract it, or drop it from model.teachers")
+                                 "extract it, or drop it from --teacher (model.teachers)")
         levels = tuple(store.schema.teacher(name).levels)
         if wanted:
             keys = {lv.key: lv for lv in levels}
@@ -131,5 +176,40 @@ def check_classes(num_classes: int | None, class_names: Sequence[str], reader: A
     return n
 
 
+def recorded_val(tiles: Sequence[TileRecord], data: dict[str, Any], store_url: str | None
+                 ) -> list[int]:
+    """The val tiles a run used, from its config's ``data`` section (a checkpoint's).
+
+    Its saved partition's val set when it named one, else its val selection (unset: the split
+    named ``val``), so `evaluate` scores what training scored.
+    """
+    from featstore.partitions import read_partition
+
+    if data.get("partition"):
+        if not store_url:
+            raise DataCheckError(f"the run used the partition {data['partition']!r} of its "
+                                 "store: pass --store URL (or choose tiles with --split)")
+        return read_partition(store_url, data["partition"]).indices(tiles, store_url)["val"]
+    return select_tiles(tiles, data.get("val") or "val", "the run's data.val")
+
+
+def batch_fit_message(per_rank: dict[str, int], batch: dict[str, int], world: int) -> str:
+    """Why no batch fills, and the largest per-process batch that does.
+
+    Args:
+        per_rank: Items per process and epoch of each stream (the labeled stream is repeated to
+            the unlabeled length); incomplete batches are dropped (``drop_last``).
+        batch: The configured batch of each stream.
+        world: Processes.
+    """
+    parts = [f"{k} {per_rank[k]} tile(s) per process, batch {batch[k]}" for k in per_rank]
+    fit = {k: min(batch[k], per_rank[k]) for k in per_rank}
+    suggestion = f"{fit['labeled']}+{fit.get('unlabeled', 0)}"
+    return (f"the data cannot fill one batch over {world} process(es) (an epoch drops its last "
+            f"incomplete batch): {'; '.join(parts)}; the largest batch that fills is "
+            f"--batch {suggestion} (or add tiles)")
+
+
 __all__ = ["DataCheckError", "check_classes", "check_done", "check_fingerprint", "check_splits",
-           "resolve_levels", "select_tiles"]
+           "recorded_val", "resolve_levels", "select_sets", "select_tiles", "batch_fit_message",
+           "split_problems", "splits_message"]

@@ -42,6 +42,17 @@ class TrainConfigError(ValueError):
     """A training option is invalid; the message names the option and how to fix it."""
 
 
+def default_branch(family: str) -> str:
+    """The student branch a teacher of ``family`` is distilled on when none is given.
+
+    The one rule for the CLI, YAML configs and the store's teachers alike: a CLIP teacher
+    (``open_clip`` family) is matched by the official 224 px pass, every other one by the
+    crop-size pass. The family comes from the teacher's spec (the store's, or the registry's
+    in online mode), never from its name.
+    """
+    return "clip224" if family == "open_clip" else "full"
+
+
 @dataclass
 class TeacherConfig:
     """One distillation teacher.
@@ -49,12 +60,13 @@ class TeacherConfig:
     Attributes:
         name: Teacher name (the store's teacher name; a registry name in online mode).
         branch: Student tokens that predict it: "full" (the crop-size pass) or "clip224" (the
-            second pass at 224 px, the official CLIP branch).
+            second pass at 224 px, the official CLIP branch); None: the teacher's default
+            (`default_branch` of its family, filled in when the run starts).
         weights: Weights path or tag (online mode only; the cached mode reads the store).
     """
 
     name: str
-    branch: str = "full"
+    branch: str | None = None
     weights: str | None = None
 
 
@@ -64,7 +76,10 @@ class DataConfig:
 
     ``fingerprint`` pins the store (a resumed run pins the one it started with).
     ``labeled``/``unlabeled``/``val`` each name split(s) of the tile index (comma separated) or a
-    text file with one tile id per line. An empty string selects nothing.
+    text file with one tile id per line. An empty string selects nothing. ``partition`` names a
+    partition saved in the store by ``featcache splits`` (it gives all three sets; not together
+    with ``labeled``/``unlabeled``/``val``). All four unset: the store's partition ``default``
+    when it has one, else the splits named ``labeled``/``unlabeled``/``val``.
     """
 
     store: str | None = None
@@ -73,9 +88,10 @@ class DataConfig:
     layout: str = "auto"
     split_file: str | None = None
     tile_size: int = 512
-    labeled: str = "labeled"
-    unlabeled: str = "unlabeled"
-    val: str = "val"
+    labeled: str | None = None
+    unlabeled: str | None = None
+    val: str | None = None
+    partition: str | None = None
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip_p: float = 0.5
     num_workers: int = 2
@@ -86,18 +102,23 @@ class ModelConfig:
     """Student and teachers.
 
     Attributes:
-        teachers: Distillation teachers (empty: plain FixMatch).
+        teachers: Distillation teachers; None: every teacher the store holds (cached mode),
+            each on its default branch. Plain FixMatch is ``distill.enabled = False``.
         num_classes: Expected class count (None: the store's / source's class list).
-        pretrained: Backbone weights (a DINOv2 file, "timm[:tag]" or None = random init).
-        tiny: A tiny student for tests and smoke runs (see ``TINY_STUDENT``).
+        pretrained: Backbone weights (a DINOv2 file or "timm[:tag]"); None: random init, which
+            a full-size student refuses unless ``random_weights``.
+        tiny: A tiny student for tests and smoke runs (see ``TINY_STUDENT``); always random.
+        random_weights: Accept random init for a full-size student without ``pretrained`` and
+            for online teachers without weights (``--random-weights``).
         student: Extra ``trainer.student.StudentConfig`` fields (arch, features, fusion_self,
             fusion_teacher, clip_size, clip_from_full, model_kwargs, ...).
     """
 
-    teachers: list[TeacherConfig] = field(default_factory=list)
+    teachers: list[TeacherConfig] | None = None
     num_classes: int | None = None
     pretrained: str | None = None
     tiny: bool = False
+    random_weights: bool = False
     student: dict[str, Any] = field(default_factory=dict)
 
 
@@ -138,8 +159,10 @@ class DistillConfig:
     zoom over which neighbouring cached levels are mixed into the target
     (``trainer.geometry.blend_levels``: with the default 9 scales, 2-4 reads per item instead of
     one); 0: the nearest level only. Grid-aligned and bank views read exact levels, unmixed.
+    ``enabled = False`` (``--no-distill``): plain FixMatch, no teacher at all.
     """
 
+    enabled: bool = True
     masked: bool = True
     standardize: bool = False
     target_mode: str = "warp"
@@ -235,11 +258,8 @@ class TrainConfig:
         if self.crop_size % 14:
             raise TrainConfigError(f"crop_size {self.crop_size} must be a multiple of 14 "
                                    "(the student's patch size), e.g. 518")
-        for t in self.model.teachers:
-            _choice(f"teacher {t.name!r} branch", t.branch, BRANCHES)
-        names = [t.name for t in self.model.teachers]
-        if len(set(names)) != len(names):
-            raise TrainConfigError(f"model.teachers repeat a name: {names}")
+        self._validate_teachers()
+        self._validate_split_options()
         for key in ("batch_labeled", "log_interval"):
             if getattr(self.schedule, key) < 1:
                 raise TrainConfigError(f"schedule.{key} must be >= 1")
@@ -252,6 +272,42 @@ class TrainConfig:
                                    "or turn standardisation off")
         return self
 
+    def _validate_teachers(self) -> None:
+        teachers = self.model.teachers
+        if not self.distill.enabled:
+            if teachers:
+                raise TrainConfigError(f"distillation is off (--no-distill, distill.enabled: "
+                                       f"false) but model.teachers names "
+                                       f"{[t.name for t in teachers]}: drop one of the two")
+            return
+        if teachers is not None and not teachers:
+            # An empty list used to mean plain FixMatch silently; now that is said out loud.
+            raise TrainConfigError("model.teachers is empty: for plain FixMatch pass --no-distill "
+                                   "(distill.enabled: false); to distil from every teacher the "
+                                   "store holds leave model.teachers unset")
+        if self.mode == "online" and not teachers:
+            raise TrainConfigError("online mode needs its teachers named: pass --teacher NAME "
+                                   "(repeat for several), or --no-distill for plain FixMatch")
+        for t in teachers or []:
+            if t.branch is not None:
+                _choice(f"teacher {t.name!r} branch", t.branch, BRANCHES)
+        names = [t.name for t in teachers or []]
+        if len(set(names)) != len(names):
+            raise TrainConfigError(f"model.teachers repeat a name: {names}")
+
+    def _validate_split_options(self) -> None:
+        d = self.data
+        given = [k for k in ("labeled", "unlabeled", "val") if getattr(d, k) is not None]
+        if d.partition is not None and given:
+            opts = ", ".join(f"--{k}" for k in given)
+            raise TrainConfigError(f"data.partition ({d.partition!r}) gives the labeled, "
+                                   f"unlabeled and val sets; drop {opts} or drop --partition")
+
+    @property
+    def teacher_list(self) -> list[TeacherConfig]:
+        """The configured teachers ([] when unset or distillation is off)."""
+        return list(self.model.teachers or []) if self.distill.enabled else []
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists) for YAML and checkpoints."""
         return _plain(dataclasses.asdict(self))
@@ -261,9 +317,10 @@ class TrainConfig:
         """Inverse of ``to_dict``; unknown keys raise `TrainConfigError` naming them."""
         return _build(cls, d, "")
 
-    def dump(self, path: str | Path) -> None:
-        """Write YAML."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def dump(self, path: str | Path, header: list[str] | None = None) -> None:
+        """Write YAML, ``header`` lines first as comments (``load`` ignores them)."""
+        lines = "".join(f"# {line}\n" for line in header or [])
+        Path(path).write_text(lines + yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -301,7 +358,7 @@ def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
         default = getattr(cls(), name) if _has_defaults(cls) else None
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
             kwargs[name] = _build(type(default), value, f"{prefix}{name}.")
-        elif name == "teachers" and isinstance(value, list):
+        elif name == "teachers" and isinstance(value, list):  # names alone: default branch
             kwargs[name] = [TeacherConfig(**t) if isinstance(t, dict) else TeacherConfig(str(t))
                             for t in value]
         elif isinstance(default, tuple) and isinstance(value, list):
@@ -329,4 +386,5 @@ __all__ = [
     "TeacherConfig",
     "TrainConfig",
     "TrainConfigError",
+    "default_branch",
 ]

@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,15 @@ from trainer.distributed import DistInfo, barrier, init_distributed, mean_over_r
 from trainer.ema import create_ema, update_ema
 from trainer.evaluate import evaluate
 from trainer.logging_utils import RunLogger
-from trainer.prepare import RunData, build_loaders, build_student, open_data, store_stats
+from trainer.prepare import (
+    RunData,
+    build_loaders,
+    build_student,
+    open_data,
+    resolve_branches,
+    run_summary,
+    store_stats,
+)
 from trainer.step import CachedTargets, LossSettings, poly_lr, render_batch, train_step
 from trainer.student import param_groups
 from trainer.viewbank import BankTargets, bank_reuse
@@ -81,11 +91,12 @@ class Trainer:
     """Holds the run's objects; `run` drives the loop.
 
     Args:
-        cfg: Validated run config.
+        cfg: Run config; a copy is kept, with what the data decides filled in (the teachers and
+            their branches, the partition), and that copy is what ``config.yaml`` records.
     """
 
     def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg.validate()
+        self.cfg = cfg = copy.deepcopy(cfg).validate()
         self.info, self.device = init_distributed(cfg.runtime.device)
         seed_everything(cfg.runtime.seed)
         self.out = Path(cfg.runtime.out_dir)
@@ -93,6 +104,8 @@ class Trainer:
         self.ckpt = read_checkpoint(resume) if resume else None
         self.data: RunData = open_data(cfg, self.ckpt.get("store") if self.ckpt else None)
         self.online = self._online_teachers()
+        resolve_branches(cfg, self.data.store, self.online)
+        self.summary = run_summary(cfg, self.data)
         self.model = build_student(cfg, self.data, self.online).to(self.device)
         self.ema = create_ema(self.model, cfg.fixmatch.ema_max)
         self.optimizer = torch.optim.AdamW(
@@ -134,7 +147,7 @@ class Trainer:
         from trainer.online import load_teachers
 
         return load_teachers(self.cfg.model.teachers, self.cfg.model.tiny, self.device,
-                             self.data.base_size)
+                             self.data.base_size, self.cfg.model.random_weights)
 
     def _online_targets(self) -> Any:
         from trainer.online import OnlineTargets
@@ -220,12 +233,26 @@ class Trainer:
         return s == self.total or (interval > 0 and s % interval == 0) or (
             interval == 0 and end_of_epoch)
 
-    def run(self) -> TrainResult:
-        """Train to ``total`` iterations (or ``stop_after``), evaluating and checkpointing."""
+    def announce(self, echo: Callable[[str], None] | None = None) -> None:
+        """Log the run's summary (teachers, branches, levels, target mode, sets) on rank 0."""
+        if not self.info.is_main:
+            return
+        for line in self.summary:
+            LOG.info("%s", line)
+            if echo is not None:
+                echo(line)
+
+    def run(self, echo: Callable[[str], None] | None = None) -> TrainResult:
+        """Train to ``total`` iterations (or ``stop_after``), evaluating and checkpointing.
+
+        Args:
+            echo: Also print the run's first lines with it (the CLI passes ``click.echo``).
+        """
         cfg, per = self.cfg, self.loaders.per_epoch
+        self.announce(echo)
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            cfg.dump(self.out / "config.yaml")
+            cfg.dump(self.out / "config.yaml", header=self.summary)
         logger = RunLogger(self.out, self.total, self.state.step, self.info.is_main,
                            cfg.runtime.progress, cfg.runtime.tensorboard)
         stop = min(self.total, cfg.schedule.stop_after or self.total)
@@ -260,11 +287,14 @@ class Trainer:
                            self.out)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume) a training run described by ``cfg``; see `TrainConfig`."""
+def train(cfg: TrainConfig, echo: Callable[[str], None] | None = None) -> TrainResult:
+    """Run (or resume) a training run described by ``cfg``; see `TrainConfig`.
+
+    ``echo``: prints the run's first lines (what it distils from, its sets) besides the log.
+    """
     trainer = Trainer(cfg)
     try:
-        return trainer.run()
+        return trainer.run(echo)
     finally:
         shutdown()
 

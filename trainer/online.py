@@ -21,8 +21,11 @@ from trainer.targets import resample_to_student
 
 
 def load_teachers(teachers: Sequence[TeacherConfig], tiny: bool, device: torch.device,
-                  base_size: int) -> dict[str, torch.nn.Module]:
+                  base_size: int, random_weights: bool = False) -> dict[str, torch.nn.Module]:
     """Build the frozen teachers named in the config (registry names).
+
+    A full-size teacher without weights is refused unless ``random_weights``
+    (``model.random_weights``, CLI ``--random-weights``).
 
     `create_teacher` seeds random init, so a random (tiny) teacher here is the very network that
     filled a store: online and cached runs stay comparable.
@@ -32,7 +35,7 @@ def load_teachers(teachers: Sequence[TeacherConfig], tiny: bool, device: torch.d
     out: dict[str, torch.nn.Module] = {}
     for t in teachers:
         out[t.name] = create_teacher(t.name, weights=t.weights, tiny=tiny, device=str(device),
-                                     base_size=base_size)
+                                     base_size=base_size, random_weights=random_weights)
     return out
 
 

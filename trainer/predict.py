@@ -1,29 +1,32 @@
-"""Teacher-free prediction from a training checkpoint.
+"""Teacher-free prediction from a training checkpoint or an exported ``.safetensors``.
 
 Inputs: image files, a folder of images, or a feature store (its pixels and tile index). Output
 per input: ``<name>.png``, a palette PNG whose pixel values are the class indices (readable as
-raw indices by any reader, coloured in viewers), and ``<name>.tif``, a single-band GeoTIFF with
-the tile's transform and CRS, when the input carries georeferencing (a GeoTIFF input, or a store
-tile whose index has a transform). Needs neither a teacher nor a store.
+raw indices by any reader, coloured in viewers with the dataset's palette), and ``<name>.tif``, a
+single-band GeoTIFF with the tile's transform and CRS, when the input carries georeferencing (a
+GeoTIFF input, or a store tile whose index has a transform). Once per run: ``legend.json`` and
+``legend.png`` (class id, name and colour). Class names and colours come from the checkpoint;
+colours fall back to the fixed default palette (``featstore.schema.default_class_colors``) when
+the dataset defined none. Needs neither a teacher nor a store.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from trainer.checkpoint import load_student
+from featstore.schema import default_class_colors
+from trainer.checkpoint import class_colors, class_names, load_student
 from trainer.evaluate import predict_logits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-# LoveDA-like colours for the first classes, then a deterministic pseudo-random palette.
-_BASE_COLOURS = [(255, 255, 255), (255, 0, 0), (255, 255, 0), (0, 0, 255), (159, 129, 183),
-                 (0, 255, 0), (255, 195, 128)]
 
 
 class PredictError(ValueError):
@@ -40,13 +43,42 @@ class PredictInput:
     crs: str | None = None
 
 
-def palette(num_classes: int) -> list[int]:
-    """Flat 768-value PNG palette: fixed colours for the first classes, seeded ones after."""
-    rng = np.random.default_rng(0)
-    colours = list(_BASE_COLOURS) + [tuple(int(v) for v in rng.integers(0, 256, 3))
-                                     for _ in range(max(256 - len(_BASE_COLOURS), 0))]
-    colours[255] = (0, 0, 0)
-    return [c for rgb in colours[:256] for c in rgb]
+def legend_colours(ckpt: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """One RGB per class: the dataset's palette from the checkpoint, the default for the rest."""
+    n = int(ckpt["student_config"]["num_classes"])
+    given = class_colors(ckpt) or []
+    # the project's one fallback palette (also what `info` shows for such stores)
+    return (list(given) + list(default_class_colors(n))[len(given) :])[:n]
+
+
+def palette(colours: Sequence[tuple[int, int, int]]) -> list[int]:
+    """Flat 768-value PNG palette: ``colours`` for the class ids, black for the rest (255 too)."""
+    full = list(colours)[:256] + [(0, 0, 0)] * max(256 - len(colours), 0)
+    return [c for rgb in full for c in rgb]
+
+
+def write_legend(
+    out: Path, names: Sequence[str], colours: Sequence[tuple[int, int, int]]
+) -> list[Path]:
+    """``legend.json`` (id, name, colour per class) and ``legend.png`` (swatches with names)."""
+    from PIL import ImageDraw
+
+    rows = [
+        {"id": i, "name": n, "color": list(c)}
+        for i, (n, c) in enumerate(zip(names, colours, strict=True))
+    ]
+    js = out / "legend.json"
+    js.write_text(json.dumps({"classes": rows}, indent=1) + "\n")
+    row_h, sw = 22, 16
+    img = Image.new("RGB", (260, row_h * len(rows) + 6), "white")
+    draw = ImageDraw.Draw(img)
+    for k, row in enumerate(rows):
+        y = 4 + k * row_h
+        draw.rectangle((6, y, 6 + sw, y + sw), fill=tuple(row["color"]), outline=(0, 0, 0))
+        draw.text((30, y + 2), f"{row['id']}  {row['name']}", fill=(0, 0, 0))
+    png = out / "legend.png"
+    img.save(png)
+    return [js, png]
 
 
 def _read_file(path: Path) -> PredictInput:
@@ -54,14 +86,16 @@ def _read_file(path: Path) -> PredictInput:
         try:
             import rasterio
         except ImportError as err:
-            raise PredictError(f"{path}: reading GeoTIFF needs rasterio (pip install "
-                               "rasterio)") from err
+            raise PredictError(
+                f"{path}: reading GeoTIFF needs rasterio (pip install rasterio)"
+            ) from err
         with rasterio.open(path) as src:
             arr = src.read(indexes=[1, 2, 3] if src.count >= 3 else [1, 1, 1])
             transform = tuple(src.transform.to_gdal()) if src.transform else None
             crs = src.crs.to_string() if src.crs else None
-        return PredictInput(path.stem, np.ascontiguousarray(arr.transpose(1, 2, 0)).astype(
-            np.uint8), transform, crs)
+        return PredictInput(
+            path.stem, np.ascontiguousarray(arr.transpose(1, 2, 0)).astype(np.uint8), transform, crs
+        )
     try:
         with Image.open(path) as im:
             return PredictInput(path.stem, np.array(im.convert("RGB")))
@@ -69,70 +103,121 @@ def _read_file(path: Path) -> PredictInput:
         raise PredictError(f"cannot read image {path}: {err}") from err
 
 
-def _store_inputs(url: str) -> Iterator[PredictInput]:
-    from featstore import open_store
-
-    store = open_store(url)
+def _store_inputs(store: Any) -> Iterator[PredictInput]:
     done = store.done()
     for i, rec in enumerate(store.tiles):
         if done[i]:
-            yield PredictInput(rec.tile_id.replace("/", "_"), store.read_image(i),
-                               rec.transform, rec.crs)
+            yield PredictInput(
+                rec.tile_id.replace("/", "_"), store.read_image(i), rec.transform, rec.crs
+            )
 
 
-def iter_inputs(inputs: Sequence[str | Path]) -> Iterator[PredictInput]:
-    """Images from files, folders (sorted, image suffixes) and stores (``*.zarr`` or a store)."""
+def resolve_inputs(inputs: Sequence[str | Path]) -> list[Path | Any]:
+    """Image files and opened stores, in order; every bad input is reported before any work.
+
+    Folders expand to their images (sorted, image suffixes); ``*.zarr`` or a folder holding
+    ``zarr.json`` is a store.
+    """
+    from featstore import open_store
+
+    out: list[Path | Any] = []
     for item in inputs:
         path = Path(item)
         if str(item).endswith(".zarr") or (path / "zarr.json").is_file():
-            yield from _store_inputs(str(item))
+            out.append(open_store(str(item)))
         elif path.is_dir():
             files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 raise PredictError(f"folder {path} has no images ({', '.join(IMAGE_SUFFIXES)})")
-            for f in files:
-                yield _read_file(f)
+            out += files
         elif path.is_file():
-            yield _read_file(path)
+            out.append(path)
         else:
-            raise PredictError(f"input {item} does not exist; give image files, a folder or a "
-                               "store")
+            raise PredictError(
+                f"input {item} does not exist; give image files, a folder or a store"
+            )
+    return out
 
 
-def _write_geotiff(path: Path, labels: np.ndarray, transform: tuple[float, ...],
-                   crs: str | None) -> None:
+def count_images(resolved: Sequence[Path | Any]) -> int:
+    """Images `iter_inputs` will yield: one per file, one per done tile of a store."""
+    return sum(1 if isinstance(r, Path) else int(r.done().sum()) for r in resolved)
+
+
+def read_inputs(resolved: Sequence[Path | Any]) -> Iterator[PredictInput]:
+    """The images of `resolve_inputs`' result, read one at a time."""
+    for item in resolved:
+        if isinstance(item, Path):
+            yield _read_file(item)
+        else:
+            yield from _store_inputs(item)
+
+
+def iter_inputs(inputs: Sequence[str | Path]) -> Iterator[PredictInput]:
+    """Images from files, folders and stores (see `resolve_inputs`)."""
+    yield from read_inputs(resolve_inputs(inputs))
+
+
+def _write_geotiff(
+    path: Path, labels: np.ndarray, transform: tuple[float, ...], crs: str | None
+) -> None:
     import rasterio
     from rasterio.transform import Affine
 
-    profile = {"driver": "GTiff", "height": labels.shape[0], "width": labels.shape[1],
-               "count": 1, "dtype": "uint8", "transform": Affine.from_gdal(*transform),
-               "crs": crs, "compress": "deflate"}
+    profile = {
+        "driver": "GTiff",
+        "height": labels.shape[0],
+        "width": labels.shape[1],
+        "count": 1,
+        "dtype": "uint8",
+        "transform": Affine.from_gdal(*transform),
+        "crs": crs,
+        "compress": "deflate",
+    }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(labels, 1)
 
 
-def predict(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
-            device: str = "cpu", weights: str = "ema", mode: str = "whole",
-            crop: int | None = None, geotiff: bool = True) -> list[Path]:
+def predict(
+    checkpoint: str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    device: str = "cpu",
+    use: str = "ema",
+    mode: str = "whole",
+    crop: int | None = None,
+    geotiff: bool = True,
+    progress: bool = False,
+) -> list[Path]:
     """Segment ``inputs`` with a checkpoint's student; returns the written files.
 
     Args:
-        checkpoint: ``best.pt`` / ``latest.pt`` of a run.
+        checkpoint: ``best.pt`` / ``latest.pt`` of a run, or a ``featcache export`` file.
         inputs: Image files, folders, or store URLs.
         out_dir: Output folder (created).
         device: Torch device.
-        weights: ``"ema"`` or ``"student"``.
+        use: ``"ema"`` or ``"student"`` weights (``--use``).
         mode: ``"whole"`` (resize to a multiple of 14) or ``"sliding"``.
         crop: Sliding window size (default: the run's crop size).
         geotiff: Also write GeoTIFFs for georeferenced inputs.
+        progress: Show a progress bar (one step per input image).
     """
-    model, ckpt = load_student(checkpoint, weights, device)
+    from tqdm.auto import tqdm
+
+    resolved = resolve_inputs(inputs)  # a bad input fails before the model is even loaded
+    model, ckpt = load_student(checkpoint, use, device)
     crop = crop or int(ckpt["config"]["crop_size"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pal = palette(int(model.cfg.num_classes))
-    written: list[Path] = []
-    for item in iter_inputs(inputs):
+    colours = legend_colours(ckpt)
+    pal = palette(colours)
+    written = write_legend(out, class_names(ckpt), colours)
+    bar = tqdm(total=count_images(resolved), desc="predict", unit="img", disable=not progress)
+    for item in read_inputs(resolved):
+        if item.name == "legend":
+            raise PredictError(
+                f"an input named 'legend' would overwrite {out}/legend.png; rename that image"
+            )
         x = torch.from_numpy(np.ascontiguousarray(item.image)).to(device)
         x = x.permute(2, 0, 1).unsqueeze(0).float() / 255.0
         labels = predict_logits(model, x, mode, crop).argmax(1)[0].to(torch.uint8).cpu().numpy()
@@ -145,7 +230,20 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str |
             tif = out / f"{item.name}.tif"
             _write_geotiff(tif, labels, item.transform, item.crs)
             written.append(tif)
+        bar.update(1)
+    bar.close()
     return written
 
 
-__all__ = ["PredictError", "PredictInput", "iter_inputs", "palette", "predict"]
+__all__ = [
+    "PredictError",
+    "PredictInput",
+    "legend_colours",
+    "count_images",
+    "iter_inputs",
+    "palette",
+    "predict",
+    "read_inputs",
+    "resolve_inputs",
+    "write_legend",
+]

@@ -6,24 +6,28 @@ with a `DataCheckError` naming the problem.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from featstore.errors import MissingTeacherError
 from featstore.geometry import LevelGeometry
+from featstore.partitions import DEFAULT_NAME, SETS, list_partitions, read_partition, scenes_of
 from featstore.schema import LevelSpec, TileRecord
+from featstore.teacher_names import resolve_teacher_name
 from trainer.checks import (
     DataCheckError,
+    batch_fit_message,
     check_classes,
     check_done,
     check_fingerprint,
     check_splits,
     resolve_levels,
-    select_tiles,
+    select_sets,
 )
-from trainer.config import TINY_STUDENT, TrainConfig
+from trainer.config import TINY_STUDENT, TeacherConfig, TrainConfig, default_branch
 from trainer.data import (
     EpochSampler,
     SourceTiles,
@@ -53,6 +57,8 @@ class RunData:
     base_size: int
     levels: dict[str, tuple[LevelSpec, ...]] = field(default_factory=dict)
     level_geoms: dict[tuple[str, str], LevelGeometry] = field(default_factory=dict)
+    sets_origin: str = ""
+    teachers_origin: str = ""
 
     def store_meta(self) -> dict[str, Any]:
         """Fingerprint and schema of the store (recorded in checkpoints)."""
@@ -69,11 +75,129 @@ def _open_source(cfg: TrainConfig) -> SourceTiles:
                                    tile_size=cfg.data.tile_size))
 
 
+def splits_fix(url: str | None) -> str:
+    """The commands that list a store's splits and make a partition train uses by itself."""
+    if not url:
+        return ("fix: name splits or tile-id files with --labeled / --unlabeled / --val "
+                "(a partition needs a store: --store URL)")
+    return (f"fix: see the splits with `featcache splits {url}`, then make a partition that "
+            f"train uses by default: `featcache splits {url} --labeled 1/8 --val 0.1 --seed 0` "
+            "(or name splits / tile-id files with --labeled / --unlabeled / --val)")
+
+
+def _sets_line(sets: dict[str, list[int]], tiles: list[TileRecord]) -> str:
+    return ", ".join(f"{k} {len(sets[k])} tiles ({len(scenes_of(tiles, sets[k]))} images)"
+                     for k in SETS)
+
+
+def select_run_sets(cfg: TrainConfig, tiles: list[TileRecord], store: Any
+                    ) -> tuple[dict[str, list[int]], str]:
+    """(sets, where they came from): a saved partition, or split names / tile-id files.
+
+    With no set option at all, the store's partition ``default`` is used when it exists (and
+    ``data.partition`` is set to it, so config.yaml and a resume name it); otherwise the splits
+    named ``labeled`` / ``unlabeled`` / ``val``. Every problem is reported in one error.
+    """
+    d = cfg.data
+    url = d.store if store is not None else None
+    given = [k for k in SETS if getattr(d, k) is not None]
+    origin = ""
+    unnamed = d.partition is None and not given and store is not None
+    if unnamed and DEFAULT_NAME in list_partitions(store.url):
+        d.partition = DEFAULT_NAME
+        origin = (f"partition {DEFAULT_NAME!r} saved in the store (no --partition, --labeled, "
+                  "--unlabeled or --val given)")
+    if d.partition is not None:
+        if store is None:
+            raise DataCheckError(f"data.partition {d.partition!r} is saved in a store: pass "
+                                 "--store URL (or name the sets with --labeled/--unlabeled/--val)")
+        sets = read_partition(store.url, d.partition).indices(tiles, store.url)
+        check_splits(tiles, sets, splits_fix(url))
+        return sets, origin or f"partition {d.partition!r} of the store (--partition)"
+    specs = {k: getattr(d, k) if getattr(d, k) is not None else k for k in SETS}
+    sets = select_sets(tiles, specs, splits_fix(url))
+    shown = ", ".join(f"{k}={specs[k]!r}" for k in SETS)
+    return sets, f"splits / tile-id files {shown}"
+
+
+def run_teachers(cfg: TrainConfig, store: Any) -> tuple[list[TeacherConfig], str]:
+    """The run's teachers by name, and where they came from (branches: `resolve_branches`)."""
+    if not cfg.distill.enabled:
+        return [], "off"
+    if cfg.model.teachers is not None:
+        return _stored_teachers(cfg, store), "as named (--teacher / model.teachers)"
+    names = list(store.schema.teacher_names) if store is not None else []
+    if not names:
+        raise DataCheckError(f"store {cfg.data.store} holds no teacher to distil from: extract "
+                             "one (featcache extract --teacher NAME), or train plain FixMatch "
+                             "with --no-distill")
+    return [TeacherConfig(n) for n in names], "every teacher the store holds"
+
+
+def _stored_teachers(cfg: TrainConfig, store: Any) -> list[TeacherConfig]:
+    """The named teachers under their stored names in cached mode (``timm:m`` → ``timm:m:3``)."""
+    teachers = list(cfg.model.teachers or [])
+    if cfg.mode != "cached" or store is None:
+        return teachers
+    try:
+        return [replace(t, name=resolve_teacher_name(store.schema, t.name)) for t in teachers]
+    except MissingTeacherError as err:
+        raise DataCheckError(str(err)) from None
+
+
+def resolve_branches(cfg: TrainConfig, store: Any, online: dict[str, Any] | None) -> None:
+    """Give each teacher without a branch its default (`default_branch` of its spec's family).
+
+    The spec is the online teacher's in online mode, else the store's; so the CLI, a YAML
+    config and the store's own list all end on the same branch for the same teacher.
+    """
+    for t in cfg.model.teachers or []:
+        if t.branch is not None:
+            continue
+        spec = online[t.name].spec if online else store.schema.teacher(t.name).spec
+        t.branch = default_branch(spec.family)
+
+
+def run_summary(cfg: TrainConfig, data: RunData) -> list[str]:
+    """The first lines of a run: what it distils from (or that it does not) and its sets."""
+    teachers = cfg.teacher_list
+    if not teachers:
+        lines = ["distillation: off (--no-distill): plain FixMatch, no teacher"]
+    else:
+        lines = [f"distillation: {len(teachers)} teacher(s), {data.teachers_origin}; "
+                 f"{cfg.mode} targets"]
+        for t in teachers:
+            where = ("levels " + ", ".join(lv.key for lv in data.levels[t.name])
+                     if cfg.mode == "cached" else "computed online")
+            lines.append(f"  {t.name}: branch {t.branch}, {where}")
+        if cfg.mode == "cached":
+            mode = cfg.distill.target_mode
+            blend = f" (scale blend {cfg.distill.scale_blend})" if mode == "warp" else ""
+            lines.append(f"  target mode: {mode}{blend}")
+    lines.append(f"sets: {data.sets_origin}: {_sets_line(data.sets, data.tiles)}")
+    lines.append(_student_line(cfg))
+    return lines
+
+
+def _student_line(cfg: TrainConfig) -> str:
+    """Where the student's backbone weights come from; random init is said out loud."""
+    if cfg.model.tiny:
+        return "student: tiny test network (--tiny)"
+    arch = cfg.model.student.get("arch", StudentConfig.arch)
+    if cfg.model.pretrained is None:
+        return f"student: {arch}, RANDOM init (--random-weights; no --pretrained)"
+    return f"student: {arch}, weights {cfg.model.pretrained}"
+
+
 def open_data(cfg: TrainConfig, pinned: dict[str, Any] | None = None) -> RunData:
     """Open the store / source of ``cfg`` and run every pre-training check.
 
+    Fills in what the config leaves to the data: ``cfg.model.teachers`` (every teacher the
+    store holds when unset; [] without distillation) and ``cfg.data.partition`` (``default``
+    when the store has it and no set was named).
+
     Args:
-        cfg: The run config.
+        cfg: The run config (updated in place, see above).
         pinned: ``{"fingerprint", "schema"}`` of the store a resumed run started with.
     """
     store = None
@@ -95,11 +219,11 @@ def open_data(cfg: TrainConfig, pinned: dict[str, Any] | None = None) -> RunData
         class_names, ignore = reader.class_names, reader.ignore_index
         tile_size, base_size = reader.tile_size, cfg.crop_size
     tiles = list(reader.tiles)
-    sets = {k: select_tiles(tiles, getattr(cfg.data, k), f"data.{k}")
-            for k in ("labeled", "unlabeled", "val")}
-    check_splits(tiles, sets)
+    sets, sets_origin = select_run_sets(cfg, tiles, store)
+    cfg.model.teachers, teachers_origin = run_teachers(cfg, store)
     data = RunData(reader, store, tiles, sets, tuple(class_names), 0, int(ignore),
-                   int(tile_size), int(base_size))
+                   int(tile_size), int(base_size), sets_origin=sets_origin,
+                   teachers_origin=teachers_origin)
     if store is not None:
         check_done(store, sorted({i for s in sets.values() for i in s}))
     if cfg.mode == "cached":
@@ -149,7 +273,8 @@ def student_config(cfg: TrainConfig, num_classes: int, channels: dict[str, int])
             kwargs[key] = tuple(kwargs[key])
     return StudentConfig(num_classes=num_classes, img_size=cfg.crop_size, teachers=heads,
                          grad_checkpointing=cfg.runtime.grad_checkpointing,
-                         backbone_weights=cfg.model.pretrained, **kwargs)
+                         backbone_weights=cfg.model.pretrained,
+                         random_weights=cfg.model.random_weights or cfg.model.tiny, **kwargs)
 
 
 def teacher_channels(cfg: TrainConfig, data: RunData, online: dict[str, Any] | None
@@ -227,9 +352,11 @@ def build_loaders(cfg: TrainConfig, data: RunData, info: DistInfo) -> Loaders:
     if ds_u is not None:
         per = min(per, iters_per_epoch(len(ds_u), info.world, cfg.schedule.batch_unlabeled))
     if per < 1:
-        raise DataCheckError(f"{n} tiles per epoch over {info.world} process(es) cannot fill one "
-                             f"batch (labeled {cfg.schedule.batch_labeled}, unlabeled "
-                             f"{cfg.schedule.batch_unlabeled}); lower --batch or add tiles")
+        per_rank = {"labeled": iters_per_epoch(len(ds_l), info.world, 1)}
+        batch = {"labeled": cfg.schedule.batch_labeled, "unlabeled": cfg.schedule.batch_unlabeled}
+        if ds_u is not None:
+            per_rank["unlabeled"] = iters_per_epoch(len(ds_u), info.world, 1)
+        raise DataCheckError(batch_fit_message(per_rank, batch, info.world))
     return Loaders(ds_l, ds_u, s_l, s_u, per)
 
 
@@ -249,4 +376,5 @@ def store_stats(cfg: TrainConfig, data: RunData, device: torch.device
 
 
 __all__ = ["Loaders", "RunData", "build_loaders", "build_student", "check_view_bank", "open_data",
+           "resolve_branches", "run_summary", "run_teachers", "select_run_sets", "splits_fix",
            "store_stats", "student_config", "teacher_channels"]

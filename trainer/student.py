@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featstore.hub import hub_access
 from trainer.dpt import DPTHead
 
 __all__ = [
     "BRANCHES",
     "RS_MTDF_TEACHERS",
     "BackboneWeightsError",
+    "RandomBackboneError",
     "Student",
     "StudentConfig",
     "StudentConfigError",
@@ -43,6 +45,10 @@ class StudentConfigError(ValueError):
 
 class BackboneWeightsError(RuntimeError):
     """A backbone weight file cannot be loaded into the student's ViT."""
+
+
+class RandomBackboneError(StudentConfigError):
+    """The student would start from a random backbone and nobody asked for that."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +77,10 @@ RS_MTDF_TEACHERS = (
 class StudentConfig:
     """Student architecture. Defaults are the RS-MTDF values.
 
-    ``backbone_weights``: None (random init), a local file (``.pth``/``.safetensors``, DINOv2 or
-    timm key layout), or ``"timm"`` / ``"timm:<tag>"`` for timm's pretrained weights (needs the
-    hub). ``model_kwargs`` go to ``timm.create_model`` (e.g. a tiny ViT for tests).
+    ``backbone_weights``: a local file (``.pth``/``.safetensors``, DINOv2 or timm key layout),
+    ``"timm"`` / ``"timm:<tag>"`` for timm's pretrained weights (needs the hub, or timm's local
+    cache), or None: random init, refused unless ``random_weights`` (CLI ``--random-weights``;
+    ``--tiny`` sets it). ``model_kwargs`` go to ``timm.create_model`` (e.g. a tiny ViT for tests).
     ``clip_from_full``: take the "clip224" tokens by resampling the full pass's deepest tokens to
     the CLIP grid (antialiased bilinear on token centres) instead of a second backbone pass.
     """
@@ -92,6 +99,7 @@ class StudentConfig:
     clip_from_full: bool = False
     grad_checkpointing: bool = False
     backbone_weights: str | None = None
+    random_weights: bool = False
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -107,6 +115,15 @@ class StudentConfig:
             )
         if self.num_classes < 1:
             raise StudentConfigError(f"student.num_classes must be >= 1, got {self.num_classes}")
+        if self.backbone_weights is None and not self.random_weights:
+            raise RandomBackboneError(
+                f"the student backbone {self.arch} has no weights and would start from random "
+                "initialisation (far worse than DINOv2's). Pass --pretrained PATH (a DINOv2 "
+                ".pth/.safetensors, e.g. dinov2_vits14_pretrain.pth) or --pretrained timm (where "
+                "the model hub is reachable); or --random-weights to accept random init "
+                "(config: model.random_weights: true; library: random_weights=True); or --tiny "
+                "for a tiny random test student"
+            )
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise StudentConfigError(f"student.teachers has duplicate names: {names}")
@@ -146,7 +163,7 @@ def _create_backbone(cfg: StudentConfig) -> nn.Module:
         arch = f"{cfg.arch}.{tag}" if tag else cfg.arch
     kwargs = {"img_size": cfg.img_size, "dynamic_img_size": True, "num_classes": 0}
     kwargs.update(cfg.model_kwargs)
-    model = timm.create_model(arch, pretrained=pretrained, **kwargs)
+    model = _timm_backbone(arch, pretrained, kwargs)
     depth = len(model.blocks)
     if not all(0 <= i < depth for i in cfg.layers):
         raise StudentConfigError(
@@ -156,6 +173,21 @@ def _create_backbone(cfg: StudentConfig) -> nn.Module:
     if weights is not None and not pretrained:
         load_backbone_weights(model, weights)
     return model
+
+
+def _timm_backbone(arch: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    if not pretrained:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    with hub_access() as offline:
+        try:
+            return timm.create_model(arch, pretrained=True, **kwargs)
+        except (OSError, RuntimeError) as err:
+            where = f"the model hub is unreachable ({offline})" if offline else "download failed"
+            raise BackboneWeightsError(
+                f"--pretrained timm: cannot fetch timm's {arch} weights: {where} "
+                f"[{type(err).__name__}: {str(err)[:200]}]. Download a DINOv2 checkpoint where "
+                "the hub is reachable and pass the file with --pretrained PATH"
+            ) from err
 
 
 def _tokens_resize(
@@ -359,8 +391,9 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise BackboneWeightsError(
-            f"backbone weights {path} not found; set student.backbone_weights to a local "
-            "DINOv2 .pth/.safetensors file, 'timm' (needs the hub) or null for random init"
+            f"backbone weights {path} not found; pass --pretrained PATH with an existing "
+            "DINOv2 .pth/.safetensors file, --pretrained timm (needs the hub), or "
+            "--random-weights for random init"
         )
     sd = checkpoint_filter_fn(_strip_prefixes(_read_state_dict(path)), backbone)
     try:

@@ -5,6 +5,8 @@ from .errors import (
     BandError,
     EmptySourceError,
     ImageReadError,
+    LabelConventionError,
+    LabelConventionWarning,
     LayoutError,
     MaskValueError,
     SizeMismatchError,
@@ -12,6 +14,7 @@ from .errors import (
     SplitFileError,
     TilingError,
 )
+from .labels import LabelOptions, read_palette
 from .source import LAYOUTS, TileSource, open_source, pixel_hash
 from .tiling import EDGE_RULES, tile_windows
 
@@ -24,6 +27,9 @@ __all__ = [
     "Convention",
     "EmptySourceError",
     "ImageReadError",
+    "LabelConventionError",
+    "LabelConventionWarning",
+    "LabelOptions",
     "LayoutError",
     "MaskValueError",
     "SizeMismatchError",
@@ -33,5 +39,6 @@ __all__ = [
     "TilingError",
     "open_source",
     "pixel_hash",
+    "read_palette",
     "tile_windows",
 ]

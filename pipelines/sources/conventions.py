@@ -1,38 +1,66 @@
-"""Dataset conventions: class names, mask encodings, edge rules and padding labels.
+"""Dataset conventions: class names, how masks encode them, edge rules, padding and colours.
 
-Class orders and colour maps follow RS-MTDF / DWL (see docs/design rs-mtdf-reference §1).
-Masks come out as class indices ``0..K-1`` with ``IGNORE_INDEX`` (255) for ignored pixels.
+Class orders and colour maps follow RS-MTDF / DWL (see docs/design rs-mtdf-reference §1) and
+mmsegmentation's dataset classes. Masks come out as class ids ``0..K-1`` with ``IGNORE_INDEX``
+(255) for ignored pixels. A convention is one of two kinds:
 
-Colour-coded masks (ISPRS Potsdam, DeepGlobe) are decoded by thresholding each channel at 128,
-which snaps slightly off colours (JPEG or resampling noise) to the nearest pure colour; a pure
-colour outside the dataset's palette is an error.
+* index masks (single channel): source value ``v`` is stored as id ``v``, or as ``v - 1`` under
+  ``reduce_zero_label`` (mmseg's rule: source 0 = ignore). Source 255, and ``ignore_value`` when
+  set, are ignore.
+* colour-coded masks (RGB): each colour of ``palette`` maps to an id (or to ignore).
+
+``class_colors`` are the display colours of the classes (what ``predict`` paints), separate from
+``palette`` (what mask decoding reads): LoveDA has display colours but index masks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-import numpy as np
-
-from .errors import MaskValueError
+from featstore.schema import default_class_colors as default_colors
 
 __all__ = [
     "CONVENTIONS",
     "DEEPGLOBE",
     "GENERIC",
     "IGNORE_INDEX",
+    "ISPRS_CLASSES",
+    "ISPRS_COLORS",
     "LOVEDA",
     "POTSDAM",
+    "POTSDAM_MMSEG",
+    "VAIHINGEN_MMSEG",
     "Convention",
-    "decode_mask",
+    "default_colors",
+    "describe_colour",
+    "hex_colour",
 ]
 
 IGNORE_INDEX = 255
-_UNMAPPED = 254  # internal LUT marker for colours outside the palette
+RGB = tuple[int, int, int]
 
-# Pure colours are coded r*4 + g*2 + b after thresholding.
-_COLOUR_NAMES = ("black", "blue", "green", "cyan", "red", "magenta", "yellow", "white")
+
+_PURE_NAMES = {
+    (0, 0, 0): "black",
+    (0, 0, 255): "blue",
+    (0, 255, 0): "green",
+    (0, 255, 255): "cyan",
+    (255, 0, 0): "red",
+    (255, 0, 255): "magenta",
+    (255, 255, 0): "yellow",
+    (255, 255, 255): "white",
+}
+
+
+def hex_colour(rgb: RGB) -> str:
+    """``(255, 0, 0)`` -> ``"#ff0000"``."""
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+def describe_colour(rgb: RGB) -> str:
+    """Hex code, with the name of pure colours: ``"magenta #ff00ff"``, ``"#9f81b7"``."""
+    name = _PURE_NAMES.get(tuple(int(v) for v in rgb))  # type: ignore[arg-type]
+    return f"{name} {hex_colour(rgb)}" if name else hex_colour(rgb)
 
 
 @dataclass(frozen=True)
@@ -41,48 +69,130 @@ class Convention:
 
     Attributes:
         name: Dataset name recorded in the store.
-        class_names: Class names in label order (empty: decided at open time).
+        class_names: Class names in id order (empty: decided at open time).
         edge_rule: Default tiling edge rule (see ``tiling``).
-        pad_label: Mask value of padded pixels under the ``"pad"`` rule.
-        raw_offset: Subtracted from single-channel raw labels, wrapping below zero
-            (LoveDA: 1, so raw 0 = no-data becomes 255).
-        palette: For colour-coded masks, ``(colour name, class index)`` pairs; a colour mapped
-            to ``IGNORE_INDEX`` is ignored.
+        pad_label: Stored id of padded pixels under the ``"pad"`` rule.
+        reduce_zero_label: Index masks: source 0 = ignore and ``v -> v - 1`` (mmseg's rule).
+        ignore_value: Index masks: one more source value that means ignore (255 always does).
+        palette: Colour-coded masks: ``((r, g, b), id)`` pairs; an id of ``IGNORE_INDEX``
+            marks an ignored colour.
+        snap_colours: Threshold each channel at 128 before matching (palettes of pure 0/255
+            colours only), which absorbs JPEG or resampling noise; otherwise colours must match
+            exactly.
+        index_masks: Whether single-channel masks are read as index masks even though a
+            palette is set (DWL writes Potsdam and DeepGlobe tiles as indices).
+        class_colors: Display colour of each class (empty: ``default_colors``).
+        source_note: What the source values are, for the class table (e.g. "ISPRS colours").
     """
 
     name: str
     class_names: tuple[str, ...]
     edge_rule: str = "pad"
     pad_label: int = IGNORE_INDEX
-    raw_offset: int = 0
-    palette: tuple[tuple[str, int], ...] = ()
+    reduce_zero_label: bool = False
+    ignore_value: int | None = None
+    palette: tuple[tuple[RGB, int], ...] = ()
+    snap_colours: bool = False
+    index_masks: bool = True
+    class_colors: tuple[RGB, ...] = ()
+    source_note: str = ""
 
     def with_classes(self, class_names: tuple[str, ...], name: str | None = None) -> Convention:
         """Copy with class names (and optionally the dataset name) filled in."""
         return replace(self, class_names=class_names, name=name or self.name)
 
+    @property
+    def colors(self) -> tuple[RGB, ...]:
+        """Display colour of each class."""
+        return self.class_colors or default_colors(len(self.class_names))
 
+    def class_sources(self) -> tuple[str, ...]:
+        """What each class id is in the source masks: its value (index masks) or colour."""
+        if self.palette and not self.index_masks:
+            by_id = {k: rgb for rgb, k in self.palette}
+            return tuple(hex_colour(by_id[k]) for k in range(len(self.class_names)))
+        shift = 1 if self.reduce_zero_label else 0
+        sources = [str(k + shift) for k in range(len(self.class_names))]
+        if self.palette:  # colours, or DWL's index tiles
+            by_id = {k: rgb for rgb, k in self.palette}
+            sources = [f"{s} or {hex_colour(by_id[k])}" for k, s in enumerate(sources)]
+        return tuple(sources)
+
+    def label_rule(self) -> str:
+        """One line: how source masks become stored ids (shown above the class table)."""
+        ignored = ["255"]
+        if self.ignore_value is not None:
+            ignored.append(str(self.ignore_value))
+        if self.reduce_zero_label:
+            ignored.insert(0, "0")
+        index_rule = (
+            f"index masks, value v -> id v-1 (reduce-zero-label), {' and '.join(ignored)} = ignore"
+            if self.reduce_zero_label
+            else f"index masks, value v -> id v, {' and '.join(ignored)} = ignore"
+        )
+        if not self.palette:
+            return index_rule
+        ignored_colours = [hex_colour(rgb) for rgb, k in self.palette if k == IGNORE_INDEX]
+        colour_rule = "colour masks" + (
+            f", {', '.join(ignored_colours)} = ignore" if ignored_colours else ""
+        )
+        note = f" ({self.source_note})" if self.source_note else ""
+        return f"{colour_rule}{note}" + (f"; single-channel: {index_rule}" * self.index_masks)
+
+
+LOVEDA_COLORS: tuple[RGB, ...] = (  # LoveDA's official COLOR_MAP (also mmseg's LoveDADataset)
+    (255, 255, 255),
+    (255, 0, 0),
+    (255, 255, 0),
+    (0, 0, 255),
+    (159, 129, 183),
+    (0, 255, 0),
+    (255, 195, 128),
+)
 LOVEDA = Convention(
     "loveda",
     ("background", "building", "road", "water", "barren", "forest", "agriculture"),
     edge_rule="exact",
-    raw_offset=1,
+    reduce_zero_label=True,  # raw 0 = no-data
+    class_colors=LOVEDA_COLORS,
+)
+
+ISPRS_CLASSES = ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
+ISPRS_COLORS: tuple[RGB, ...] = (
+    (255, 255, 255),
+    (0, 0, 255),
+    (0, 255, 255),
+    (0, 255, 0),
+    (255, 255, 0),
+    (255, 0, 0),
 )
 POTSDAM = Convention(
     "potsdam",
-    ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter"),
+    ISPRS_CLASSES,
     edge_rule="overlap_last",
     pad_label=5,  # DWL paints Potsdam padding red = clutter
     # black marks eroded boundaries in ISPRS' "noBoundary" labels: ignore them
-    palette=(
-        ("white", 0),
-        ("blue", 1),
-        ("cyan", 2),
-        ("green", 3),
-        ("yellow", 4),
-        ("red", 5),
-        ("black", IGNORE_INDEX),
-    ),
+    palette=(*((c, k) for k, c in enumerate(ISPRS_COLORS)), ((0, 0, 0), IGNORE_INDEX)),
+    snap_colours=True,
+    class_colors=ISPRS_COLORS,
+    source_note="ISPRS colours",
+)
+# mmseg's potsdam.py / vaihingen.py converters read the ISPRS colour labels with mmcv (BGR) and
+# write index PNGs 0 = black (boundary) and 1..6 = the classes in ISPRS order; its
+# PotsdamDataset / ISPRSDataset then load them with reduce_zero_label=True (0 -> 255, v -> v-1).
+# Tiles are already 512 px; a smaller --tile-size pads with ignore.
+POTSDAM_MMSEG = Convention(
+    "potsdam", ISPRS_CLASSES, reduce_zero_label=True, class_colors=ISPRS_COLORS
+)
+VAIHINGEN_MMSEG = replace(POTSDAM_MMSEG, name="vaihingen")
+DEEPGLOBE_COLORS: tuple[RGB, ...] = (
+    (0, 255, 255),
+    (255, 255, 0),
+    (255, 0, 255),
+    (0, 255, 0),
+    (0, 0, 255),
+    (255, 255, 255),
+    (0, 0, 0),
 )
 DEEPGLOBE = Convention(
     "deepglobe",
@@ -97,87 +207,10 @@ DEEPGLOBE = Convention(
     ),
     edge_rule="pad",
     pad_label=6,  # DWL's zero padding becomes 6 = unknown
-    palette=(
-        ("cyan", 0),
-        ("yellow", 1),
-        ("magenta", 2),
-        ("green", 3),
-        ("blue", 4),
-        ("white", 5),
-        ("black", 6),
-    ),
+    palette=tuple((c, k) for k, c in enumerate(DEEPGLOBE_COLORS)),
+    snap_colours=True,
+    class_colors=DEEPGLOBE_COLORS,
+    source_note="DeepGlobe colours",
 )
 GENERIC = Convention("folder", ())
 CONVENTIONS = {c.name: c for c in (LOVEDA, POTSDAM, DEEPGLOBE, GENERIC)}
-
-
-def _palette_lut(palette: tuple[tuple[str, int], ...]) -> np.ndarray:
-    lut = np.full(8, _UNMAPPED, np.uint8)
-    for colour, index in palette:
-        lut[_COLOUR_NAMES.index(colour)] = index
-    return lut
-
-
-def _decode_colours(raw: np.ndarray, conv: Convention, path: Path) -> np.ndarray:
-    bits = raw >= 128
-    code = (bits[..., 0].astype(np.uint8) << 2) | (bits[..., 1].astype(np.uint8) << 1)
-    code |= bits[..., 2].astype(np.uint8)
-    out = _palette_lut(conv.palette)[code]
-    if (out == _UNMAPPED).any():
-        bad = sorted({_COLOUR_NAMES[c] for c in np.unique(code[out == _UNMAPPED])})
-        valid = ", ".join(f"{c}={i}" for c, i in conv.palette)
-        raise MaskValueError(
-            f"mask {path} has colours {bad} outside the {conv.name} palette ({valid}); "
-            "check that this is a label image of that dataset"
-        )
-    return out
-
-
-def _check_range(
-    mask: np.ndarray, num_classes: int, path: Path, what: str, allow_ignore: bool = True
-) -> None:
-    counts = np.bincount(mask.ravel(), minlength=256)
-    if allow_ignore:
-        counts[IGNORE_INDEX] = 0
-    bad = np.flatnonzero(counts[num_classes:]) + num_classes
-    if bad.size:
-        shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
-        ignore = f" (and {IGNORE_INDEX} = ignore)" if allow_ignore else ""
-        raise MaskValueError(
-            f"mask {path} has {what} values [{shown}] outside the valid range "
-            f"0..{num_classes - 1}{ignore}; fix the mask, give the right layout, or list all "
-            "classes in classes.txt"
-        )
-
-
-def decode_mask(raw: np.ndarray, conv: Convention, num_classes: int, path: Path) -> np.ndarray:
-    """Raw mask pixels -> class indices ``0..K-1`` / 255, validated.
-
-    Args:
-        raw: [h, w, C] uint8 with C = 1 (indices or raw labels) or 3 (colour-coded).
-        conv: The dataset convention.
-        num_classes: K.
-        path: Mask file, for error messages.
-
-    Returns:
-        [h, w] uint8, C-contiguous.
-
-    Raises:
-        MaskValueError: Values or colours outside the class range, or a wrong channel count.
-    """
-    channels = raw.shape[-1]
-    if channels == 3 and conv.palette:
-        return _decode_colours(raw, conv, path)
-    if channels != 1:
-        kind = "colour-coded (3 channels)" if channels == 3 else f"{channels}-channel"
-        raise MaskValueError(
-            f"mask {path} is {kind} but the {conv.name} layout expects single-channel class "
-            "indices; convert it to an 8-bit index PNG or choose the matching layout"
-        )
-    plane = raw[..., 0]
-    if conv.raw_offset:
-        # Raw labels run 0..K with 0 = no-data; check before shifting so messages show raw values.
-        _check_range(plane, num_classes + conv.raw_offset, path, f"raw {conv.name}", False)
-        return np.ascontiguousarray(plane - np.uint8(conv.raw_offset))  # uint8 wraps 0 -> 255
-    _check_range(plane, num_classes, path, "label")
-    return np.ascontiguousarray(plane)

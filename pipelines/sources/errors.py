@@ -10,6 +10,8 @@ __all__ = [
     "BandError",
     "EmptySourceError",
     "ImageReadError",
+    "LabelConventionError",
+    "LabelConventionWarning",
     "LayoutError",
     "MaskValueError",
     "SizeMismatchError",
@@ -41,6 +43,14 @@ class BandError(SourceError):
 
 class SizeMismatchError(SourceError):
     """An image and its mask with different pixel sizes."""
+
+
+class LabelConventionError(SourceError):
+    """Class names or label options missing, conflicting, or inconsistent with the masks."""
+
+
+class LabelConventionWarning(UserWarning):
+    """Masks that two label conventions read differently, and no option picked one."""
 
 
 class MaskValueError(SourceError):

@@ -11,9 +11,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .errors import EmptySourceError, SplitFileError
+from .errors import EmptySourceError, LayoutError, SplitFileError
 
-__all__ = ["FINDERS", "SceneRef", "detect_layout", "find_split_file", "normalize_split"]
+__all__ = [
+    "FINDERS",
+    "MMSEG_LAYOUTS",
+    "SceneRef",
+    "detect_layout",
+    "find_split_file",
+    "normalize_split",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _SPLIT_ALIASES = {"valid": "val", "validation": "val", "training": "train", "testing": "test"}
@@ -129,6 +136,24 @@ def find_folder(root: Path) -> list[SceneRef]:
     return refs
 
 
+def find_mmseg(root: Path) -> list[SceneRef]:
+    """mmsegmentation's converted form: ``img_dir/<split>/*`` + ``ann_dir/<split>/<stem>.png``.
+
+    Images without an annotation of the same stem (e.g. LoveDA's ``img_dir/test``) are
+    unlabeled.
+    """
+    refs = []
+    img_dir = root / "img_dir"
+    if not img_dir.is_dir():
+        return refs
+    for split_dir in sorted(p for p in img_dir.iterdir() if p.is_dir()):
+        masks = _find_masks(root / "ann_dir" / split_dir.name)
+        split = normalize_split(split_dir.name)
+        for image in _images_in(split_dir):
+            refs.append(_ref(root, image, masks.get(image.stem), split))
+    return refs
+
+
 def find_geotiff(root: Path) -> list[SceneRef]:
     """One GeoTIFF file, or the ``*.tif`` / ``*.tiff`` files directly in a folder (unlabeled)."""
     if root.is_file():
@@ -145,13 +170,32 @@ FINDERS: dict[str, Callable[[Path], list[SceneRef]]] = {
     "deepglobe": find_deepglobe,
     "folder": find_folder,
     "geotiff": find_geotiff,
+    "potsdam-mmseg": find_mmseg,
+    "vaihingen-mmseg": find_mmseg,
+    "loveda-mmseg": find_mmseg,
+    "mmseg": find_mmseg,
 }
+# Layouts that fit an img_dir/ + ann_dir/ tree: the tree does not say which dataset it holds.
+MMSEG_LAYOUTS = ("potsdam-mmseg", "vaihingen-mmseg", "loveda-mmseg", "mmseg")
 
 
 def detect_layout(root: Path) -> str | None:
-    """Guess the layout of ``root`` from its files; None if nothing matches."""
+    """Detect the layout of ``root`` from its files; None if nothing matches.
+
+    Raises:
+        LayoutError: An mmseg ``img_dir`` + ``ann_dir`` tree, whose files fit several datasets
+            with different label conventions: the user must name one.
+    """
     if root.is_file():
         return "geotiff" if root.suffix.lower() in (".tif", ".tiff") else None
+    if (root / "img_dir").is_dir() and (root / "ann_dir").is_dir():
+        raise LayoutError(
+            f"{root} is an mmsegmentation img_dir/ + ann_dir/ tree, which does not say which "
+            "dataset (and label convention) it holds; pass one of: --layout potsdam-mmseg, "
+            "--layout vaihingen-mmseg (ISPRS tiles: 0 = boundary/ignore, 1..6 = classes), "
+            "--layout loveda-mmseg (0 = no-data, 1..7 = classes), or --layout mmseg with "
+            "--classes (and --reduce-zero-label / --no-reduce-zero-label) for other data"
+        )
     if any(
         (d / dom / "images_png").is_dir()
         for d in root.iterdir()

@@ -13,15 +13,42 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from featstore.schema import TileRecord
 
-from .conventions import CONVENTIONS, GENERIC, IGNORE_INDEX, Convention, decode_mask
-from .errors import EmptySourceError, LayoutError, SizeMismatchError, SourceError
+from .conventions import (
+    DEEPGLOBE,
+    GENERIC,
+    IGNORE_INDEX,
+    LOVEDA,
+    POTSDAM,
+    POTSDAM_MMSEG,
+    VAIHINGEN_MMSEG,
+    Convention,
+)
+from .errors import (
+    EmptySourceError,
+    LabelConventionError,
+    LayoutError,
+    SizeMismatchError,
+    SourceError,
+)
 from .imageio import SceneInfo, probe, read_window, select_bands
+from .labels import (
+    LabelOptions,
+    check_zero_reading,
+    convention_with_options,
+    format_histogram,
+    label_options,
+    palette_convention,
+    read_classes_txt,
+    read_labels_file,
+)
 from .layouts import FINDERS, SceneRef, detect_layout, find_split_file, normalize_split
+from .masks import decode_mask, index_plane
 from .tiling import Window, tile_windows
 
 __all__ = ["LAYOUTS", "TileSource", "open_source", "pixel_hash"]
@@ -72,6 +99,8 @@ class TileSource:
         tiles.sort(key=lambda t: t[0])
         _check_unique([t[0] for t in tiles], scenes, [t[1] for t in tiles])
         self._tiles = tiles
+        # Per tile: pixels of each class id, then ignored pixels; -1 for unlabeled tiles.
+        self._counts = np.full((len(tiles), self.num_classes + 1), -1, np.int64)
         self.records = [self._record(i) for i in range(len(tiles))]
 
     @property
@@ -88,6 +117,38 @@ class TileSource:
     def dataset(self) -> str:
         """Dataset name."""
         return self._conv.name
+
+    @property
+    def class_colors(self) -> tuple[tuple[int, int, int], ...]:
+        """Display colour (r, g, b) of each class: the dataset's palette or a fixed default."""
+        return self._conv.colors
+
+    @property
+    def class_sources(self) -> tuple[str, ...]:
+        """What each class id is in the source masks (a value, or a colour)."""
+        return self._conv.class_sources()
+
+    @property
+    def label_rule(self) -> str:
+        """One line: how source masks became class ids (0 = ignore? colours? ...)."""
+        return self._conv.label_rule()
+
+    def label_stats(self, indices: Sequence[int] | None = None) -> dict[str, Any]:
+        """Pixel counts of the stored masks of ``indices`` (default: every tile).
+
+        Returns:
+            ``{"class_pixels": [K ints], "ignore_pixels": int, "labeled_tiles": int,
+            "unlabeled_tiles": int}``; counts include padded pixels, as stored.
+        """
+        counts = self._counts if indices is None else self._counts[list(indices)]
+        labeled = counts[:, 0] >= 0
+        total = counts[labeled].sum(axis=0)
+        return {
+            "class_pixels": [int(v) for v in total[:-1]],
+            "ignore_pixels": int(total[-1]),
+            "labeled_tiles": int(labeled.sum()),
+            "unlabeled_tiles": int((~labeled).sum()),
+        }
 
     def __len__(self) -> int:
         return len(self._tiles)
@@ -122,7 +183,11 @@ class TileSource:
     def _record(self, i: int) -> TileRecord:
         tile_id, s_idx, window = self._tiles[i]
         scene = self._scenes[s_idx]
-        image, _ = self.load(i)  # also validates the mask
+        image, mask = self.load(i)  # also validates the mask
+        if mask is not None:  # every mask is decoded here once: count its classes now
+            hist = np.bincount(mask.ravel(), minlength=256)
+            self._counts[i, :-1] = hist[: self.num_classes]
+            self._counts[i, -1] = hist[IGNORE_INDEX]
         return TileRecord(
             tile_id=tile_id,
             source=scene.ref.source,
@@ -202,48 +267,59 @@ def _find_scenes(
 
 
 _LAYOUT_CONVENTIONS = {
-    "loveda": "loveda",
-    "loveda-folder": "loveda",
-    "potsdam": "potsdam",
-    "deepglobe": "deepglobe",
+    "loveda": LOVEDA,
+    "loveda-folder": LOVEDA,
+    "loveda-mmseg": LOVEDA,
+    "potsdam": POTSDAM,
+    "potsdam-mmseg": POTSDAM_MMSEG,
+    "vaihingen-mmseg": VAIHINGEN_MMSEG,
+    "deepglobe": DEEPGLOBE,
 }
 
 
-def _read_classes_txt(folders: Sequence[Path]) -> tuple[str, ...] | None:
-    for folder in folders:
-        path = folder / "classes.txt"
-        if path.is_file():
-            names = tuple(n.strip() for n in path.read_text().splitlines() if n.strip())
-            if not names:
-                raise SourceError(f"{path} lists no class names; write one name per line")
-            return names
-    return None
-
-
-def _scan_num_classes(scenes: list[_Scene]) -> int:
-    """K = 1 + the largest label (255 = ignore excluded) over all masks."""
-    top = -1
+def _value_histogram(scenes: list[_Scene], conv: Convention) -> np.ndarray:
+    """256-bin histogram of the source values of every mask (index masks)."""
+    hist = np.zeros(256, np.int64)
     for scene in scenes:
         if scene.mask is None:
             continue
         full = (0, 0, scene.mask.height, scene.mask.width)
-        counts = np.bincount(read_window(scene.mask, full).ravel(), minlength=256)
-        counts[IGNORE_INDEX] = 0
-        nonzero = np.flatnonzero(counts)
-        top = max(top, int(nonzero[-1]) if nonzero.size else -1)
-    return top + 1
+        plane = index_plane(read_window(scene.mask, full), conv, scene.mask.path)
+        hist += np.bincount(plane.ravel(), minlength=256)
+    return hist
 
 
 def _generic_convention(
-    root: Path, split_files: list[Path], scenes: list[_Scene], names: Sequence[str] | None
+    root: Path, split_files: list[Path], scenes: list[_Scene], opts: LabelOptions
 ) -> Convention:
-    folder = root if root.is_dir() else root.parent
-    class_names = (
-        tuple(names) if names else _read_classes_txt([folder, *(f.parent for f in split_files)])
+    """Convention of a generic layout from the label options (rules: ``labels`` docstring)."""
+    name = root.stem if root.is_file() else root.name
+    if opts.palette is not None:
+        return palette_convention(name, opts.palette, opts)
+    folders = [root if root.is_dir() else root.parent, *(f.parent for f in split_files)]
+    opts = read_labels_file(folders, opts)
+    conv = replace(
+        GENERIC,
+        name=name,
+        reduce_zero_label=bool(opts.reduce_zero_label),
+        ignore_value=opts.ignore_index,
     )
-    if class_names is None:
-        class_names = tuple(f"class_{k}" for k in range(_scan_num_classes(scenes)))
-    return GENERIC.with_classes(class_names, name=root.stem if root.is_file() else root.name)
+    found = (opts.class_names, "--classes") if opts.class_names else read_classes_txt(folders)
+    if not any(s.mask is not None for s in scenes):
+        return conv.with_classes(found[0] if found else ())  # unlabeled: nothing to read
+    zero_stated = opts.reduce_zero_label is not None or opts.ignore_index == 0
+    if found is not None and zero_stated:
+        return conv.with_classes(found[0])
+    hist = _value_histogram(scenes, conv)
+    if found is None:
+        raise LabelConventionError(
+            f"no class names for the masks in {root}: the class count is never taken from the "
+            f"largest mask value. Value histogram: {format_histogram(hist)}. Pass --classes "
+            "NAME,NAME,... (or --classes FILE, one name per line; or write classes.txt beside "
+            "images/) in id order, and --reduce-zero-label if 0 means ignore"
+        )
+    check_zero_reading(hist, found[0], found[1], opts, str(root))
+    return conv.with_classes(found[0])
 
 
 def open_source(
@@ -254,21 +330,29 @@ def open_source(
     bands: Sequence[int] | None = None,
     split: str | None = None,
     edge_rule: str | None = None,
-    class_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | str | None = None,
+    reduce_zero_label: bool | None = None,
+    ignore_index: int | None = None,
+    palette: str | Path | None = None,
 ) -> TileSource:
     """Open a dataset as a list of ``tile_size`` tiles.
 
-    Layouts: ``loveda`` (``Train|Val|Test/Urban|Rural/images_png`` + ``masks_png``, raw labels
-    minus 1, 0 -> 255), ``loveda-folder`` (``images/`` + ``masks/`` with LoveDA raw labels),
-    ``potsdam`` (``*_RGB.tif`` + ``*_label.tif``, ISPRS colours), ``deepglobe`` (``*_sat.jpg`` +
-    ``*_mask.png``, DeepGlobe colours), ``folder`` (``images/`` + ``masks/`` class indices,
-    names from ``classes.txt``; or ``<split>/images`` + ``masks``), ``geotiff`` (one ``.tif`` or
-    a folder of them, unlabeled). ``auto`` detects the layout.
+    Dataset layouts fix their label convention: ``loveda`` (``Train|Val|Test/Urban|Rural/
+    images_png`` + ``masks_png``, raw 0 = no-data -> ignore, 1..7 -> ids 0..6),
+    ``loveda-folder`` (``images/`` + ``masks/`` with LoveDA raw labels), ``loveda-mmseg``
+    (mmseg's ``img_dir/<split>`` + ``ann_dir/<split>``, LoveDA raw labels), ``potsdam``
+    (``*_RGB.tif`` + ``*_label.tif``, ISPRS colours), ``potsdam-mmseg`` / ``vaihingen-mmseg``
+    (mmseg's converted ISPRS tiles: 0 = boundary -> ignore, 1..6 -> ids 0..5), ``deepglobe``
+    (``*_sat.jpg`` + ``*_mask.png``, DeepGlobe colours). Generic layouts take their convention
+    from the label options (see ``pipelines.sources.labels``): ``folder`` (``images/`` +
+    ``masks/``, or ``<split>/images`` + ``masks``), ``mmseg`` (``img_dir`` + ``ann_dir``),
+    ``geotiff`` (one ``.tif`` or a folder of them, unlabeled). ``auto`` detects the layout, except
+    for an ``img_dir`` + ``ann_dir`` tree, which fits several datasets (an error lists them).
 
     Args:
         path: Dataset root (or one GeoTIFF file).
         layout: Layout name, or ``"auto"``. With ``split_file``, the layout only sets the label
-            convention (``"auto"`` = class-index masks).
+            convention (``"auto"`` = generic).
         split_file: RS-MTDF/DWL split file(s) (``<image> <mask>`` per line, paths relative to
             ``path`` or to the split file's folder); replaces the folder walk.
         tile_size: Tile side T in pixels.
@@ -277,7 +361,12 @@ def open_source(
             recorded for every tile (default ``"train"``).
         edge_rule: ``"exact"``, ``"overlap_last"`` or ``"pad"``; default: the layout's rule
             (LoveDA exact, Potsdam overlap_last, others pad).
-        class_names: Override the class names (generic layouts).
+        class_names: Class names in id order, or one string: comma-separated names or a file
+            with one name per line (dataset layouts: a renaming, same count).
+        reduce_zero_label: Generic index masks: True = 0 is ignore and v -> v-1; False = values
+            are ids; None = not stated (warned about or refused when the masks are ambiguous).
+        ignore_index: Generic index masks: a source value that means ignore (255 always does).
+        palette: Generic colour-coded masks: palette file (``NAME R G B`` lines, or JSON).
 
     Raises:
         SourceError: A subclass naming the file and the fix, for any bad input.
@@ -295,14 +384,13 @@ def open_source(
             else [Path(f) for f in split_file]
         )
     )
+    opts = label_options(class_names, reduce_zero_label, ignore_index, palette)
     layout = _resolve_layout(root, layout, bool(files))
     refs = _find_scenes(root, layout, files, split)
     scenes = [_open_scene(ref, bands) for ref in refs]
-    conv_name = _LAYOUT_CONVENTIONS.get(layout)
-    if conv_name is not None:
-        conv = CONVENTIONS[conv_name]
-        if class_names:
-            conv = conv.with_classes(tuple(class_names))
+    base = _LAYOUT_CONVENTIONS.get(layout)
+    if base is not None:
+        conv = convention_with_options(base, opts, layout)
     else:
-        conv = _generic_convention(root, files, scenes, class_names)
+        conv = _generic_convention(root, files, scenes, opts)
     return TileSource(scenes, conv, tile_size, edge_rule or conv.edge_rule)

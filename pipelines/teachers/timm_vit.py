@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from featstore.hub import hub_access
 from featstore.schema import ResizeSpec, TeacherSpec
 from pipelines.teachers.base import DEFAULT_BASE_SIZE, Teacher, snap_down, tokens_to_grid
 from pipelines.teachers.registry import register_teacher
@@ -44,10 +45,11 @@ def create_timm_model(
 
     if source.kind == "tag":
         name = arch if source.value in PRETRAINED_ALIASES else f"{arch}.{source.value}"
-        try:
-            return timm.create_model(name, pretrained=True, **kwargs), "pretrained"
-        except (OSError, RuntimeError) as err:
-            raise unavailable(source, "timm", err) from err
+        with hub_access() as offline:
+            try:
+                return timm.create_model(name, pretrained=True, **kwargs), "pretrained"
+            except (OSError, RuntimeError) as err:
+                raise unavailable(source, "timm", err, offline) from err
     model = timm.create_model(arch, pretrained=False, **kwargs)
     how = "random"
     if source.kind == "file":

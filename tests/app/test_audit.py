@@ -65,9 +65,10 @@ def equi_registered() -> Iterator[str]:
 
 
 def _extract(src: Path, out: Path, teacher: str, tiny: bool) -> str:
+    # The patchify test teacher is a fixed random conv: its random weights are accepted.
     cfg = ExtractConfig(source=str(src), out=str(out), tile_size=TILE, teachers=(teacher,),
-                        tiny=tiny, base_size=BASE, tiles_per_shard=4, batch_size=4, limit=4,
-                        scales=(1.0, 2.0), flip=True)
+                        tiny=tiny, random_weights=True, base_size=BASE, tiles_per_shard=4,
+                        batch_size=4, limit=4, scales=(1.0, 2.0), flip=True)
     return run_extraction(cfg, progress=False)
 
 
@@ -233,7 +234,7 @@ def test_view_bank_matches_teacher_on_its_views(equi_store: str, tmp_path: Path,
 
     url = str(tmp_path / "bank.zarr")
     shutil.copytree(equi_store, url)
-    build_view_bank(url, [EQUI], k=3, seed=4, batch_size=4)
+    build_view_bank(url, [EQUI], k=3, seed=4, batch_size=4, random_weights=True)
     res = audit_store(url, EQUI, teacher=PatchifyTeacher(), n_views=2, seed=0, batch_size=4,
                       ceiling=False, bank_views=12)
     names = [c.name for c in res.bank]

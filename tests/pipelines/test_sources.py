@@ -14,6 +14,7 @@ from pipelines.sources import (
     BandError,
     EmptySourceError,
     ImageReadError,
+    LabelConventionError,
     LayoutError,
     MaskValueError,
     SizeMismatchError,
@@ -262,14 +263,23 @@ def _folder(root: Path, n: int = 3, size: int = 64, classes: bool = True) -> lis
         images.append(image)
     if classes:
         (root / "classes.txt").write_text("\n".join(LOVEDA_CLASSES) + "\n")
+        (root / "labels.json").write_text('{"reduce_zero_label": false}')  # values are ids
     return images
 
 
 def test_generic_folder_classes(tmp_path: Path) -> None:
     _folder(tmp_path, classes=False)
-    src = open_source(tmp_path, tile_size=64, split="val")
+    masks = [np.asarray(Image.open(tmp_path / "masks" / f"t{i}.png")) for i in range(3)]
+    zeros = sum(int((m == 0).sum()) for m in masks)
+    # the class count never comes from the largest mask value: no names, no source
+    with pytest.raises(LabelConventionError, match=rf"Value histogram: 0: {zeros} px.*--classes"):
+        open_source(tmp_path, tile_size=64)
+    names = ",".join(LOVEDA_CLASSES)
+    src = open_source(
+        tmp_path, tile_size=64, split="val", class_names=names, reduce_zero_label=False
+    )
     assert src.dataset == tmp_path.name and len(src) == 3
-    assert src.class_names == tuple(f"class_{k}" for k in range(7))  # 1 + max label
+    assert src.class_names == LOVEDA_CLASSES
     assert {r.split for r in src.records} == {"val"}  # no split folders: split= labels the tiles
     assert [r.tile_id for r in src.records] == ["images/t0", "images/t1", "images/t2"]
 
@@ -296,7 +306,9 @@ def test_split_files(tmp_path: Path) -> None:
     assert src.load(1)[1] is None
     # paths relative to the split file's own folder also resolve
     (tmp_path / "data" / "val.txt").write_text("images/t1.png masks/t1.png\n")
-    val = open_source(tmp_path, split_file=tmp_path / "data" / "val.txt", tile_size=64)
+    val = open_source(
+        tmp_path, split_file=tmp_path / "data" / "val.txt", tile_size=64, reduce_zero_label=False
+    )
     assert [r.split for r in val.records] == ["val"] and val.load(0)[1] is not None
 
 

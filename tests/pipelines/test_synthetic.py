@@ -36,6 +36,7 @@ def test_deterministic_bytes(synth: Path, tmp_path: Path) -> None:
         "images/000.png",
         "images/001.png",
         "images/002.png",
+        "labels.json",
         "masks/000.png",
         "masks/001.png",
         "masks/002.png",

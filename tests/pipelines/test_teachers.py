@@ -68,7 +68,7 @@ def teachers() -> dict:
 
 
 def test_builtin_names_registered() -> None:
-    assert set(list_teachers()) >= BUILTINS
+    assert set(list_teachers()) >= BUILTINS | {"efficientnet_lite0"}
 
 
 @pytest.mark.parametrize("name", [*list_teachers(), *EXTRA_TIMM])
@@ -356,7 +356,7 @@ def test_unknown_names() -> None:
     with pytest.raises(UnknownTeacherError, match="timm.list_models"):
         create_teacher("timm:not_a_model")
     with pytest.raises(UnknownTeacherError, match="out of range"):
-        create_teacher("timm:resnet18:9")
+        create_teacher("timm:resnet18:9", random_weights=True)
 
 
 def test_bad_inputs(teachers: dict) -> None:
@@ -411,7 +411,7 @@ def test_efficientnet_lite0_real_weights_by_position() -> None:
     out = teacher(canvas)
     torch.testing.assert_close(out, ref.permute(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
     torch.manual_seed(0)
-    random = create_teacher("timm:tf_efficientnet_lite0", base_size=224)
+    random = create_teacher("timm:tf_efficientnet_lite0", base_size=224, random_weights=True)
     assert (random(canvas) - out).abs().mean() > 0.1 * out.abs().mean()
 
 
@@ -427,7 +427,7 @@ def test_efficientnet_lite0_real_weights_by_position() -> None:
     ],
 )
 def test_real_architectures(name: str, canvas: int, shape: tuple) -> None:
-    teacher = create_teacher(name)
+    teacher = create_teacher(name, random_weights=True)
     assert teacher.spec.extra_dict["tiny"] == "0"
     assert teacher(_images(1, canvas)).shape == (1, *shape)
 
@@ -435,9 +435,10 @@ def test_real_architectures(name: str, canvas: int, shape: tuple) -> None:
 def test_same_padded_cnn_keeps_token_phase_at_any_size() -> None:
     # TF "SAME" padding shifts the token phase when a stage's input is odd (518 px); the teacher
     # pads its input to a multiple of the stride so tokens stay at their cell centres.
-    teacher = create_teacher("timm:tf_efficientnet_lite0", base_size=BASE)
+    teacher = create_teacher("timm:tf_efficientnet_lite0", base_size=BASE, random_weights=True)
     assert dict(teacher.spec.extra)["pad_to_stride"] == "1"
-    assert "pad_to_stride" not in dict(create_teacher("timm:resnet10t", base_size=BASE).spec.extra)
+    resnet = create_teacher("timm:resnet10t", base_size=BASE, random_weights=True)
+    assert "pad_to_stride" not in dict(resnet.spec.extra)
     torch.manual_seed(0)
     x = torch.randn(1, 3, 330, 330)  # 330 px: odd stage sizes (165, 83 ...) without the fix
     full, cut = teacher.features(x), teacher.features(x[..., :320, :320])

@@ -40,18 +40,19 @@ def test_checkpoint_holds_no_teacher(run: tuple[Path, str, Path]) -> None:
     t_keys = set(teacher.state_dict())
     for part in ("student", "ema"):
         keys = set(ckpt[part])
-        assert {k.split(".")[0] for k in keys} <= {"backbone", "head", "translators",
-                                                   "projections"}
+        assert {k.split(".")[0] for k in keys} <= {"backbone", "head", "translators", "projections"}
         assert not keys & t_keys
         n_student = sum(v.numel() for v in ckpt[part].values())
-        assert n_student == sum(p.numel() for p in Student(StudentConfig(
-            **ckpt["student_config"])).state_dict().values())
+        assert n_student == sum(
+            p.numel()
+            for p in Student(StudentConfig(**ckpt["student_config"])).state_dict().values()
+        )
 
 
 def test_predict_png_equals_direct_forward(run: tuple[Path, str, Path], tmp_path: Path) -> None:
     ckpt_path, _, images = run
     files = predict(ckpt_path, [images], tmp_path / "out")
-    pngs = sorted(p for p in files if p.suffix == ".png")
+    pngs = sorted(p for p in files if p.suffix == ".png" and p.stem != "legend")
     assert [p.stem for p in pngs] == sorted(p.stem for p in images.glob("*.png"))
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     model = Student(StudentConfig(**ckpt["student_config"])).eval()
@@ -75,8 +76,17 @@ def test_predict_geotiff_keeps_the_tile_transform(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     scene = tmp_path / "scene.tif"
     transform = Affine(0.5, 0.0, 300000.0, 0.0, -0.5, 5000000.0)
-    with rasterio.open(scene, "w", driver="GTiff", height=TILE, width=2 * TILE, count=3,
-                       dtype="uint8", transform=transform, crs="EPSG:32631") as dst:
+    with rasterio.open(
+        scene,
+        "w",
+        driver="GTiff",
+        height=TILE,
+        width=2 * TILE,
+        count=3,
+        dtype="uint8",
+        transform=transform,
+        crs="EPSG:32631",
+    ) as dst:
         dst.write(rng.integers(0, 256, (3, TILE, 2 * TILE), dtype=np.uint8))
     url = build_store(tmp_path, teachers=(DINO,), source=scene)
     st = open_store(url)
@@ -87,7 +97,7 @@ def test_predict_geotiff_keeps_the_tile_transform(tmp_path: Path) -> None:
     src = build_store(root, teachers=(DINO,))
     ids = [t.tile_id for t in open_store(src).tiles]
     train(tiny_config(root, src, ids, [TeacherConfig(DINO)], iters=1))
-    files = predict(root / "run" / "latest.pt", [url], tmp_path / "out", weights="student")
+    files = predict(root / "run" / "latest.pt", [url], tmp_path / "out", use="student")
     tifs = sorted(p for p in files if p.suffix == ".tif")
     assert len(tifs) == 2
     for tif, rec in zip(tifs, st.tiles, strict=True):
@@ -104,3 +114,24 @@ def test_wrong_or_missing_checkpoint(tmp_path: Path) -> None:
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a featcache training checkpoint"):
         load_student(tmp_path / "other.pt")
+
+
+def test_a_run_with_pretrained_weights_loads_without_the_weight_file(tmp_path: Path) -> None:
+    # A real run records the backbone file it started from and no permission for random init;
+    # predicting from its checkpoint needs neither the file nor that permission.
+    from trainer.checkpoint import save_checkpoint, student_config_dict
+
+    kwargs = {"embed_dim": 32, "depth": 4, "num_heads": 2}
+    cfg = StudentConfig(
+        num_classes=3, layers=(0, 1, 2, 3), random_weights=True, model_kwargs=kwargs
+    )
+    src = Student(cfg)
+    scfg = student_config_dict(src.cfg)
+    scfg.update(backbone_weights=str(tmp_path / "gone" / "dinov2_vits14.pth"), random_weights=False)
+    state = src.state_dict()
+    save_checkpoint(
+        tmp_path / "best.pt",
+        {"student": state, "ema": state, "student_config": scfg, "config": {"crop_size": 70}},
+    )
+    model, _ = load_student(tmp_path / "best.pt", "student")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -37,6 +37,7 @@ def tiny_cfg(**over: object) -> StudentConfig:
         clip_size=CLIP,
         features=16,
         out_channels=(8, 16, 16, 32),
+        random_weights=True,  # a tiny test backbone: random init is the point
     )
     kw.update(over)
     return StudentConfig(**kw)
