@@ -5,8 +5,9 @@ same tiles, same splits, same student initialisation, same teacher weights (the 
 are loaded with the weights the store was extracted with), same schedule, views and seeds.
 ``cached`` and ``online`` differ only in where the distillation targets come from, so time,
 memory and teacher compute compare directly; ``no-distill`` (plain FixMatch) shows what the
-teachers add. Every metric is reported beside the majority-class baseline of the val masks, so a
-number can be read against "predict the most frequent class everywhere".
+teachers add. A fourth run, cached from the next seed, measures the seed-to-seed noise that the
+cached-online gap is read against. Every metric is reported beside the majority-class baseline
+of the val masks, so a number can be read against "predict the most frequent class everywhere".
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ FULL_DATA = replace(FULL, tile_size=256)
 class RunRecord:
     """What one training run produced (curves, metrics, costs, predictions).
 
+    ``seconds``/``cpu_seconds``: wall and CPU time (all threads) of the training loop.
     ``teacher_passes``: views each online teacher ran on during training (0 unless online).
     ``predictions``: the final EMA's label maps of the shown val tiles; ``tile_confusion``:
     its ``[n_val, K, K]`` confusion matrix per val tile (the order of the val split).
@@ -111,6 +113,7 @@ class RunRecord:
     predictions: list[np.ndarray] = field(default_factory=list)
     tile_confusion: np.ndarray | None = None
     max_rss: int = 0
+    cpu_seconds: float = 0.0
 
 
 class PeakMemory:
@@ -466,9 +469,9 @@ def run_training(
     with PeakMemory(device) as mem:
         trainer = Trainer(cfg)
         _pair_with(trainer, init_path, teachers_path)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = trainer.run()
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     out = Path(cfg.runtime.out_dir)
     b = cfg.schedule
     views = result.step * (b.batch_labeled + b.batch_unlabeled)
@@ -491,7 +494,7 @@ def run_training(
         [preds[val.index(i)] for i in show],
         np.stack(conf),
     )
-    rec.max_rss = mem.peak_abs
+    rec.max_rss, rec.cpu_seconds = mem.peak_abs, cpu
     return rec
 
 
@@ -658,41 +661,14 @@ def _run_demo(
     show = _show_tiles(store, val)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    init_path, teachers_path = runs_dir / "student_init.pt", runs_dir / "teachers.pt"
-    init_path.unlink(missing_ok=True)  # the first run of this demo writes the shared init
     with clock("teachers (flop count, states)"):
         built = extraction_teacher_states(store, teachers, device)
-        torch.save({n: t.state_dict() for n, t in built.items()}, teachers_path)
+        torch.save({n: t.state_dict() for n, t in built.items()}, runs_dir / "teachers.pt")
         flops = {n: level_gflops(t, store.levels(n), s.crop) for n, t in built.items()}
         names = dict(zip(built, teachers.values(), strict=True))
         del built
-    runs = {}
-    for run in MODES:  # one after the other, each in a fresh process: same conditions
-        with clock(f"{run} training (fresh process)"):
-            cfg = train_config(run, url, splits, runs_dir, names, s, device, seed)
-            runs[run] = train_in_fresh_process(
-                cfg, show, init_path, teachers_path if run == "online" else None, threads["threads"]
-            )
-    with clock("cached training, next seed (noise scale)"):
-        # Same store, splits and schedule, another seed: init, views and CutMix all change.
-        # How far this moves the cached mIoU is the yardstick for the cached-online gap.
-        cfg = train_config(
-            "cached",
-            url,
-            splits,
-            runs_dir,
-            names,
-            s,
-            device,
-            seed + 1,
-            name=f"cached-seed{seed + 1}",
-        )
-        noise_run = train_in_fresh_process(cfg, show, None, None, threads["threads"])
-    sch = store.schema
-    counts = class_counts([store.read_mask(i) for i in val], len(sch.class_names), sch.ignore_index)
-    labeled = [ids.index(t) for t in splits["labeled"].read_text().split()]
-    lab_counts = class_counts(
-        [store.read_mask(i) for i in labeled], len(sch.class_names), sch.ignore_index
+    runs, noise_run = _train_runs(
+        clock, url, splits, runs_dir, names, s, device, seed, show, threads["threads"]
     )
     info = {
         "settings": replace(s),
@@ -707,14 +683,7 @@ def _run_demo(
         "phases": phases,
         "noise_run": noise_run,
         "teacher_weights": names,
-        "val_counts": counts.tolist(),
-        "labeled_counts": lab_counts.tolist(),
-        "baseline": majority_baseline(counts),
-        "n_images": {
-            k: len({store.tiles[ids.index(t)].source for t in splits[k].read_text().split()})
-            for k in splits
-        },
-        "n_tiles": {k: len(splits[k].read_text().split()) for k in splits},
+        **_split_facts(store, splits),
     }
     info["n_train_tiles"] = info["n_tiles"]["labeled"] + info["n_tiles"]["unlabeled"]
     info["load_per_core"] = os.getloadavg()[0] / (os.cpu_count() or 1)
@@ -722,6 +691,56 @@ def _run_demo(
         info["total_seconds"] = sum(phases.values())
         path = write_report(out / "report", store, runs, info)
     return path
+
+
+def _train_runs(
+    clock: _PhaseClock,
+    url: str,
+    splits: dict[str, Path],
+    runs_dir: Path,
+    teachers: dict[str, str | None],
+    s: DemoSettings,
+    device: str,
+    seed: int,
+    show: list[int],
+    threads: int,
+) -> tuple[dict[str, RunRecord], RunRecord]:
+    """The three paired runs, then the cached run from the next seed (the noise yardstick)."""
+    init_path, teachers_path = runs_dir / "student_init.pt", runs_dir / "teachers.pt"
+    init_path.unlink(missing_ok=True)  # the first run of this demo writes the shared init
+    runs = {}
+    for run in MODES:  # one after the other, each in a fresh process: same conditions
+        with clock(f"{run} training (fresh process)"):
+            cfg = train_config(run, url, splits, runs_dir, teachers, s, device, seed)
+            online = teachers_path if run == "online" else None
+            runs[run] = train_in_fresh_process(cfg, show, init_path, online, threads)
+    with clock("cached training, next seed (noise scale)"):
+        # Same store, splits and schedule, another seed: init, views and CutMix all change.
+        # How far this moves the cached mIoU is the yardstick for the cached-online gap.
+        name = f"cached-seed{seed + 1}"
+        cfg = train_config("cached", url, splits, runs_dir, teachers, s, device, seed + 1, name)
+        noise_run = train_in_fresh_process(cfg, show, None, None, threads)
+    return runs, noise_run
+
+
+def _split_facts(store: Any, splits: dict[str, Path]) -> dict[str, Any]:
+    """Images and tiles per split, class pixels of val and labeled, the majority baseline."""
+    sch = store.schema
+    ids = [t.tile_id for t in store.tiles]
+    members = {k: [ids.index(t) for t in f.read_text().split()] for k, f in splits.items()}
+
+    def counts(name: str) -> np.ndarray:
+        masks = [store.read_mask(i) for i in members[name]]
+        return class_counts(masks, len(sch.class_names), sch.ignore_index)
+
+    val = counts("val")
+    return {
+        "val_counts": val.tolist(),
+        "labeled_counts": counts("labeled").tolist(),
+        "baseline": majority_baseline(val),
+        "n_images": {k: len({store.tiles[i].source for i in m}) for k, m in members.items()},
+        "n_tiles": {k: len(m) for k, m in members.items()},
+    }
 
 
 def _show_tiles(store: Any, val: list[int], n: int = 3) -> list[int]:

@@ -108,6 +108,9 @@ def test_three_runs_are_paired_and_costs_consistent(demo_out: Path) -> None:
     assert costs["teacher passes"]["cached"] == (n_train + n_val) * n_levels * n_teachers
     assert costs["teacher passes"]["no-distill"] == 0
     assert costs["train time"]["cached"] > 0 and costs["peak memory (train)"]["online"] > 0
+    # one torch thread (the demo default): the loop CPU time cannot much exceed its wall time
+    for mode in MODES:
+        assert 0 < costs["train CPU time"][mode] < 1.5 * costs["train time"][mode] + 1
 
 
 def _split_images(demo_out: Path) -> dict[str, set[str]]:
@@ -268,7 +271,6 @@ def test_miou_from_confusion_and_bootstrap_by_hand() -> None:
 
 def test_demo_teachers_name_the_real_teacher_or_refuse(monkeypatch: pytest.MonkeyPatch) -> None:
     import pipelines.teachers as teachers_pkg
-
     from featcache.demo import EFFNET, TINY_TEACHERS, demo_teachers
 
     assert demo_teachers(real=False) == dict.fromkeys(TINY_TEACHERS)
