@@ -198,7 +198,7 @@ def run_mode(mode: str, seed: int, url: str, lists: dict[str, str], out: str, it
     from trainer.online import OnlineTargets, load_teachers
 
     cfg = config(mode, url, lists, Path(out), iters, seed)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=True)  # re-running the benchmark replaces its runs
     probe_obj = None
     if mode != "online" and probe > 0:
         teachers = load_teachers(cfg.model.teachers, True, trainer.device, trainer.data.base_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -36,8 +37,11 @@ def _user_errors(hint: str = "") -> Iterator[None]:
     try:
         yield
     except FingerprintMismatchError as err:
+        # Rebuilt in CLI words (the library message says overwrite=True).
+        diffs = "\n  - ".join(err.differences) or "(fingerprints differ)"
         raise click.ClickException(
-            f"{err}\nFrom the command line: pass --overwrite to delete and recreate the store."
+            f"store {err.url!r} exists with a different fingerprint:\n  - {diffs}\n"
+            "Use a new STORE path, or pass --overwrite to delete and recreate the store."
         ) from err
     except _library_errors() as err:
         raise click.ClickException(f"{err}{hint}") from err
@@ -61,6 +65,7 @@ def _config(source: str, store: str, **opts: Any) -> Any:
         codec=parse_codec(opts["codec"]), batch_size=opts["batch_size"], device=opts["device"],
         scheduler=opts["scheduler"], tiles_per_shard=opts["tiles_per_shard"],
         store_pixels=not opts["no_pixels"], overwrite=opts["overwrite"],
+        break_lock=opts["break_lock"],
         threads=opts["threads"], base_size=opts["base_size"], limit=opts["limit"],
         classes=opts["classes"], reduce_zero_label=opts["reduce_zero_label"],
         ignore_index=opts["ignore_index"], palette=opts["palette"],
@@ -141,7 +146,12 @@ def _echo_label_warnings() -> Iterator[None]:
                    "--layout still sets the label convention.")
 @click.option("--bands", default=None, help="1-based source bands used as RGB, e.g. 3,2,1.")
 @click.option("--no-pixels", is_flag=True, help="Do not store images and masks.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing store at STORE and start over.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete an existing featcache store at STORE and start over (anything else "
+                   "at STORE is refused, never deleted).")
+@click.option("--break-lock", is_flag=True,
+              help="Remove another writer's lock on STORE (featcache.lock) first: only when "
+                   "that writer is dead, e.g. killed on another host.")
 @click.option("--threads", default=1, show_default=True, type=int,
               help="Torch threads per process (fixed for reproducible numerics).")
 @click.option("--limit", default=None, type=int, help="Only the first N tiles (smoke runs).")
@@ -270,15 +280,19 @@ def verify_command(store: str) -> None:
 
 @click.command("synth")
 @click.argument("out", type=click.Path())
-@click.option("--n-images", default=8, show_default=True, type=int,
+@click.option("--n-images", default=8, show_default=True, type=click.IntRange(min=1),
               help="Number of synthetic scenes.")
-@click.option("--size", default=256, show_default=True, type=int, help="Image edge in px.")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(min=32),
+              help="Image edge in px.")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Random seed (same seed, same bytes).")
 def synth_command(out: str, n_images: int, size: int, seed: int) -> None:
     """Write a small synthetic dataset (images/ + masks/) into OUT."""
     from pipelines.synthetic import generate_synthetic
 
+    if Path(out).exists() and not Path(out).is_dir():
+        raise click.BadParameter(f"{out} is a file; pass a folder for the dataset",
+                                 param_hint="OUT")
     with _user_errors():
         generate_synthetic(out, n_images=n_images, size=size, seed=seed)
     click.echo(f"wrote {n_images} synthetic images of {size} px to {out}")
@@ -293,7 +307,8 @@ def synth_command(out: str, n_images: int, size: int, seed: int) -> None:
 @click.option("--tiny", is_flag=True, help="The store was extracted with --tiny teachers.")
 @click.option("--random-weights", is_flag=True,
               help="The store was extracted with --random-weights (accept random init).")
-@click.option("--k", "k", default=8, show_default=True, type=int, help="Views per tile.")
+@click.option("--k", "k", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Views per tile.")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seed of the recorded view draws.")
 @click.option("--batch-size", default=16, show_default=True, type=int,

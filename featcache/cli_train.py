@@ -49,11 +49,12 @@ def parse_batch(text: str) -> tuple[int, int]:
     try:
         values = [int(p) for p in parts]
     except ValueError:
-        raise click.BadParameter(f"{text!r}: write LABELED+UNLABELED, e.g. 8+8") from None
+        raise click.BadParameter(f"--batch {text!r}: write LABELED+UNLABELED, e.g. 8+8") from None
     if len(values) == 1:
         values *= 2
     if len(values) != 2 or values[0] < 1 or values[1] < 0:
-        raise click.BadParameter(f"{text!r}: write LABELED+UNLABELED with LABELED >= 1")
+        raise click.BadParameter(f"--batch {text!r}: write LABELED+UNLABELED with LABELED >= 1 "
+                                 "and UNLABELED >= 0, e.g. 8+8")
     return values[0], values[1]
 
 
@@ -110,7 +111,8 @@ def build_config(opts: dict[str, Any]) -> Any:
         cfg.schedule.batch_labeled, cfg.schedule.batch_unlabeled = parse_batch(opts["batch"])
     for flag, (section, attr) in (("tiny", ("model", "tiny")), ("bf16", ("runtime", "bf16")),
                                   ("random_weights", ("model", "random_weights")),
-                                  ("grad_ckpt", ("runtime", "grad_checkpointing"))):
+                                  ("grad_ckpt", ("runtime", "grad_checkpointing")),
+                                  ("skip_bad_tiles", ("data", "skip_bad_tiles"))):
         if opts.get(flag):
             setattr(getattr(cfg, section), attr, True)
     if opts.get("no_progress"):
@@ -170,6 +172,9 @@ def build_config(opts: dict[str, Any]) -> Any:
 @click.option("--log-interval", type=int, help="Log losses every N iterations.")
 @click.option("--stop-after", type=int, help="Leave after N iterations (resume later).")
 @click.option("--resume", help="Checkpoint to resume, or 'auto' (OUT/latest.pt if present).")
+@click.option("--overwrite", is_flag=True,
+              help="Delete the training run already in --out and start over (only a folder "
+                   "that is recognisably a featcache run).")
 @click.option("--tiny", is_flag=True, help="Tiny student (and tiny online teachers).")
 @click.option("--device", help="auto | cpu | cuda | cuda:N")
 @click.option("--seed", type=int, help="Seed of the run (views, init, sampling).")
@@ -177,6 +182,9 @@ def build_config(opts: dict[str, Any]) -> Any:
 @click.option("--bf16", is_flag=True, help="bf16 autocast.")
 @click.option("--grad-ckpt", is_flag=True, help="Activation checkpointing of the backbone.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--skip-bad-tiles", is_flag=True,
+              help="Leave out (and log) tiles that fail their checksum instead of stopping; "
+                   "see `featcache verify STORE`.")
 def train_cmd(**opts: Any) -> None:
     """Train the student (FixMatch + EMA + distillation) from a store or online teachers."""
     import os
@@ -184,7 +192,7 @@ def train_cmd(**opts: Any) -> None:
     from trainer.engine import train
 
     with _user_errors():
-        result = train(build_config(opts), echo=click.echo)
+        result = train(build_config(opts), echo=click.echo, overwrite=opts["overwrite"])
     if int(os.environ.get("RANK", "0")) == 0:
             click.echo(json.dumps({"step": result.step, "best": result.best,
                                "out_dir": str(result.out_dir)}))
@@ -233,9 +241,11 @@ def evaluate_cmd(checkpoint: str, store: str | None, source: str | None, split: 
 
     from trainer.checkpoint import class_names, load_student
     from trainer.checks import recorded_val, select_tiles
+    from trainer.config import check_device
     from trainer.evaluate import evaluate, metrics_json
 
     with _user_errors():
+        check_device(device)
         names = ["student", "ema"] if use == "both" else [use]
         models, ckpt = {}, None
         for name in names:
@@ -279,9 +289,15 @@ def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, use: str, mo
 
     CHECKPOINT is a run's best.pt / latest.pt or a `featcache export` .safetensors file.
     """
+    from pathlib import Path
+
+    from trainer.config import check_device
     from trainer.predict import predict
 
+    if Path(out).exists() and not Path(out).is_dir():
+        raise click.UsageError(f"--out {out} is a file; pass a folder for the masks")
     with _user_errors():
+        check_device(device)
         files = predict(checkpoint, inputs, out, device, use, mode, geotiff=not no_geotiff,
                         progress=not no_progress)
     click.echo(f"wrote {len(files)} files to {out}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -297,7 +298,7 @@ def majority_baseline(counts: np.ndarray) -> dict[str, float | int]:
     """
     total = int(counts.sum())
     if total == 0:
-        raise DemoError("the val tiles hold no labelled pixel; check the dataset's masks")
+        raise DemoError("the val tiles hold no labeled pixel; check the dataset's masks")
     top = int(np.argmax(counts))
     p = counts[top] / total
     return {"class": top, "oa": float(p), "miou": float(p / np.count_nonzero(counts))}
@@ -467,7 +468,7 @@ def run_training(
 
     device = torch.device(cfg.runtime.device)
     with PeakMemory(device) as mem:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, overwrite=True)  # a demo re-run replaces its own runs
         _pair_with(trainer, init_path, teachers_path)
         t0, c0 = time.perf_counter(), time.process_time()
         result = trainer.run()
@@ -605,11 +606,16 @@ def run_demo(
         echo(f"[demo] {n} torch thread(s): {why}")
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
+    created = not Path(out_dir).exists()
     try:
         s = settings or (QUICK if quick else FULL if data is None else FULL_DATA)
         return _run_demo(
             Path(out_dir), data, s, device, seed, layout, echo, {"threads": n, "threads_why": why}
         )
+    except BaseException:
+        if created:  # a failed demo leaves nothing behind in a folder it made itself
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     finally:
         torch.set_num_threads(previous)
 

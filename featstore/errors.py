@@ -15,6 +15,10 @@ class StoreWriteError(StoreError):
     """The store location cannot be written (permissions, read-only filesystem, bad URL)."""
 
 
+class StoreLockedError(StoreError):
+    """Another writer holds the store's writer lock (``featcache.lock`` in the store)."""
+
+
 class FingerprintMismatchError(StoreError):
     """An existing store was made from a different schema or tile list than the one requested."""
 
@@ -56,6 +60,31 @@ class ShardDataError(StoreError, ValueError):
     """Arrays given to ``write_shard`` have the wrong teachers, levels, shapes or values."""
 
 
+class TileDataError(StoreError):
+    """A stored tile cannot be read, or its bytes differ from the checksum recorded at write time.
+
+    Attributes:
+        tile_id: The tile's id in the tile index.
+        index: The tile's position in the store.
+        path: The array that failed (e.g. ``teachers/dino/s1.00``).
+        file: The shard file holding that tile.
+    """
+
+    def __init__(
+        self, message: str, tile_id: str = "", index: int = -1, path: str = "", file: str = ""
+    ) -> None:
+        # Defaults: torch's DataLoader re-raises a worker's error as ``type(err)(text)``, the
+        # text holding the worker's traceback; the user gets the message, not the traceback.
+        if "Original Traceback" in message:
+            message = message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+        self.tile_id, self.index, self.path, self.file = tile_id, int(index), path, file
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, int, str, str]]:
+        # DataLoader workers pickle the error back to the main process.
+        return (type(self), (str(self), self.tile_id, self.index, self.path, self.file))
+
+
 __all__ = [
     "CodecError",
     "FingerprintMismatchError",
@@ -65,6 +94,8 @@ __all__ = [
     "ShardDoneError",
     "StoreError",
     "StoreFormatError",
+    "StoreLockedError",
     "StoreWriteError",
+    "TileDataError",
     "TileNotDoneError",
 ]

@@ -15,10 +15,12 @@ import zarr
 from featstore.codecs import PCACodec, get_codec
 from featstore.errors import StoreFormatError
 from featstore.geometry import LevelGeometry
-from featstore.schema import FORMAT_VERSION, StoreSchema, TileRecord
+from featstore.schema import FORMAT_VERSION, StoreSchema, TileRecord, fingerprint_parts
 
 ATTR_KEY = "featstore"
 TILE_STR_FIELDS = ("tile_id", "source", "split", "pixel_hash", "crs")
+# Per-shard provenance (see _provenance_array); absent from stores written before it existed.
+SHARD_FINGERPRINT = "shard_fingerprint"
 # Every chunk is written even when it equals the fill value, so a missing key always means loss.
 ARRAY_CONFIG = {"write_empty_chunks": True}
 
@@ -61,7 +63,7 @@ def open_root(
         return zarr.open_group(target, **kwargs)
     except FileNotFoundError as err:
         raise StoreFormatError(
-            f"no feature store at {url!r}: check the path, or create one with create_store()"
+            f"no feature store at {url!r}: check the path, or create one with `featcache extract`"
         ) from err
 
 
@@ -71,7 +73,8 @@ def read_header(group: zarr.Group, url: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise StoreFormatError(
             f"{url!r} is a zarr group without a featstore header (not a feature store, or its "
-            "creation was interrupted); recreate it with create_store(..., overwrite=True)"
+            "creation was interrupted); choose another STORE path (or delete it yourself if "
+            "it is an interrupted store)"
         )
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
@@ -223,6 +226,24 @@ def _feature_arrays(group: zarr.Group, schema: StoreSchema, n: int) -> None:
             )
 
 
+def _provenance_array(group: zarr.Group, n_shards: int) -> None:
+    """Per shard: the feature fingerprint of the extraction that wrote it.
+
+    Two writers on one store (a lost lock, a stale process) would leave shards of another
+    extraction under this header with valid checksums; verify compares these to the header.
+    The run id is not recorded: a resumed store must stay byte-identical to an uninterrupted
+    one, and two runs with one fingerprint write the same bytes.
+    """
+    group.create_array(
+        SHARD_FINGERPRINT,
+        shape=(n_shards,),
+        chunks=(1,),
+        dtype=str,
+        config=ARRAY_CONFIG,
+        dimension_names=("shard",),
+    )
+
+
 def build_store(
     group: zarr.Group, schema: StoreSchema, tiles: Sequence[TileRecord], fp: str
 ) -> None:
@@ -270,11 +291,14 @@ def build_store(
         config=ARRAY_CONFIG,
         dimension_names=("tile",),
     )
+    _provenance_array(group, schema.n_shards(n))
     # The header goes last: a crash before this line leaves a group that opens as "not a store".
     group.attrs[ATTR_KEY] = {
         "format_version": FORMAT_VERSION,
         "schema": schema.to_dict(),
         "fingerprint": fp,
+        # per-field hashes: verify names the edited field when the fingerprint breaks
+        "fingerprint_parts": fingerprint_parts(schema, tiles),
         "package_version": package_version(),
         "complete": False,
         "stats": None,
@@ -283,6 +307,7 @@ def build_store(
 
 __all__ = [
     "ATTR_KEY",
+    "SHARD_FINGERPRINT",
     "aux_path",
     "build_store",
     "checksum_arrays",

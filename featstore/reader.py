@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,16 +19,29 @@ from featstore.errors import (
     IncompleteStoreError,
     MissingTeacherError,
     StoreFormatError,
+    TileDataError,
     TileNotDoneError,
 )
 from featstore.geometry import LevelGeometry
+from featstore.integrity import (
+    ArraySpec,
+    expected_arrays,
+    missing_shard_files,
+    open_array,
+    shard_file,
+    spec_problems,
+)
 from featstore.schema import LevelSpec, StoreSchema, TileRecord
 
 LevelLike = str | LevelSpec
 
 
 def open_store(
-    url: str, *, require_complete: bool = False, storage_options: dict[str, Any] | None = None
+    url: str,
+    *,
+    require_complete: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    verify_reads: bool = True,
 ) -> FeatureStore:
     """Open a store read-only.
 
@@ -35,10 +49,12 @@ def open_store(
         url: local path or fsspec URL.
         require_complete: raise ``IncompleteStoreError`` unless the store was finalized.
         storage_options: passed to fsspec for remote URLs.
+        verify_reads: compare every tile read with the crc32 recorded when it was written
+            (``TileDataError`` on a mismatch); costs about one crc32 pass over the bytes read.
     """
     url = str(url)
     group = L.open_root(url, "r", storage_options)
-    store = FeatureStore(url, group, L.read_header(group, url))
+    store = FeatureStore(url, group, L.read_header(group, url), verify_reads, storage_options)
     if require_complete and not store.complete:
         raise IncompleteStoreError(
             f"store {url!r} is not complete ({int((~store.done()).sum())} tiles not done); "
@@ -48,10 +64,26 @@ def open_store(
 
 
 class FeatureStore:
-    """Read access to a feature store; trusts only tiles whose shard is done."""
+    """Read access to a feature store; trusts only tiles whose shard is done.
 
-    def __init__(self, url: str, group: zarr.Group, meta: dict[str, Any]) -> None:
+    Every tile read (features, aux, image, mask) is compared with the crc32 recorded when it
+    was written, and every array with the dtype/shape/fill its schema implies, so a damaged
+    store raises `TileDataError` / `StoreFormatError` instead of handing out wrong values.
+    ``verify_reads=False`` skips the crc32 (one pass over the bytes read); the lazy xarray view
+    (`to_dataset`) is not checked.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        group: zarr.Group,
+        meta: dict[str, Any],
+        verify_reads: bool = True,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         self.url = url
+        self._storage_options = storage_options
+        self.verify_reads = bool(verify_reads)
         self._group = group
         self._meta = meta
         self.schema = StoreSchema.from_dict(meta["schema"])
@@ -62,6 +94,9 @@ class FeatureStore:
         self._tiles: list[TileRecord] | None = None
         self._done = np.asarray(group["done"][:]).astype(bool)
         self._bank: BankReader | None = None
+        self._specs: dict[str, ArraySpec] | None = None
+        self._crcs: np.ndarray | None = None
+        self._crc_cols = {p: c for c, p in enumerate(L.checksum_arrays(self.schema))}
 
     def __len__(self) -> int:
         return int(self._done.shape[0])
@@ -104,8 +139,98 @@ class FeatureStore:
 
     def _array(self, path: str) -> zarr.Array:
         if path not in self._arrays:
+            problems = self.array_problems([path])
+            if problems:
+                raise StoreFormatError(f"store {self.url!r}: {problems[0]}; {self._fix()}")
             self._arrays[path] = self._group[path]
         return self._arrays[path]
+
+    def _fix(self) -> str:
+        return (
+            f"check the store with `featcache verify {self.url}`, then re-extract it "
+            "(`featcache extract` into a new store, or over it with --overwrite)"
+        )
+
+    def array_problems(self, paths: Sequence[str]) -> list[str]:
+        """Missing arrays, or arrays whose dtype/shape/fill differ from what the schema implies."""
+        if self._specs is None:
+            self._specs = expected_arrays(self.schema, len(self))
+        out = []
+        for path in paths:
+            arr, err = open_array(self._group, path)
+            if err is None and path in self._specs:
+                out += spec_problems(arr, path, self._specs[path])
+            elif err is not None:
+                out.append(err)
+        return out
+
+    def missing_files(self, paths: Sequence[str], indices: Sequence[int]) -> list[str]:
+        """Shard files of ``paths`` holding tiles ``indices`` that are gone (deleted, lost).
+
+        Cheap (one existence check per shard and array), so a run can refuse a store with a
+        lost shard before it starts rather than when it first reads the shard.
+        """
+        fs, root = L.store_fs(self.url, self._storage_options)
+        n, tps = len(self), self.schema.tiles_per_shard
+        shards = [self.schema.shard_range(k, n) for k in sorted({int(i) // tps for i in indices})]
+        slices = [slice(r.start, r.stop) for r in shards]
+        out = []
+        for path in paths:
+            col = self._crc_cols.get(path)
+            if col is None:
+                continue
+            crcs = self._recorded_crcs()[:, col]
+            for sl, _ in missing_shard_files(self._array(path), path, fs, root, crcs, slices):
+                ids = [t.tile_id for t in self.tiles[sl]]
+                file = shard_file(self.url, self._array(path), path, sl.start)
+                out.append(f"shard file {file} is missing (tiles {ids})")
+        return out
+
+    def _recorded_crcs(self) -> np.ndarray:
+        if self._crcs is None:
+            try:
+                self._crcs = np.asarray(self._group["checksum"][:])
+            except Exception as err:  # noqa: BLE001 - any damage to the checksum table
+                raise StoreFormatError(
+                    f"store {self.url!r}: the checksum table is unreadable "
+                    f"({type(err).__name__}: {err}); {self._fix()}"
+                ) from err
+        return self._crcs
+
+    def _read_tile(self, path: str, i: int) -> np.ndarray:
+        """Tile ``i`` of array ``path``, checked against its recorded crc32."""
+        arr = self._array(path)
+        try:
+            data = np.ascontiguousarray(arr[i])
+        except Exception as err:  # noqa: BLE001 - a truncated or garbled shard fails in many ways
+            raise self._tile_error(
+                path, i, f"cannot be read ({type(err).__name__}: {err})"
+            ) from err
+        col = self._crc_cols.get(path)
+        if (
+            self.verify_reads
+            and col is not None
+            and zlib.crc32(data) != int(self._recorded_crcs()[i, col])
+        ):
+            raise self._tile_error(
+                path,
+                i,
+                "does not match the checksum recorded when it was written "
+                "(corrupted, truncated or deleted shard)",
+            )
+        return data
+
+    def _tile_error(self, path: str, i: int, what: str) -> TileDataError:
+        tile_id = self.tiles[i].tile_id
+        file = shard_file(self.url, self._array(path), path, i)
+        return TileDataError(
+            f"tile {tile_id!r} (#{i}) of store {self.url!r}: {path} {what}; shard file {file}. "
+            f"Fix: {self._fix()}",
+            tile_id,
+            i,
+            path,
+            file,
+        )
 
     def level_geometry(self, teacher: str, level: LevelLike = "s1.00") -> LevelGeometry:
         """Geometry of a cached level (grid from the stored array)."""
@@ -140,6 +265,8 @@ class FeatureStore:
         self.fingerprint = self._meta["fingerprint"]
         self._done = np.asarray(self._group["done"][:]).astype(bool)
         self._bank = None
+        self._specs, self._crcs, self._arrays = None, None, {}
+        self._crc_cols = {p: c for c, p in enumerate(L.checksum_arrays(self.schema))}
 
     @property
     def has_bank(self) -> bool:
@@ -162,7 +289,7 @@ class FeatureStore:
                 f"tile {i} of {self.url!r} is not done (its shard was never "
                 "committed); resume the extraction"
             )
-        return i
+        return i % len(self)
 
     def read_encoded(
         self, teacher: str, i: int, level: LevelLike = "s1.00"
@@ -170,9 +297,9 @@ class FeatureStore:
         """Stored ``(data, aux)`` of tile ``i``, without decoding."""
         key = self._level_key(teacher, level)
         i = self._check_done(i)
-        data = self._array(L.feature_path(teacher, key))[i]
+        data = self._read_tile(L.feature_path(teacher, key), i)
         has_aux = self.codec(teacher).aux_shape(self.schema.teacher(teacher).spec.channels)
-        aux = self._array(L.aux_path(teacher, key))[i] if has_aux is not None else None
+        aux = self._read_tile(L.aux_path(teacher, key), i) if has_aux is not None else None
         return data, aux
 
     def read(self, teacher: str, i: int, level: LevelLike = "s1.00") -> np.ndarray:
@@ -211,11 +338,13 @@ class FeatureStore:
 
     def read_image(self, i: int) -> np.ndarray:
         """uint8 ``[T, T, 3]`` image of tile ``i``."""
-        return np.asarray(self._pixels_array("image")[self._check_done(i)])
+        self._pixels_array("image")
+        return self._read_tile("pixels/image", self._check_done(i))
 
     def read_mask(self, i: int) -> np.ndarray:
         """uint8 ``[T, T]`` mask of tile ``i`` (``ignore_index`` where unlabeled)."""
-        return np.asarray(self._pixels_array("mask")[self._check_done(i)])
+        self._pixels_array("mask")
+        return self._read_tile("pixels/mask", self._check_done(i))
 
     def stats(self, teacher: str, level: LevelLike = "s1.00") -> tuple[np.ndarray, np.ndarray]:
         """Per-channel (mean, std) float32 ``[C]`` of the decoded features over all tiles."""

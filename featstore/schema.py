@@ -460,21 +460,53 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def _fingerprint_payload(schema: StoreSchema, tiles: Sequence[TileRecord]) -> dict[str, Any]:
+    schema_dict = schema.to_dict()
+    for attr in _STATS_FIELDS:
+        schema_dict.pop(attr, None)
+    return {
+        "format_version": FORMAT_VERSION,
+        "schema": schema_dict,
+        "tiles": [[t.tile_id, t.pixel_hash] for t in tiles],
+    }
+
+
 def fingerprint(schema: StoreSchema, tiles: Sequence[TileRecord]) -> str:
     """sha256 of the canonical JSON of format version + schema + tile ids + pixel hashes.
 
     Recorded statistics (``label_stats``) are left out: they describe the data, they do not
     decide what is computed, so recording them never blocks resuming an identical extraction.
     """
-    schema_dict = schema.to_dict()
-    for attr in _STATS_FIELDS:
-        schema_dict.pop(attr, None)
-    payload = {
-        "format_version": FORMAT_VERSION,
-        "schema": schema_dict,
-        "tiles": [[t.tile_id, t.pixel_hash] for t in tiles],
-    }
+    payload = _fingerprint_payload(schema, tiles)
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def _leaves(value: Any, path: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k in sorted(value):
+            _leaves(value[k], f"{path}.{k}", out)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for i, v in enumerate(value):
+            _leaves(v, f"{path}[{i}]", out)
+    else:  # scalars and lists of scalars (class names, mean, the tile list) are one field
+        out[path] = value
+
+
+def fingerprint_parts(schema: StoreSchema, tiles: Sequence[TileRecord]) -> dict[str, str]:
+    """Short sha256 of each field the fingerprint hashes (``"schema.class_names"``, ...).
+
+    Recorded beside the fingerprint so that ``verify_store`` can name the field that was edited
+    instead of saying only that the fingerprint differs.
+    """
+    leaves: dict[str, Any] = {}
+    payload = _fingerprint_payload(schema, tiles)
+    for key in sorted(payload):
+        _leaves(payload[key], key, leaves)
+    return {k: _short_hash(v) for k, v in leaves.items()}
+
+
+def _short_hash(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:16]
 
 
 def dict_differences(old: Any, new: Any, path: str = "schema") -> list[str]:
@@ -509,4 +541,5 @@ __all__ = [
     "default_class_colors",
     "dict_differences",
     "fingerprint",
+    "fingerprint_parts",
 ]

@@ -1,7 +1,15 @@
-"""Check a store end to end: header, completeness, fingerprint, files and per-tile checksums."""
+"""Check a store end to end: header, arrays, completeness, fingerprint, files, checksums, stats.
+
+Everything a reader relies on is compared with an independent record: array metadata with what
+the schema implies, the header with the fingerprint (field by field where the store recorded
+per-field hashes), the teacher groups' attrs with the header, every done tile with its crc32,
+and the header and per-shard statistics with the decoded features. Problems are returned as
+readable strings; verify never raises on a damaged store.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 import numpy as np
@@ -9,11 +17,19 @@ import zarr
 
 from featstore import bank as B
 from featstore import layout as L
-from featstore.codecs import CodecError, PCACodec, get_codec
+from featstore.codecs import CodecError, FeatureCodec, PCACodec, get_codec
 from featstore.errors import StoreError
-from featstore.schema import StoreSchema, fingerprint
+from featstore.integrity import (
+    expected_arrays,
+    missing_shard_files,
+    open_array,
+    spec_problems,
+)
+from featstore.schema import StoreSchema, fingerprint, fingerprint_parts
+from featstore.writer import _merge_stats, shard_provenance_problems
 
 MAX_LISTED = 20
+REEXTRACT = "re-extract the store (`featcache extract` into a new store, or with --overwrite)"
 
 
 def verify_store(
@@ -28,24 +44,95 @@ def verify_store(
     """
     url = str(url)
     try:
-        group = L.open_root(url, "r", storage_options)
-        meta = L.read_header(group, url)
-        schema = StoreSchema.from_dict(meta["schema"])
-        tiles = L.read_tiles(group)
-        done = np.asarray(group["done"][:]).astype(bool)
-    except (StoreError, KeyError, ValueError, OSError) as err:
-        return [f"cannot open {url!r} as a feature store: {err}"]
-    problems = _header_problems(meta, schema, tiles, done)
-    problems += _pca_problems(group, schema)
-    problems += _missing_files(group, schema, url, done, storage_options)
+        return _verify(url, storage_options, check_data)
+    except Exception as err:  # noqa: BLE001 - a report, never a traceback, on any damage
+        return [f"verify stopped on a damaged store ({type(err).__name__}: {err}); {REEXTRACT}"]
+
+
+def _verify(url: str, storage_options: dict[str, Any] | None, check_data: bool) -> list[str]:
+    opened = _open(url, storage_options)
+    if isinstance(opened, list):
+        return opened
+    group, meta, schema, done = opened
+    tiles, problems = _read_index(group)
+    specs = expected_arrays(schema, done.shape[0])
+    broken: set[str] = set()
+    for path, spec in specs.items():
+        arr, err = open_array(group, path)
+        found = [err] if err else spec_problems(arr, path, spec)
+        if found:
+            broken.add(path)
+            problems += [f"{p}; {REEXTRACT}" for p in found]
+    problems += _header_problems(meta, schema, tiles, done)
+    problems += _teacher_attr_problems(group, schema, broken)
+    problems += _checksum_table_problems(group, schema, broken)
+    problems += _pca_problems(group, schema, broken)
+    if "checksum" not in broken:
+        problems += _missing_files(group, schema, url, done, storage_options, broken)
+    bad_stats: set[str] = set()
     if check_data:
-        problems += _checksum_problems(group, schema, done)
+        if "checksum" not in broken:
+            problems += _crc_problems(
+                group, schema, L.checksum_arrays(schema), "checksum", done, broken
+            )
+        found, bad_stats = _decode_problems(group, schema, done, broken)
+        problems += found
+        problems += _label_stats_problems(group, schema, done, broken)
+    problems += _stats_problems(group, meta, schema, broken | bad_stats)
     problems += _bank_problems(group, schema, url, storage_options, check_data)
+    # Every done shard must come from the header's extraction (two writers, issue 11 #4).
+    # Not when the header or index was edited: shards then differ from the edit, not each other.
+    if not any(p.startswith("fingerprint mismatch") for p in problems):
+        problems += shard_provenance_problems(group, schema, tiles, done)
     return problems
 
 
+def _open(
+    url: str, storage_options: dict[str, Any] | None
+) -> list[str] | tuple[zarr.Group, dict[str, Any], StoreSchema, np.ndarray]:
+    try:
+        group = L.open_root(url, "r", storage_options)
+        meta = L.read_header(group, url)
+    except (StoreError, KeyError, ValueError, OSError) as err:
+        return [f"cannot open {url!r} as a feature store: {err}"]
+    try:
+        schema = StoreSchema.from_dict(meta["schema"])
+    except (KeyError, TypeError, ValueError) as err:
+        return [
+            f"the header's schema is unreadable ({type(err).__name__}: {err}): the header "
+            f"(zarr.json attributes 'featstore') was edited; {REEXTRACT}"
+        ]
+    arr, err = open_array(group, "done")
+    try:
+        done = np.asarray(arr[:]).astype(bool) if arr is not None else None
+    except Exception as exc:  # noqa: BLE001 - a damaged chunk of any kind
+        err = f"array done is unreadable ({type(exc).__name__}: {exc})"
+        done = None
+    if done is None:
+        return [f"{err}: which tiles were written is unknown; {REEXTRACT}"]
+    return group, meta, schema, done
+
+
+def _read_index(group: zarr.Group) -> tuple[list[Any] | None, list[str]]:
+    """The tile index, or None and the damaged index array named."""
+    try:
+        return L.read_tiles(group), []
+    except Exception:  # noqa: BLE001 - find the array to name below
+        pass
+    paths = [f"tiles/{f}" for f in L.TILE_STR_FIELDS] + ["tiles/window", "tiles/transform"]
+    for path in paths:
+        try:
+            np.asarray(group[path][:])
+        except Exception as err:  # noqa: BLE001 - a damaged chunk fails in many ways
+            return None, [
+                f"tile index array {path} is unreadable ({type(err).__name__}: "
+                f"{err}); the fingerprint cannot be checked; {REEXTRACT}"
+            ]
+    return None, [f"the tile index (tiles/*) is inconsistent; {REEXTRACT}"]
+
+
 def _header_problems(
-    meta: dict[str, Any], schema: StoreSchema, tiles: list[Any], done: np.ndarray
+    meta: dict[str, Any], schema: StoreSchema, tiles: list[Any] | None, done: np.ndarray
 ) -> list[str]:
     out = []
     if not meta.get("complete"):
@@ -53,27 +140,116 @@ def _header_problems(
     elif not meta.get("stats"):
         out.append("store is marked complete but has no statistics")
     if not done.all():
-        ids = [tiles[i].tile_id for i in np.flatnonzero(~done)[:MAX_LISTED]]
+        listed = np.flatnonzero(~done)[:MAX_LISTED]
+        ids = [tiles[i].tile_id for i in listed] if tiles is not None else listed.tolist()
         out.append(f"{int((~done).sum())} tile(s) not done, e.g. {ids}")
-    if fingerprint(schema, tiles) != meta.get("fingerprint"):
+    if tiles is None:
+        return out
+    if len(tiles) != done.shape[0]:
         out.append(
+            f"the tile index has {len(tiles)} tiles but done has {done.shape[0]}; {REEXTRACT}"
+        )
+    elif fingerprint(schema, tiles) != meta.get("fingerprint"):
+        out.append(_fingerprint_message(meta, schema, tiles))
+    return out
+
+
+def _fingerprint_message(meta: dict[str, Any], schema: StoreSchema, tiles: list[Any]) -> str:
+    """Name the fields that changed when the store recorded per-field hashes."""
+    recorded = meta.get("fingerprint_parts")
+    if not isinstance(recorded, dict):  # stores written before the per-field hashes
+        return (
             "fingerprint mismatch: the recorded fingerprint does not match the schema and "
             "tile index stored in the store (edited or corrupted header/index)"
         )
-    return out
+    now = fingerprint_parts(schema, tiles)
+    # a view bank added after extraction re-fingerprints the store without new parts
+    changed = [
+        k
+        for k in sorted(set(recorded) | set(now))
+        if recorded.get(k) != now.get(k) and not (k.startswith("schema.bank") and k not in recorded)
+    ]
+    what = ", ".join(changed) if changed else "(no single field: hashing changed)"
+    return (
+        f"fingerprint mismatch: {what} differ(s) from what the store was written with "
+        f"(edited header or tile index); restore the field(s) or {REEXTRACT}"
+    )
 
 
-def _pca_problems(group: zarr.Group, schema: StoreSchema) -> list[str]:
+def _flat(value: Any, path: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key in value for k, v in _flat(value[key], f"{path}.{key}").items()}
+    return {path.lstrip("."): value}
+
+
+def _attr_diff(where: str, stored: Any, header: Any) -> list[str]:
+    if not isinstance(stored, dict):
+        return [f"{where} holds no teacher description ({stored!r}); {REEXTRACT}"]
+    a, b = _flat(stored), _flat(header)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [
+        f"{where}: {k} is {a.get(k)!r} there but {b.get(k)!r} in the header schema; "
+        f"the attrs or the header were edited: {REEXTRACT}"
+        for k in keys
+    ]
+
+
+def _teacher_attr_problems(group: zarr.Group, schema: StoreSchema, broken: set[str]) -> list[str]:
     out = []
     for entry in schema.teachers:
-        codec = get_codec(entry.codec)
-        if isinstance(codec, PCACodec):
-            mean_p, basis_p = L.pca_paths(entry.spec.name)
-            try:
-                codec.set_basis(group[mean_p][:], group[basis_p][:])
-            except (CodecError, KeyError) as err:
-                out.append(f"teacher {entry.spec.name!r}: PCA basis unusable: {err}")
+        name = entry.spec.name
+        try:
+            attrs = dict(group[f"teachers/{name}"].attrs)
+        except Exception as err:  # noqa: BLE001 - missing or unreadable group metadata
+            out.append(
+                f"teacher group teachers/{name} is unreadable ({type(err).__name__}: "
+                f"{err}); {REEXTRACT}"
+            )
+            continue
+        out += _attr_diff(f"attrs of teachers/{name}", attrs.get("teacher"), entry.to_dict())
+        for level in entry.levels:
+            path = L.feature_path(name, level.key)
+            if path not in broken:
+                got = dict(group[path].attrs).get("level")
+                out += _attr_diff(f"attrs of {path}", got, level.to_dict())
     return out
+
+
+def _checksum_table_problems(group: zarr.Group, schema: StoreSchema, broken: set[str]) -> list[str]:
+    if "checksum" in broken:
+        return []
+    names = L.checksum_arrays(schema)
+    got = group["checksum"].attrs.get("arrays")
+    if got != names:
+        return [
+            f"attrs of checksum: the columns are {got!r}, the schema gives {names}; {REEXTRACT}"
+        ]
+    return []
+
+
+def _pca_problems(group: zarr.Group, schema: StoreSchema, broken: set[str]) -> list[str]:
+    out = []
+    for entry in schema.teachers:
+        if _codec(group, entry, broken) is None and isinstance(get_codec(entry.codec), PCACodec):
+            out.append(
+                f"teacher {entry.spec.name!r}: PCA basis unusable (missing, damaged or "
+                f"never fitted); {REEXTRACT}"
+            )
+    return out
+
+
+def _codec(group: zarr.Group, entry: Any, broken: set[str]) -> FeatureCodec | None:
+    """The teacher's codec with its PCA basis loaded; None when the basis is unusable."""
+    codec = get_codec(entry.codec)
+    if isinstance(codec, PCACodec):
+        mean_p, basis_p = L.pca_paths(entry.spec.name)
+        if {mean_p, basis_p} & broken:
+            return None
+        try:
+            codec.set_basis(group[mean_p][:], group[basis_p][:])
+        except Exception:  # noqa: BLE001 - CodecError, or a damaged chunk
+            return None
+    return codec
 
 
 def _done_shards(schema: StoreSchema, done: np.ndarray) -> list[tuple[int, slice]]:
@@ -92,9 +268,12 @@ def _missing_files(
     url: str,
     done: np.ndarray,
     storage_options: dict[str, Any] | None,
+    broken: set[str],
 ) -> list[str]:
     fs, root = L.store_fs(url, storage_options)
-    return _missing_for(group, schema, L.checksum_arrays(schema), "checksum", done, fs, root)
+    return _missing_for(
+        group, schema, L.checksum_arrays(schema), "checksum", done, fs, root, broken
+    )
 
 
 def _missing_for(
@@ -105,24 +284,20 @@ def _missing_for(
     done: np.ndarray,
     fs: Any,
     root: str,
+    broken: Container[str] = (),
 ) -> list[str]:
     stored = np.asarray(group[checksum][:])
+    shards = [sl for _, sl in _done_shards(schema, done)]
+    base = len(root.rstrip("/")) + 1
     out = []
     for col, path in enumerate(paths):
-        arr = group[path]
-        # Zarr's sharding codec drops a shard whose chunks all equal the fill value (e.g. the
-        # masks of unlabeled tiles), so a missing file is only a loss when the recorded
-        # checksums say the tiles held something else.
-        fill = np.full((1, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
-        fill_crc = L.tile_crcs(fill)[0]
-        for k, sl in _done_shards(schema, done):
-            key = arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
-            all_fill = bool((stored[sl, col] == fill_crc).all())
-            if not all_fill and not fs.exists(f"{root.rstrip('/')}/{path}/{key}"):
-                out.append(
-                    f"missing shard file {path}/{key} (tiles {sl.start}..{sl.stop - 1}); "
-                    "re-extract that shard"
-                )
+        if path in broken:
+            continue
+        lost = missing_shard_files(group[path], path, fs, root, stored[:, col], shards)
+        out += [
+            f"missing shard file {file[base:]} (tiles {sl.start}..{sl.stop - 1}); {REEXTRACT}"
+            for sl, file in lost
+        ]
     return out
 
 
@@ -133,18 +308,19 @@ def _read_shard(arr: zarr.Array, sl: slice) -> tuple[np.ndarray | None, str | No
         return None, f"{type(err).__name__}: {err}"
 
 
-def _checksum_problems(group: zarr.Group, schema: StoreSchema, done: np.ndarray) -> list[str]:
-    out = _crc_problems(group, schema, L.checksum_arrays(schema), "checksum", done)
-    out += _decode_problems(group, schema, done)
-    return out
-
-
 def _crc_problems(
-    group: zarr.Group, schema: StoreSchema, names: list[str], checksum: str, done: np.ndarray
+    group: zarr.Group,
+    schema: StoreSchema,
+    names: list[str],
+    checksum: str,
+    done: np.ndarray,
+    broken: Container[str] = (),
 ) -> list[str]:
     stored = np.asarray(group[checksum][:])
     out = []
     for col, path in enumerate(names):
+        if path in broken:
+            continue
         arr = group[path]
         for _, sl in _done_shards(schema, done):
             data, err = _read_shard(arr, sl)
@@ -159,32 +335,148 @@ def _crc_problems(
     return out
 
 
-def _decode_problems(group: zarr.Group, schema: StoreSchema, done: np.ndarray) -> list[str]:
-    """Decode every done shard once to catch undecodable data (e.g. NaN scales)."""
+def _shard_stats(decoded: np.ndarray) -> np.ndarray:
+    """(count, sum, sum of squares) per channel, as ``StoreWriter.write_shard`` records them."""
+    x = np.asarray(decoded, dtype=np.float64)
+    n = x.shape[0] * x.shape[1] * x.shape[2]
+    return np.stack(
+        [
+            np.full(x.shape[-1], n, np.float64),
+            x.sum(axis=(0, 1, 2)),
+            np.square(x).sum(axis=(0, 1, 2)),
+        ]
+    )
+
+
+def _decode_problems(
+    group: zarr.Group, schema: StoreSchema, done: np.ndarray, broken: set[str]
+) -> tuple[list[str], set[str]]:
+    """Decode every done shard once: undecodable data (e.g. NaN scales), and per-shard stats.
+
+    Returns the problems and the per-shard stats arrays found wrong.
+    """
+    out, bad_stats = [], set()
+    for entry in schema.teachers:
+        codec = _codec(group, entry, broken)
+        if codec is None:
+            continue  # reported by _pca_problems
+        for level in entry.levels:
+            found = _level_decode_problems(group, schema, entry, level.key, codec, done, broken)
+            out += found
+            stats_p = L.stats_path(entry.spec.name, level.key)
+            if any(stats_p in p for p in found):  # reported here: no second line for the header
+                bad_stats.add(stats_p)
+    return out, bad_stats
+
+
+def _level_decode_problems(
+    group: zarr.Group,
+    schema: StoreSchema,
+    entry: Any,
+    key: str,
+    codec: FeatureCodec,
+    done: np.ndarray,
+    broken: set[str],
+) -> list[str]:
+    name = entry.spec.name
+    paths = [L.feature_path(name, key)]
+    if codec.aux_shape(entry.spec.channels) is not None:
+        paths.append(L.aux_path(name, key))
+    stats_p = L.stats_path(name, key)
+    if set(paths) & broken:
+        return []
+    stats, err = (None, None) if stats_p in broken else _read_shard(group[stats_p], slice(None))
+    out = [f"cannot read {stats_p}: {err}; {REEXTRACT}"] if err else []
+    for k, sl in _done_shards(schema, done):
+        read = [_read_shard(group[p], sl) for p in paths]
+        if any(e is not None for _, e in read):
+            continue  # reported as unreadable by the checksum pass
+        decoded = codec.decode(read[0][0], read[1][0] if len(read) > 1 else None)
+        where = f"{name}/{key} tiles {sl.start}..{sl.stop - 1}"
+        if not np.isfinite(decoded).all():
+            out.append(f"{where} decode to non-finite values")
+        elif stats is not None and not np.allclose(
+            stats[k], _shard_stats(decoded), rtol=1e-9, atol=0.0
+        ):
+            out.append(
+                f"per-shard statistics {stats_p}[{k}] do not match the features of "
+                f"{where} (the array is damaged); {REEXTRACT}"
+            )
+    return out
+
+
+def _stats_equal(header: Any, merged: dict[str, Any]) -> bool:
+    if not isinstance(header, dict) or header.get("count") != merged["count"]:
+        return False
+    try:
+        return all(
+            np.allclose(
+                np.asarray(header[f], np.float64), np.asarray(merged[f]), rtol=1e-9, atol=0.0
+            )
+            for f in ("mean", "std")
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _stats_problems(
+    group: zarr.Group, meta: dict[str, Any], schema: StoreSchema, skip: set[str]
+) -> list[str]:
+    """The header statistics must be the merge of the per-shard ones (as finalize wrote them)."""
+    header = meta.get("stats")
+    if not meta.get("complete") or not isinstance(header, dict):
+        return []
     out = []
     for entry in schema.teachers:
         name = entry.spec.name
-        codec = get_codec(entry.codec)
-        has_aux = codec.aux_shape(entry.spec.channels) is not None
-        try:
-            if isinstance(codec, PCACodec):
-                mean_p, basis_p = L.pca_paths(name)
-                codec.set_basis(group[mean_p][:], group[basis_p][:])
-        except (CodecError, KeyError):
-            continue  # reported by _pca_problems
         for level in entry.levels:
-            for _, sl in _done_shards(schema, done):
-                data, err = _read_shard(group[L.feature_path(name, level.key)], sl)
-                aux, err2 = (
-                    _read_shard(group[L.aux_path(name, level.key)], sl) if has_aux else (None, None)
+            path = L.stats_path(name, level.key)
+            if path in skip:
+                continue
+            try:
+                merged = _merge_stats(np.asarray(group[path][:]))
+            except Exception as err:  # noqa: BLE001 - damaged chunk or a lost shard's count
+                out.append(f"cannot merge {path} ({type(err).__name__}: {err}); {REEXTRACT}")
+                continue
+            got = (header.get(name) or {}).get(level.key)
+            if not _stats_equal(got, merged):
+                out.append(
+                    f"header stats of {name}/{level.key} differ from the merged "
+                    f"per-shard statistics ({path}): the header was edited; {REEXTRACT}"
                 )
-                if data is None or err2 is not None:
-                    continue  # reported as unreadable above
-                if not np.isfinite(codec.decode(data, aux)).all():
-                    out.append(
-                        f"{name}/{level.key} tiles {sl.start}..{sl.stop - 1} decode to "
-                        "non-finite values"
-                    )
+    return out
+
+
+def _label_stats_problems(
+    group: zarr.Group, schema: StoreSchema, done: np.ndarray, broken: set[str]
+) -> list[str]:
+    """The recorded label counts (``info``, ``train``) must be those of the stored masks.
+
+    ``class_pixels`` is exact: unlabeled tiles store all-ignore masks, which add nothing.
+    """
+    stats = schema.label_stats
+    if not stats or not schema.store_pixels or "pixels/mask" in broken or not done.all():
+        return []
+    n, k = done.shape[0], len(schema.class_names)
+    out = []
+    if stats.get("labeled_tiles", 0) + stats.get("unlabeled_tiles", 0) != n:
+        out.append(
+            f"header schema.label_stats counts {stats.get('labeled_tiles')} labeled + "
+            f"{stats.get('unlabeled_tiles')} unlabeled tiles, the store has {n}: the "
+            f"header was edited; {REEXTRACT}"
+        )
+    counts = np.zeros(k, np.int64)
+    for _, sl in _done_shards(schema, done):
+        masks, err = _read_shard(group["pixels/mask"], sl)
+        if masks is None:
+            return out  # reported by the checksum pass
+        counts += np.bincount(masks.ravel(), minlength=256)[:k]
+    if counts.tolist() != list(stats.get("class_pixels", [])):
+        out.append(
+            f"header schema.label_stats.class_pixels {stats.get('class_pixels')} differ "
+            f"from the stored masks' counts {counts.tolist()}: the header was edited; "
+            f"{REEXTRACT}"
+        )
     return out
 
 

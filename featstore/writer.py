@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
+import glob
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,6 +18,7 @@ import numpy as np
 import zarr
 
 from featstore import layout as L
+from featstore import lock
 from featstore.bank import create_bank_arrays
 from featstore.codecs import FeatureCodec, PCACodec, get_codec
 from featstore.errors import (
@@ -23,9 +29,17 @@ from featstore.errors import (
     ShardDoneError,
     StoreError,
     StoreFormatError,
+    StoreLockedError,
     StoreWriteError,
 )
 from featstore.schema import StoreSchema, TileRecord, dict_differences, fingerprint
+
+MAX_LISTED_SHARDS = 20
+MAX_COUNTED = 1000  # files counted when describing what occupies a STORE path
+_TMP_RE = re.compile(r"\.tmp-(.+)-(\d+)-[0-9a-f]{8}$")
+_LEGACY_TMP_RE = re.compile(r"\.tmp-[0-9a-f]{8}$")
+# errno values of a full disk or quota: the message says to free space and resume.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _check_tiles(tiles: Sequence[TileRecord]) -> None:
@@ -80,36 +94,140 @@ def create_store(
     tiles: Sequence[TileRecord],
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
+    run_id: str | None = None,
+    break_lock: bool = False,
 ) -> StoreWriter:
     """Create a store (or reopen one with the same fingerprint to resume writing it).
+
+    Only a featstore store is ever deleted (``overwrite``); any other non-empty directory is
+    refused. With ``run_id`` (local stores), the returned writer holds the store's writer lock
+    (``featcache.lock``) until ``StoreWriter.release_lock``; a stale lock of a dead process on
+    this host is taken over, a live one refused unless ``break_lock``.
 
     Raises:
         FingerprintMismatchError: a store with another schema/tile list exists and not overwrite.
         StoreFormatError: something that is not a feature store occupies ``url``.
-        StoreWriteError: ``url`` cannot be written.
+        StoreLockedError: another writer holds the lock.
+        StoreWriteError: ``url`` cannot be written (or the disk is full).
     """
     url = str(url)
     tiles = list(tiles)
     _check_tiles(tiles)
     fp = fingerprint(schema, tiles)
     _check_writable(url)
-    if _exists(url, storage_options) and not overwrite:
+    local = L.is_local(url)
+    if local:
+        _remove_orphans(L.local_path(url))
+    lock_id = run_id if local else None
+    if _exists(url, storage_options):
+        _require_store(url, storage_options)
+        if lock_id is not None:
+            lock.acquire(L.local_path(url), lock_id, break_lock)
         try:
-            group = L.open_root(url, "r", storage_options)
-            meta = L.read_header(group, url)
-        except StoreFormatError as err:
-            raise StoreFormatError(
-                f"{url!r} exists and is not a usable feature store ({err}); "
-                "pass overwrite=True or choose another path"
-            ) from err
-        if meta.get("fingerprint") != fp and not _same_but_bank(meta, schema, tiles):
-            raise FingerprintMismatchError(url, _differences(meta, schema, tiles, group))
-        return StoreWriter.open(url, storage_options)
+            if not overwrite:
+                _check_same(url, schema, tiles, fp, storage_options)
+                return StoreWriter.open(url, storage_options, run_id=run_id)
+            _create(url, schema, tiles, fp, storage_options, lock_id, replace=True)
+        except BaseException:
+            if lock_id is not None:
+                lock.remove_lock(L.local_path(url), lock_id)
+            raise
+    else:
+        _create(url, schema, tiles, fp, storage_options, lock_id, replace=False)
+    return StoreWriter.open(url, storage_options, run_id=run_id)
+
+
+def _check_same(
+    url: str,
+    schema: StoreSchema,
+    tiles: Sequence[TileRecord],
+    fp: str,
+    storage_options: dict[str, Any] | None,
+) -> None:
+    """Resuming needs the same fingerprint (a store that only adds a view bank counts)."""
+    group = L.open_root(url, "r", storage_options)
     try:
-        _create_fresh(url, schema, tiles, fp, storage_options)
-    except OSError as err:  # permissions, read-only filesystems, bad remote buckets
-        raise StoreWriteError(f"cannot write store {url!r}: {err}; choose a writable path") from err
-    return StoreWriter.open(url, storage_options)
+        meta = L.read_header(group, url)
+    except StoreFormatError as err:  # e.g. an older format version: a store, replaceable
+        raise StoreFormatError(f"{err}; or re-run with --overwrite to replace it") from err
+    if meta.get("fingerprint") != fp and not _same_but_bank(meta, schema, tiles):
+        raise FingerprintMismatchError(url, _differences(meta, schema, tiles, group))
+
+
+def _require_store(url: str, storage_options: dict[str, Any] | None) -> None:
+    """Refuse a non-empty location that is not a featstore store: it is never written or deleted.
+
+    A store is recognised by its root group's ``featstore`` header attribute, written by
+    ``build_store`` (last) and only there.
+    """
+    try:
+        group = L.open_root(url, "r", storage_options)
+        is_store = isinstance(group.attrs.get(L.ATTR_KEY), dict)
+    except (StoreFormatError, OSError, ValueError, KeyError):
+        is_store = False
+    if is_store:
+        return
+    raise StoreFormatError(
+        f"STORE {url!r} {_describe_contents(url, storage_options)} that are not a featcache "
+        "store; choose another STORE path (--overwrite only replaces a featcache store)"
+    )
+
+
+def _describe_contents(url: str, storage_options: dict[str, Any] | None) -> str:
+    """'holds 12 files ..., e.g. a.txt, b.png' (counting stops at MAX_COUNTED)."""
+    fs, root = L.store_fs(url, storage_options)
+    if L.is_local(url):
+        names = []
+        for dirpath, _dirs, files in os.walk(root):
+            names += [os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(files)]
+            if len(names) > MAX_COUNTED:
+                break
+    else:
+        names = [str(p).removeprefix(root).lstrip("/") for p in fs.find(root)[: MAX_COUNTED + 1]]
+    if not names:
+        return "holds folders but no files"
+    count = f"more than {MAX_COUNTED}" if len(names) > MAX_COUNTED else str(len(names))
+    return f"holds {count} file(s), e.g. {', '.join(names[:3])},"
+
+
+def _remove_orphans(path: str) -> None:
+    """Delete ``PATH.tmp-*`` folders left by a creation that was killed (its process is gone)."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
+        if not os.path.isdir(tmp) or not _is_orphan(tmp):
+            continue
+        # Only folders we built: empty (killed before zarr wrote) or a zarr group.
+        if not os.listdir(tmp) or os.path.exists(os.path.join(tmp, "zarr.json")):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_orphan(tmp: str) -> bool:
+    match = _TMP_RE.search(tmp)
+    if match is None:
+        return bool(_LEGACY_TMP_RE.search(tmp))  # named before tmp names carried a PID
+    host, pid = match.group(1), int(match.group(2))
+    if host != socket.gethostname():
+        return False  # another host's creator: cannot tell whether it still runs
+    return lock.is_stale(lock.LockInfo("", pid, host, "", ""))
+
+
+def _create(
+    url: str,
+    schema: StoreSchema,
+    tiles: Sequence[TileRecord],
+    fp: str,
+    storage_options: dict[str, Any] | None,
+    lock_id: str | None,
+    replace: bool,
+) -> None:
+    try:
+        _create_fresh(url, schema, tiles, fp, storage_options, lock_id, replace)
+    except OSError as err:  # permissions, read-only filesystems, bad remote buckets, disk full
+        if err.errno in _NO_SPACE:
+            raise StoreWriteError(
+                f"no space left on the device of STORE {url!r} while creating it; free space "
+                "(or choose a STORE on a larger disk), then re-run the same command"
+            ) from err
+        raise StoreWriteError(f"cannot write STORE {url!r}: {err}; choose a writable path") from err
 
 
 def _same_but_bank(meta: dict[str, Any], schema: StoreSchema, tiles: Sequence[TileRecord]) -> bool:
@@ -132,29 +250,54 @@ def _create_fresh(
     tiles: Sequence[TileRecord],
     fp: str,
     storage_options: dict[str, Any] | None,
+    lock_id: str | None = None,
+    replace: bool = False,
 ) -> None:
     if not L.is_local(url):
         _build(L.open_root(url, "w", storage_options), schema, tiles, fp)
         return
-    # Local: build beside the target, then rename, so the path is either absent or whole.
+    # Local: build beside the target, then rename, so the path is either absent or whole. The
+    # name carries host and PID, so a later run can tell a killed creation from a live one.
     path = L.local_path(url)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _build(zarr.open_group(tmp, mode="w"), schema, tiles, fp)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
+        if lock_id is not None:  # the store appears already locked: no window for a second writer
+            lock.write_lock(tmp, lock.current(lock_id))
+        if replace and os.path.exists(path):
+            shutil.rmtree(path)  # a featstore store whose lock we hold (_require_store, acquire)
+        _rename(tmp, path, url)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _rename(tmp: str, path: str, url: str) -> None:
+    """Move the built store into place; refuse when another writer created it meanwhile."""
+    try:
+        os.rename(tmp, path)  # fails on a non-empty directory: never replaces another's store
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        holder = lock.read_lock(path)
+        who = holder.describe() if holder else "another process"
+        raise StoreLockedError(
+            f"STORE {url!r} was created by {who} while this run was creating it; two "
+            "extractions write the same STORE: wait for the other one, or choose another STORE"
+        ) from None
+
+
 class StoreWriter:
     """Writes whole shard groups of an existing store; safe with one writer per shard."""
 
-    def __init__(self, url: str, group: zarr.Group, meta: dict[str, Any]) -> None:
+    def __init__(
+        self, url: str, group: zarr.Group, meta: dict[str, Any], run_id: str | None = None
+    ) -> None:
         self.url = url
+        # The run this writer belongs to: (local stores) checked against the writer lock
+        # before each shard, so a run whose lock was broken stops writing.
+        self.run_id = run_id
         self._group = group
         self._meta = meta
         self.schema = StoreSchema.from_dict(meta["schema"])
@@ -165,10 +308,37 @@ class StoreWriter:
         self._checksum_names = L.checksum_arrays(self.schema)
 
     @classmethod
-    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> StoreWriter:
-        """Open an existing store for writing (e.g. inside a dask worker)."""
+    def open(
+        cls, url: str, storage_options: dict[str, Any] | None = None, run_id: str | None = None
+    ) -> StoreWriter:
+        """Open an existing store for writing (e.g. inside a dask worker, with the run's id)."""
         group = L.open_root(str(url), "r+", storage_options)
-        return cls(str(url), group, L.read_header(group, str(url)))
+        return cls(str(url), group, L.read_header(group, str(url)), run_id)
+
+    @functools.cached_property
+    def feature_fingerprint(self) -> str:
+        """Fingerprint of the extraction without a view bank (a bank added later changes the
+        header's fingerprint but not the shards written before it)."""
+        if self.schema.bank is None:
+            return self.fingerprint
+        return fingerprint(dataclasses.replace(self.schema, bank=None), self.tiles)
+
+    def release_lock(self) -> None:
+        """Give up the writer lock this run holds (no-op without one)."""
+        if self.run_id is not None and L.is_local(self.url):
+            lock.remove_lock(L.local_path(self.url), self.run_id)
+
+    def _check_lock(self, k: int) -> None:
+        """Refuse to write when another writer took the store's lock (e.g. --break-lock)."""
+        if self.run_id is None or not L.is_local(self.url):
+            return
+        path = L.local_path(self.url)
+        holder = lock.read_lock(path)
+        if holder is not None and holder.run_id != self.run_id:
+            raise StoreLockedError(
+                f"shard {k} of STORE {self.url!r} not written: the writer lock is now held by "
+                f"{holder.describe()} (broken with --break-lock?); this run stops"
+            )
 
     @property
     def tiles(self) -> list[TileRecord]:
@@ -217,7 +387,7 @@ class StoreWriter:
         if self.done().any():
             raise StoreError(
                 f"{self.url!r}: set_pca after shards were written would corrupt "
-                "them; recreate the store with overwrite=True"
+                "them; re-extract the store with --overwrite (overwrite=True)"
             )
         codec.set_basis(mean, basis)
         mean_p, basis_p = L.pca_paths(teacher)
@@ -248,6 +418,19 @@ class StoreWriter:
             )
         arrays = self._encode_all(features, len(tiles))
         arrays.update(self._pixels(images, masks, len(tiles)))
+        self._check_lock(k)
+        try:
+            self._write_arrays(k, tiles, arrays)
+        except OSError as err:
+            if err.errno in _NO_SPACE:
+                raise StoreWriteError(
+                    f"no space left on the device of STORE {self.url!r} while writing shard {k}; "
+                    "free space, then re-run the same command: finished shards are kept and the "
+                    "run resumes"
+                ) from err
+            raise
+
+    def _write_arrays(self, k: int, tiles: range, arrays: dict[str, np.ndarray]) -> None:
         sl = slice(tiles.start, tiles.stop)
         for path, data in arrays.items():
             if not path.endswith("_stats"):
@@ -257,6 +440,8 @@ class StoreWriter:
                 self._group[path][k] = data
         crcs = np.stack([L.tile_crcs(arrays[p]) for p in self._checksum_names], axis=1)
         self._group["checksum"][sl] = crcs
+        if L.SHARD_FINGERPRINT in self._group:  # stores written before provenance lack it
+            self._group[L.SHARD_FINGERPRINT][k] = self.feature_fingerprint
         self._group["done"][sl] = 1
 
     def _encode_all(
@@ -362,4 +547,30 @@ def _merge_stats(per_shard: np.ndarray) -> dict[str, Any]:
     return {"count": int(count[0]), "mean": mean.tolist(), "std": np.sqrt(var).tolist()}
 
 
-__all__ = ["StoreWriter", "create_store"]
+def shard_provenance_problems(
+    group: zarr.Group, schema: StoreSchema, tiles: Sequence[TileRecord] | None, done: np.ndarray
+) -> list[str]:
+    """Done shards that another extraction wrote than the one in the header (two writers).
+
+    Stores written before per-shard provenance existed have no record to check: none reported.
+    """
+    if tiles is None or L.SHARD_FINGERPRINT not in group:
+        return []
+    want = fingerprint(dataclasses.replace(schema, bank=None), tiles)
+    fps = [str(v) for v in group[L.SHARD_FINGERPRINT][:].tolist()]
+    out = []
+    for k, fp in enumerate(fps):
+        r = schema.shard_range(k, len(done))
+        if fp == want or not done[r.start : r.stop].all():
+            continue
+        out.append(
+            f"shard {k} (tiles {r.start}..{r.stop - 1}) was written by another extraction "
+            f"(fingerprint {fp[:16] or 'not recorded'}) than the header's ({want[:16]}): two "
+            "writers wrote this store; re-extract it with --overwrite"
+        )
+    if len(out) > MAX_LISTED_SHARDS:
+        out = out[:MAX_LISTED_SHARDS] + [f"... and {len(out) - MAX_LISTED_SHARDS} more such shards"]
+    return out
+
+
+__all__ = ["StoreWriter", "create_store", "shard_provenance_problems"]

@@ -55,7 +55,10 @@ class ExtractConfig:
         tiles_per_shard: Tiles per shard group (one task, one writer).
         store_pixels: Store images and masks beside the features.
         overwrite: Delete any existing store at `out` and start over (needed when its
-            fingerprint differs; without it a same-fingerprint store is resumed).
+            fingerprint differs; without it a same-fingerprint store is resumed). Only a
+            featcache store is ever deleted.
+        break_lock: Remove another writer's lock on `out` (`featcache.lock`) and go on; for a
+            lock left by a dead process on another host (same-host stale locks are taken over).
         threads: Torch intra-op threads per process. Fixed (not "all cores") so that a resumed or
             distributed run computes bit-identical features to an uninterrupted one.
         base_size: Canvas edge of the scale-1 rendering (the trainer's crop size).
@@ -89,6 +92,7 @@ class ExtractConfig:
     tiles_per_shard: int = 16
     store_pixels: bool = True
     overwrite: bool = False
+    break_lock: bool = False
     threads: int = 1
     base_size: int = 518
     limit: int | None = None

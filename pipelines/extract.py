@@ -9,9 +9,11 @@ fully written, so re-running the same command resumes and reproduces an uninterr
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,8 +69,9 @@ def render_level(images: torch.Tensor, level: Any, base_size: int) -> torch.Tens
         x = torch.flip(x, dims=(3,))
     render = round(level.scale * base_size)
     if render != x.shape[-1]:
-        x = F.interpolate(x, size=(render, render), mode="bilinear", align_corners=False,
-                          antialias=True)
+        x = F.interpolate(
+            x, size=(render, render), mode="bilinear", align_corners=False, antialias=True
+        )
     if render >= base_size:
         return x.contiguous()
     canvas = x.new_zeros((x.shape[0], 3, base_size, base_size))
@@ -93,37 +96,93 @@ def check_writable(url: str) -> None:
         return  # remote fsspec URL: the store layer reports its own errors
     path = Path(url.removeprefix("file://")).expanduser().absolute()
     if path.exists() and not path.is_dir():
-        raise ExtractionError(f"output path {str(path)!r} exists and is not a directory; "
-                              "choose another store path")
+        raise ExtractionError(
+            f"output path {str(path)!r} exists and is not a directory; choose another store path"
+        )
     ancestor = path
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise ExtractionError(f"output path {str(path)!r} cannot be created: {str(ancestor)!r} "
-                              "is a file, not a directory; choose another store path")
+        raise ExtractionError(
+            f"output path {str(path)!r} cannot be created: {str(ancestor)!r} "
+            "is a file, not a directory; choose another store path"
+        )
     try:
         # A real probe (not os.access): permissions, read-only mounts and root all behave right.
         with tempfile.TemporaryFile(dir=ancestor):
             pass
     except OSError as err:
-        raise ExtractionError(f"output path {str(path)!r} is not writable ({err.strerror} in "
-                              f"{str(ancestor)!r}); choose a writable location") from None
+        raise ExtractionError(
+            f"output path {str(path)!r} is not writable ({err.strerror} in "
+            f"{str(ancestor)!r}); choose a writable location"
+        ) from None
+
+
+def check_not_source(source: str, out: str) -> None:
+    """Refuse a STORE that is the source dataset or a folder above it (it may be deleted)."""
+    if "://" in out and not out.startswith("file://"):
+        return
+    if "://" in source and not source.startswith("file://"):
+        return
+    store = Path(out.removeprefix("file://")).expanduser().resolve()
+    src = Path(source.removeprefix("file://")).expanduser().resolve()
+    if store == src or store in src.parents:
+        raise ExtractionError(
+            f"STORE {out!r} is the source dataset {source!r} or a folder above it; extracting "
+            "there would mix the store with the data (and --overwrite would delete the data): "
+            "choose a STORE path outside the source"
+        )
+
+
+def check_device(device: str) -> None:
+    """Fail before any work when `--device` names a device torch cannot use here."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ExtractionError(
+            f"--device {device!r} is not a torch device ({err}); use cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ExtractionError(
+                f"--device {device}: no CUDA GPU is usable here (torch sees none: no GPU, no "
+                "driver, a CPU-only torch build, or CUDA_VISIBLE_DEVICES hides it); use "
+                "--device cpu, or run where a GPU is visible"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ExtractionError(
+                f"--device {device}: this machine has {count} CUDA device(s), "
+                f"cuda:0..cuda:{count - 1}; pick one of them"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ExtractionError(
+            f"--device {device}: Apple MPS is not available here; use --device cpu"
+        )
 
 
 def open_tiles(cfg: ExtractConfig) -> tuple[Any, list[Any]]:
     """Open the source and take its first `cfg.limit` records (source errors propagate)."""
     from pipelines.sources import open_source
 
-    source = open_source(cfg.source, layout=cfg.layout, split_file=cfg.split_file,
-                         tile_size=cfg.tile_size, bands=cfg.bands, class_names=cfg.classes,
-                         reduce_zero_label=cfg.reduce_zero_label, ignore_index=cfg.ignore_index,
-                         palette=cfg.palette)
+    source = open_source(
+        cfg.source,
+        layout=cfg.layout,
+        split_file=cfg.split_file,
+        tile_size=cfg.tile_size,
+        bands=cfg.bands,
+        class_names=cfg.classes,
+        reduce_zero_label=cfg.reduce_zero_label,
+        ignore_index=cfg.ignore_index,
+        palette=cfg.palette,
+    )
     records = list(source.records)
     if cfg.limit is not None:
         records = records[: cfg.limit]
     if not records:
-        raise ExtractionError(f"source {cfg.source!r} yielded no tiles; check the path, "
-                              "--layout and --split-file")
+        raise ExtractionError(
+            f"source {cfg.source!r} yielded no tiles; check the path, --layout and --split-file"
+        )
     return source, records
 
 
@@ -138,20 +197,29 @@ def load_teachers(cfg: ExtractConfig, device: str) -> dict[str, Any]:
     teachers: dict[str, Any] = {}
     with torch_threads(cfg.threads):
         for name in cfg.teachers:
-            teacher = create_teacher(name, weights=cfg.weights.get(name), tiny=cfg.tiny,
-                                     device=device, base_size=cfg.base_size,
-                                     random_weights=cfg.random_weights)
+            teacher = create_teacher(
+                name,
+                weights=cfg.weights.get(name),
+                tiny=cfg.tiny,
+                device=device,
+                base_size=cfg.base_size,
+                random_weights=cfg.random_weights,
+            )
             # The store names a teacher by its canonical spec name (e.g. "timm:m" -> "timm:m:3").
             if teacher.spec.name in teachers:
-                raise ExtractConfigError(f"--teacher {name!r} is the same teacher as another "
-                                         f"one ({teacher.spec.name!r}); give it once")
+                raise ExtractConfigError(
+                    f"--teacher {name!r} is the same teacher as another "
+                    f"one ({teacher.spec.name!r}); give it once"
+                )
             teachers[teacher.spec.name] = teacher
     return teachers
 
 
-def make_context(cfg: ExtractConfig, source: Any, records: list[Any],
-                 device: str) -> ExtractContext:
+def make_context(
+    cfg: ExtractConfig, source: Any, records: list[Any], device: str
+) -> ExtractContext:
     """Context over an opened source with freshly loaded teachers."""
+    check_device(device)  # also in dask workers, whose device may differ from the client's
     return ExtractContext(cfg, source, records, load_teachers(cfg, device), torch.device(device))
 
 
@@ -161,10 +229,16 @@ def build_schema(ctx: ExtractContext) -> StoreSchema:
     levels = level_specs(cfg.scales, cfg.flip)
     entries = tuple(TeacherEntry(t.spec, levels, dict(cfg.codec)) for t in ctx.teachers.values())
     return StoreSchema(
-        dataset=ctx.source.dataset, tile_size=cfg.tile_size, base_size=cfg.base_size,
-        class_names=tuple(ctx.source.class_names), ignore_index=int(ctx.source.ignore_index),
-        tiles_per_shard=cfg.tiles_per_shard, teachers=entries, store_pixels=cfg.store_pixels,
-        class_colors=tuple(ctx.source.class_colors), class_sources=tuple(ctx.source.class_sources),
+        dataset=ctx.source.dataset,
+        tile_size=cfg.tile_size,
+        base_size=cfg.base_size,
+        class_names=tuple(ctx.source.class_names),
+        ignore_index=int(ctx.source.ignore_index),
+        tiles_per_shard=cfg.tiles_per_shard,
+        teachers=entries,
+        store_pixels=cfg.store_pixels,
+        class_colors=tuple(ctx.source.class_colors),
+        class_sources=tuple(ctx.source.class_sources),
         label_rule=ctx.source.label_rule,
         # the records are the source's first len(records) tiles (cfg.limit)
         label_stats=ctx.source.label_stats(range(len(ctx.records))),
@@ -184,8 +258,9 @@ def load_tiles(ctx: ExtractContext, indices: Sequence[int]) -> tuple[np.ndarray,
 
 
 @torch.inference_mode()
-def compute_features(ctx: ExtractContext, images: np.ndarray,
-                     levels: Sequence[Any]) -> dict[str, dict[str, np.ndarray]]:
+def compute_features(
+    ctx: ExtractContext, images: np.ndarray, levels: Sequence[Any]
+) -> dict[str, dict[str, np.ndarray]]:
     """Teacher tokens of every level: `{teacher: {level_key: float32 [n, g, g, C]}}`.
 
     Tiles go through the teachers in fixed batches of `batch_size` in tile order, so a shard's
@@ -193,19 +268,21 @@ def compute_features(ctx: ExtractContext, images: np.ndarray,
     """
     bs = ctx.cfg.batch_size
     tiles = torch.from_numpy(images).to(ctx.device)
-    out: dict[str, dict[str, list[np.ndarray]]] = {n: {lv.key: [] for lv in levels}
-                                                    for n in ctx.teachers}
+    out: dict[str, dict[str, list[np.ndarray]]] = {
+        n: {lv.key: [] for lv in levels} for n in ctx.teachers
+    }
     for level in levels:
         for start in range(0, len(tiles), bs):
-            canvas = render_level(tiles[start:start + bs], level, ctx.cfg.base_size)
+            canvas = render_level(tiles[start : start + bs], level, ctx.cfg.base_size)
             for name, teacher in ctx.teachers.items():
                 grid = teacher(canvas).float().cpu().numpy()
                 out[name][level.key].append(grid)
     return {n: {k: np.concatenate(v) for k, v in lv.items()} for n, lv in out.items()}
 
 
-def process_shard(ctx: ExtractContext, writer: Any, k: int,
-                  pixels: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+def process_shard(
+    ctx: ExtractContext, writer: Any, k: int, pixels: tuple[np.ndarray, np.ndarray] | None = None
+) -> int:
     """Compute and write shard group `k` (tiles loaded here unless `pixels` is given)."""
     indices = writer.shard_tiles(k)
     images, masks = pixels if pixels is not None else load_tiles(ctx, indices)
@@ -281,26 +358,62 @@ def run_extraction(cfg: ExtractConfig, progress: bool = True) -> str:
     """Extract teacher features of `cfg.source` into the store `cfg.out`; return its URL.
 
     Re-running with the same config resumes (done shards are skipped). A store with a different
-    fingerprint raises `featstore.FingerprintMismatchError` unless `cfg.overwrite`.
+    fingerprint raises `featstore.FingerprintMismatchError` unless `cfg.overwrite`. The run holds
+    the store's writer lock until it returns or fails.
     """
     cfg.validate()
     mode, arg = parse_scheduler(cfg.scheduler)
     check_writable(cfg.out)
-    source, records = open_tiles(cfg)
-    # The driver builds teachers for validation, the schema and the PCA fit; with dask it may
-    # have no accelerator, so it uses the CPU there and workers use cfg.device.
-    ctx = make_context(cfg, source, records, cfg.device if mode == "local" else "cpu")
-    writer = create_store(cfg.out, build_schema(ctx), records, overwrite=cfg.overwrite)
-    fit_pca(ctx, writer)
-    shards = list(writer.pending_shards())
-    n_pending = sum(len(writer.shard_tiles(k)) for k in shards)
-    with _progress_bar(len(records), len(records) - n_pending, progress) as bar:
-        if mode == "local":
-            _run_local(ctx, writer, shards, bar)
-        elif shards:
-            del ctx  # free the driver's teachers before the workers load theirs
-            from pipelines.distributed import run_shards_dask
+    check_not_source(cfg.source, cfg.out)
+    if mode != "tcp":  # a remote cluster's workers check their own device
+        check_device(cfg.device)
+    run_id = uuid.uuid4().hex[:12]
+    with contextlib.ExitStack() as stack:
+        client = None
+        if mode != "local":
+            from pipelines.distributed import connect
 
-            run_shards_dask(cfg, source, shards, mode, arg, bar)
-    writer.finalize()
+            # Before the store exists: an unreachable scheduler leaves nothing behind.
+            client = stack.enter_context(connect(mode, arg))
+        source, records = open_tiles(cfg)
+        # The driver builds teachers for validation, the schema and the PCA fit; with dask it
+        # may have no accelerator, so it uses the CPU there and workers use cfg.device.
+        ctx = make_context(cfg, source, records, cfg.device if mode == "local" else "cpu")
+        writer = create_store(
+            cfg.out,
+            build_schema(ctx),
+            records,
+            overwrite=cfg.overwrite,
+            run_id=run_id,
+            break_lock=cfg.break_lock,
+        )
+        stack.callback(writer.release_lock)
+        with _disk_full_message(cfg.out):
+            fit_pca(ctx, writer)
+            shards = list(writer.pending_shards())
+            n_pending = sum(len(writer.shard_tiles(k)) for k in shards)
+            with _progress_bar(len(records), len(records) - n_pending, progress) as bar:
+                if mode == "local":
+                    _run_local(ctx, writer, shards, bar)
+                elif shards:
+                    del ctx  # free the driver's teachers before the workers load theirs
+                    from pipelines.distributed import run_shards_dask
+
+                    run_shards_dask(cfg, source, shards, client, run_id, bar)
+            writer.finalize()
     return cfg.out
+
+
+@contextlib.contextmanager
+def _disk_full_message(store: str) -> Iterator[None]:
+    """A full disk anywhere in the store writes (PCA basis, shards, header) says what to do;
+    shard writes say it themselves (featstore.StoreWriteError)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ExtractionError(
+            f"no space left on the device of STORE {store!r} ({err}); free space, then re-run "
+            "the same command: finished shards are kept and the run resumes"
+        ) from err

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +84,86 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} not found; pass the latest.pt / best.pt of a "
             "training run (its --out folder)"
         )
+    if _is_torchscript(path):
+        raise CheckpointError(
+            f"{path} is a TorchScript archive, not a featcache training checkpoint; featcache "
+            "never loads TorchScript (it runs the code inside the file). Pass the latest.pt / "
+            "best.pt of a training run; plain weights are saved with "
+            "torch.save(model.state_dict(), path)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
-            "it may be truncated or not a featcache checkpoint"
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:300]}); it may "
+            "be truncated or not a featcache checkpoint. Pass another checkpoint of the run "
+            "(its best.pt, or latest.pt), or re-run the training"
         ) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path} is not a featcache training checkpoint (format {FORMAT!r} expected)"
+            f"{path} is not a featcache training checkpoint (format {FORMAT!r} expected); pass "
+            "the latest.pt / best.pt of a training run (its --out folder)"
         )
     return ckpt
+
+
+def _is_torchscript(path: Path) -> bool:
+    # a zip with constants.pkl or code/: what torch.jit.save writes (torch.save never does)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False  # not a zip: torch.load below says what it is
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+# What resuming reads from a checkpoint (evaluate / predict / export need less).
+RESUME_KEYS = ("student", "ema", "optimizer", "run", "rng", "config", "student_config")
+
+
+def require_keys(ckpt: dict[str, Any], keys: tuple[str, ...], path: str | Path, to: str) -> None:
+    """Refuse a checkpoint that lacks a section ``to`` (e.g. "resume a run") reads.
+
+    Raises:
+        CheckpointError: naming the file and the missing sections.
+    """
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} has no {', '.join(repr(k) for k in missing)} section(s), which "
+            f"it needs to {to}; it was edited or written by another tool. Use the latest.pt / "
+            "best.pt of a featcache training run"
+        )
+
+
+def student_config_from(ckpt: dict[str, Any], path: str | Path) -> StudentConfig:
+    """The `StudentConfig` recorded in a checkpoint or export, checked field by field.
+
+    Raises:
+        CheckpointError: the record is missing, names fields this featcache does not know, or
+            holds values the student refuses.
+    """
+    scfg = ckpt.get("student_config")
+    if not isinstance(scfg, dict):
+        raise CheckpointError(
+            f"checkpoint {path} records no student_config (the student architecture); it was "
+            "edited or written by another tool"
+        )
+    known = {f.name for f in dataclasses.fields(StudentConfig)}
+    unknown = sorted(set(scfg) - known)
+    if unknown:
+        raise CheckpointError(
+            f"checkpoint {path}: student_config has field(s) {unknown} this featcache does not "
+            "know; it was written by another featcache version or edited. Use that version, or "
+            "a checkpoint of this one"
+        )
+    scfg = dict(scfg)
+    scfg["backbone_weights"] = None  # weights come from the checkpoint, not the file
+    scfg["random_weights"] = True  # the init is overwritten at once: nothing to refuse
+    try:
+        return StudentConfig(**scfg)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: student_config is not valid: {err}") from err
 
 
 def check_architecture(ckpt: dict[str, Any], cfg: StudentConfig, path: str | Path) -> None:
@@ -151,13 +220,24 @@ def load_student(
         ckpt, state = read_export(path, which)
     else:
         ckpt = read_checkpoint(path)
-        state = ckpt[which]
-    scfg = dict(ckpt["student_config"])
-    scfg["backbone_weights"] = None  # weights come from the checkpoint, not the file
-    scfg["random_weights"] = True  # the init is overwritten at once: nothing to refuse
-    model = Student(StudentConfig(**scfg))
+        require_keys(ckpt, ("config", "student_config"), path, "rebuild its student")
+        state = _weight_set(ckpt, which, path)
+    model = Student(student_config_from(ckpt, path))
     load_state(model, state, f"{path} [{which}]")
     return model.to(device).eval(), ckpt
+
+
+def _weight_set(ckpt: dict[str, Any], which: str, path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``ema`` / ``student`` state dict of a checkpoint, or a message naming ``--use``."""
+    state = ckpt.get(which)
+    if isinstance(state, dict) and state:
+        return state
+    other = "student" if which == "ema" else "ema"
+    hint = f"pass --use {other}" if isinstance(ckpt.get(other), dict) else "use another checkpoint"
+    raise CheckpointError(
+        f"checkpoint {path} holds no {which!r} weights (--use {which}); {hint}. The file was "
+        "edited or written by another tool"
+    )
 
 
 def class_names(ckpt: dict[str, Any]) -> list[str]:
@@ -218,8 +298,12 @@ def export_student(checkpoint: str | Path, out: str | Path, which: str = "ema") 
     if which not in ("ema", "student"):
         raise CheckpointError(f"--use {which!r}: choose 'ema' or 'student'")
     ckpt = read_checkpoint(checkpoint)
+    student_config_from(ckpt, checkpoint)  # an export must rebuild its student
+    require_keys(ckpt, ("config",), checkpoint, "be exported")
     # clone: safetensors refuses tensors that share storage, and a state dict may hold views
-    state = {k: v.detach().clone().contiguous() for k, v in ckpt[which].items()}
+    state = {
+        k: v.detach().clone().contiguous() for k, v in _weight_set(ckpt, which, checkpoint).items()
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(state, str(tmp), metadata=_export_metadata(ckpt, which, Path(checkpoint)))
@@ -248,19 +332,25 @@ def read_export(path: str | Path, which: str) -> tuple[dict[str, Any], dict[str,
             f"{path} is not a featcache export (format {EXPORT_FORMAT!r} "
             "expected); write one with `featcache export RUN/best.pt OUT`"
         )
-    if meta["use"] != which:
+    try:
+        ckpt = {
+            "student_config": json.loads(meta["student_config"]),
+            "class_names": json.loads(meta["class_names"]),
+            "class_colors": json.loads(meta["class_colors"]),
+            "config": {"crop_size": int(meta["crop_size"])},
+            "run": {"step": int(meta["step"])},
+            "export": meta,
+        }
+    except (KeyError, ValueError) as err:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(
-            f"{path} holds the {meta['use']} weights only; pass --use "
-            f"{meta['use']}, or export the {which} weights with --use {which}"
+            f"{path}: the export's metadata is incomplete or edited ({type(err).__name__}: "
+            f"{err}); export it again with `featcache export RUN/best.pt OUT`"
+        ) from err
+    if meta.get("use") != which:
+        raise CheckpointError(
+            f"{path} holds the {meta.get('use')} weights only; pass --use "
+            f"{meta.get('use')}, or export the {which} weights with --use {which}"
         )
-    ckpt = {
-        "student_config": json.loads(meta["student_config"]),
-        "class_names": json.loads(meta["class_names"]),
-        "class_colors": json.loads(meta["class_colors"]),
-        "config": {"crop_size": int(meta["crop_size"])},
-        "run": {"step": int(meta["step"])},
-        "export": meta,
-    }
     return ckpt, state
 
 
@@ -268,6 +358,7 @@ __all__ = [
     "CheckpointError",
     "EXPORT_FORMAT",
     "FORMAT",
+    "RESUME_KEYS",
     "check_architecture",
     "class_colors",
     "class_names",
@@ -276,8 +367,10 @@ __all__ = [
     "load_student",
     "read_export",
     "read_checkpoint",
+    "require_keys",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
     "student_config_dict",
+    "student_config_from",
 ]

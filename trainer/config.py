@@ -14,7 +14,12 @@ official code, each switchable:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +100,8 @@ class DataConfig:
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip_p: float = 0.5
     num_workers: int = 2
+    # a tile failing its checksum stops the run unless this is set (--skip-bad-tiles)
+    skip_bad_tiles: bool = False
 
 
 @dataclass
@@ -243,51 +250,132 @@ class TrainConfig:
         if self.mode == "cached" and not self.data.store:
             raise TrainConfigError("mode 'cached' needs data.store (--store URL)")
         if self.mode == "online" and not (self.data.source or self.data.store):
-            raise TrainConfigError("mode 'online' needs data.source (--source PATH) or a store "
-                                   "with pixels (--store URL)")
-        if not 0.0 <= self.distill.scale_blend <= 4.0:
-            raise TrainConfigError(f"distill.scale_blend = {self.distill.scale_blend} must be in "
-                                   "[0, 4] octaves (0: nearest cached level only); fix "
-                                   "--scale-blend")
-        if not 0.0 <= self.distill.p_bank <= 1.0:
-            raise TrainConfigError(f"distill.p_bank = {self.distill.p_bank} must be in [0, 1] "
-                                   "(the probability that a view comes from the view bank)")
+            raise TrainConfigError(
+                "mode 'online' needs data.source (--source PATH) or a store "
+                "with pixels (--store URL)"
+            )
         if self.distill.target_mode != "warp" and self.mode != "cached":
-            raise TrainConfigError(f"distill.target_mode {self.distill.target_mode!r} reads the "
-                                   "store's cache: use mode 'cached' (or target_mode 'warp')")
+            raise TrainConfigError(
+                f"distill.target_mode {self.distill.target_mode!r} reads the "
+                "store's cache: use mode 'cached' (or target_mode 'warp')"
+            )
         if self.crop_size % 14:
-            raise TrainConfigError(f"crop_size {self.crop_size} must be a multiple of 14 "
-                                   "(the student's patch size), e.g. 518")
+            raise TrainConfigError(
+                f"--crop {self.crop_size}: must be a multiple of 14 (the student's patch size), "
+                "e.g. 518 (config: crop_size)"
+            )
         self._validate_teachers()
         self._validate_split_options()
-        for key in ("batch_labeled", "log_interval"):
-            if getattr(self.schedule, key) < 1:
-                raise TrainConfigError(f"schedule.{key} must be >= 1")
-        if self.schedule.batch_unlabeled < 0:
-            raise TrainConfigError("schedule.batch_unlabeled must be >= 0")
-        if self.schedule.iters is not None and self.schedule.iters < 1:
-            raise TrainConfigError("schedule.iters must be >= 1 (or unset to use epochs)")
+        self._validate_numbers()
         if self.distill.standardize and self.mode == "online" and not self.data.store:
-            raise TrainConfigError("distill.standardize needs store statistics: pass --store "
-                                   "or turn standardisation off")
+            raise TrainConfigError(
+                "distill.standardize needs store statistics: pass --store "
+                "or turn standardisation off"
+            )
         return self
+
+    def _validate_numbers(self) -> None:
+        """Ranges of the numeric options, said in option words (config key in brackets)."""
+        sch, d = self.schedule, self.distill
+        checks = [  # (bad, option, value, rule, config key)
+            (not self.optim.lr > 0, "--lr", self.optim.lr, "must be > 0, e.g. 5e-6", "optim.lr"),
+            (
+                sch.batch_labeled < 1,
+                "--batch",
+                sch.batch_labeled,
+                "LABELED must be >= 1",
+                "schedule.batch_labeled",
+            ),
+            (
+                sch.batch_unlabeled < 0,
+                "--batch",
+                sch.batch_unlabeled,
+                "UNLABELED must be >= 0",
+                "schedule.batch_unlabeled",
+            ),
+            (
+                sch.iters is not None and sch.iters < 1,
+                "--iters",
+                sch.iters,
+                "must be >= 1 (or unset to train for --epochs)",
+                "schedule.iters",
+            ),
+            (
+                sch.iters is None and sch.epochs < 1,
+                "--epochs",
+                sch.epochs,
+                "must be >= 1",
+                "schedule.epochs",
+            ),
+            (
+                sch.stop_after is not None and sch.stop_after < 1,
+                "--stop-after",
+                sch.stop_after,
+                "must be >= 1",
+                "schedule.stop_after",
+            ),
+            (
+                sch.log_interval < 1,
+                "--log-interval",
+                sch.log_interval,
+                "must be >= 1",
+                "schedule.log_interval",
+            ),
+            (
+                sch.eval_interval < 0,
+                "--eval-interval",
+                sch.eval_interval,
+                "must be >= 0 (0: at each epoch end)",
+                "schedule.eval_interval",
+            ),
+            (
+                self.data.num_workers < 0,
+                "--workers",
+                self.data.num_workers,
+                "must be 0 or more (0 reads tiles in the main process)",
+                "data.num_workers",
+            ),
+            (
+                not 0.0 <= d.scale_blend <= 4.0,
+                "--scale-blend",
+                d.scale_blend,
+                "must be in [0, 4] octaves (0: nearest cached level only)",
+                "distill.scale_blend",
+            ),
+            (
+                not 0.0 <= d.p_bank <= 1.0,
+                "--p-bank",
+                d.p_bank,
+                "must be in [0, 1] (the probability that a view comes from the view bank)",
+                "distill.p_bank",
+            ),
+        ]
+        for bad, option, value, rule, key in checks:
+            if bad:
+                raise TrainConfigError(f"{option} {value}: {rule} (config: {key})")
 
     def _validate_teachers(self) -> None:
         teachers = self.model.teachers
         if not self.distill.enabled:
             if teachers:
-                raise TrainConfigError(f"distillation is off (--no-distill, distill.enabled: "
-                                       f"false) but model.teachers names "
-                                       f"{[t.name for t in teachers]}: drop one of the two")
+                raise TrainConfigError(
+                    f"distillation is off (--no-distill, distill.enabled: "
+                    f"false) but model.teachers names "
+                    f"{[t.name for t in teachers]}: drop one of the two"
+                )
             return
         if teachers is not None and not teachers:
             # An empty list used to mean plain FixMatch silently; now that is said out loud.
-            raise TrainConfigError("model.teachers is empty: for plain FixMatch pass --no-distill "
-                                   "(distill.enabled: false); to distil from every teacher the "
-                                   "store holds leave model.teachers unset")
+            raise TrainConfigError(
+                "model.teachers is empty: for plain FixMatch pass --no-distill "
+                "(distill.enabled: false); to distil from every teacher the "
+                "store holds leave model.teachers unset"
+            )
         if self.mode == "online" and not teachers:
-            raise TrainConfigError("online mode needs its teachers named: pass --teacher NAME "
-                                   "(repeat for several), or --no-distill for plain FixMatch")
+            raise TrainConfigError(
+                "online mode needs its teachers named: pass --teacher NAME "
+                "(repeat for several), or --no-distill for plain FixMatch"
+            )
         for t in teachers or []:
             if t.branch is not None:
                 _choice(f"teacher {t.name!r} branch", t.branch, BRANCHES)
@@ -300,8 +388,10 @@ class TrainConfig:
         given = [k for k in ("labeled", "unlabeled", "val") if getattr(d, k) is not None]
         if d.partition is not None and given:
             opts = ", ".join(f"--{k}" for k in given)
-            raise TrainConfigError(f"data.partition ({d.partition!r}) gives the labeled, "
-                                   f"unlabeled and val sets; drop {opts} or drop --partition")
+            raise TrainConfigError(
+                f"data.partition ({d.partition!r}) gives the labeled, "
+                f"unlabeled and val sets; drop {opts} or drop --partition"
+            )
 
     @property
     def teacher_list(self) -> list[TeacherConfig]:
@@ -331,7 +421,43 @@ class TrainConfig:
             raise TrainConfigError(f"cannot read config {path}: {err}") from err
         if not isinstance(d, dict):
             raise TrainConfigError(f"config {path} must hold a mapping at the top level")
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except TrainConfigError as err:
+            raise TrainConfigError(f"config {path}: {err}") from err
+
+
+def check_device(device: str, option: str = "--device") -> None:
+    """Refuse a device torch cannot use here, naming ``option`` (``"auto"`` always works).
+
+    Raises:
+        TrainConfigError: the name is not a torch device, or CUDA / that GPU is not available.
+    """
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise TrainConfigError(
+            f"{option} {device}: not a device name; write auto, cpu, cuda or cuda:N"
+        ) from err
+    if dev.type not in ("cpu", "cuda"):
+        raise TrainConfigError(
+            f"{option} {device}: featcache runs on cpu or cuda; write auto, cpu, cuda or cuda:N"
+        )
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainConfigError(
+            f"{option} {device}: no CUDA GPU is available to torch here; "
+            f"pass {option} cpu (or {option} auto: a GPU when there is one)"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise TrainConfigError(
+            f"{option} {device}: this machine has "
+            f"{torch.cuda.device_count()} GPU(s), cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}; pick one of them"
+        )
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -351,26 +477,130 @@ def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(known))
     if unknown:
-        raise TrainConfigError(f"unknown config keys {[prefix + k for k in unknown]}; "
-                               f"allowed under {prefix or 'top level'}: {sorted(known)}")
+        raise TrainConfigError(
+            f"unknown config keys {[prefix + k for k in unknown]}; "
+            f"allowed under {prefix or 'top level'}: {sorted(known)}"
+        )
+    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in d.items():
         default = getattr(cls(), name) if _has_defaults(cls) else None
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
             kwargs[name] = _build(type(default), value, f"{prefix}{name}.")
         elif name == "teachers" and isinstance(value, list):  # names alone: default branch
-            kwargs[name] = [TeacherConfig(**t) if isinstance(t, dict) else TeacherConfig(str(t))
-                            for t in value]
-        elif isinstance(default, tuple) and isinstance(value, list):
-            kwargs[name] = tuple(value)
+            kwargs[name] = [
+                _build(TeacherConfig, t, f"{prefix}teachers[{i}].")
+                if isinstance(t, dict)
+                else TeacherConfig(str(t))
+                for i, t in enumerate(value)
+            ]
         else:
-            kwargs[name] = value
-    return cls(**kwargs)
+            kwargs[name] = _coerce(value, hints[name], prefix + name)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a field without default left out (a teacher without name)
+        raise TrainConfigError(f"config section {prefix[:-1] or 'top level'}: {err}") from err
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as the field type ``hint`` says, or `TrainConfigError` naming ``key``.
+
+    PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is a string: a number field accepts the
+    text of a number. Nothing else is guessed: a bool is never a number, a number never a bool.
+    """
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint) or hint
+    if value is None:
+        raise TrainConfigError(
+            f"config key {key} is empty; give it a value or drop the key for the default"
+        )
+    if origin is tuple and isinstance(value, (list, tuple)):
+        if len(value) != len(args):
+            raise TrainConfigError(f"config key {key} = {list(value)} needs {len(args)} values")
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if origin is list and isinstance(value, (list, tuple)) and args:
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint in _SCALARS:
+        return _SCALARS[hint](value, key)
+    if dataclasses.is_dataclass(hint):
+        raise TrainConfigError(
+            f"config key {key} = {value!r} must be a section of keys, e.g. {key}: {{...}}"
+        )
+    return value  # dicts (model.student) and nested types: checked where they are used
+
+
+def _to_float(value: Any, key: str) -> float:
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is not None and math.isfinite(number):
+        return number
+    raise TrainConfigError(
+        f"config key {key} = {value!r} is not a finite number; write e.g. "
+        f"{key.rpartition('.')[2]}: 0.001"
+    )
+
+
+def _to_int(value: Any, key: str) -> int:
+    number = value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if (
+        isinstance(number, (int, float))
+        and not isinstance(number, bool)
+        and (float(number).is_integer())
+    ):
+        return int(number)
+    raise TrainConfigError(
+        f"config key {key} = {value!r} is not a whole number; write e.g. "
+        f"{key.rpartition('.')[2]}: 4"
+    )
+
+
+def _to_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise TrainConfigError(
+        f"config key {key} = {value!r} is not true or false; write "
+        f"{key.rpartition('.')[2]}: true (or false)"
+    )
+
+
+def _to_str(value: Any, key: str) -> str:
+    # An int is a plain name as YAML reads it (a split "2020"); floats and bools would change
+    # their text (1e3 -> "1000.0", yes -> "True"), so they must be quoted.
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    raise TrainConfigError(
+        f"config key {key} = {value!r} is not text; quote it, e.g. "
+        f'{key.rpartition(".")[2]}: "{value}"'
+    )
+
+
+_SCALARS: dict[Any, Callable[[Any, str], Any]] = {
+    float: _to_float,
+    int: _to_int,
+    bool: _to_bool,
+    str: _to_str,
+}
 
 
 def _has_defaults(cls: type) -> bool:
-    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-               for f in dataclasses.fields(cls))
+    return all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        for f in dataclasses.fields(cls)
+    )
 
 
 __all__ = [
@@ -386,5 +616,6 @@ __all__ = [
     "TeacherConfig",
     "TrainConfig",
     "TrainConfigError",
+    "check_device",
     "default_branch",
 ]

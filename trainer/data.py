@@ -9,6 +9,7 @@ happens batched on the training device (``trainer.augment``).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,9 +19,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from featstore.errors import TileDataError
 from featstore.schema import LevelSpec, TileRecord
 from trainer.geometry import ViewParams, blend_levels, draw_view
 from trainer.viewbank import draw_bank_item
+
+LOG = logging.getLogger("featcache.train")
+
+
+def log_bad_tile(err: TileDataError) -> None:
+    """Log a tile left out under ``--skip-bad-tiles`` (its id, file and the failed check)."""
+    LOG.warning("--skip-bad-tiles: leaving out tile %r: %s", err.tile_id, err)
 
 
 class TileReader(Protocol):
@@ -90,12 +99,24 @@ class StoreDataset(Dataset):
         features: Optional reader of the grids when it differs from ``reader``.
         p_bank: ``view_bank`` target mode: probability that an item's view comes from the
             store's view bank (``features.bank``); None: every view is drawn with ``sampling``.
+        skip_bad: a tile failing its checksum (`TileDataError`) is logged and replaced by the
+            next good position (``--skip-bad-tiles``); otherwise the error stops the run.
     """
 
-    def __init__(self, reader: TileReader, indices: Sequence[int],
-                 levels_by_teacher: Mapping[str, Sequence[LevelSpec]], labeled: bool, seed: int,
-                 sampling: ViewSampling, length: int | None = None, stream: int = 0,
-                 features: Any = None, p_bank: float | None = None) -> None:
+    def __init__(
+        self,
+        reader: TileReader,
+        indices: Sequence[int],
+        levels_by_teacher: Mapping[str, Sequence[LevelSpec]],
+        labeled: bool,
+        seed: int,
+        sampling: ViewSampling,
+        length: int | None = None,
+        stream: int = 0,
+        features: Any = None,
+        p_bank: float | None = None,
+        skip_bad: bool = False,
+    ) -> None:
         if not indices:
             raise ValueError("StoreDataset needs at least one tile index")
         self.reader = reader
@@ -109,6 +130,8 @@ class StoreDataset(Dataset):
         self.stream = int(stream)
         self.p_bank = None if p_bank is None else float(p_bank)
         self.epoch = 0
+        self.skip_bad = bool(skip_bad)
+        self.bad: set[int] = set()  # tiles found bad (per process: each worker logs its own)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (changes every view draw)."""
@@ -124,18 +147,44 @@ class StoreDataset(Dataset):
         """The view of position ``k`` in the current epoch (pure function of the seeds)."""
         rng = self._rng(k)
         s = self.sampling
-        view = draw_view(rng, s.tile_size, s.crop_size, tuple(s.scale_range), s.flip_p,
-                         s.grid_aligned)
+        view = draw_view(
+            rng, s.tile_size, s.crop_size, tuple(s.scale_range), s.flip_p, s.grid_aligned
+        )
         chosen, blend = {}, {}
         for name, lv in self.levels.items():
-            mix = blend_levels(lv, view.size, view.flip, s.tile_size, s.base_size,
-                               s.scale_blend if s.grid_aligned is None else 0.0)
+            mix = blend_levels(
+                lv,
+                view.size,
+                view.flip,
+                s.tile_size,
+                s.base_size,
+                s.scale_blend if s.grid_aligned is None else 0.0,
+            )
             chosen[name] = mix[0][0]
             if len(mix) > 1:
                 blend[name] = mix[1:]
         return view.with_levels(chosen, blend)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
+        if not self.skip_bad:
+            return self._item(k)
+        # the next positions stand in for a bad tile: deterministic, and the batch stays full
+        for pos in range(k, k + len(self.indices)):
+            i = self.indices[pos % len(self.indices)]
+            if i in self.bad:
+                continue
+            try:
+                return self._item(pos)
+            except TileDataError as err:
+                self.bad.add(i)
+                log_bad_tile(err)
+        raise TileDataError(
+            f"--skip-bad-tiles: every tile of this set ({len(self.indices)}) "
+            "fails its checksum; check the store with `featcache verify STORE` "
+            "and re-extract it"
+        )
+
+    def _item(self, k: int) -> dict[str, Any]:
         i = self.indices[k % len(self.indices)]
         image = torch.from_numpy(np.ascontiguousarray(self.reader.read_image(i)))
         item: dict[str, Any] = {"index": i, "image": image.permute(2, 0, 1).contiguous()}
@@ -143,15 +192,18 @@ class StoreDataset(Dataset):
             item["mask"] = torch.from_numpy(np.ascontiguousarray(self.reader.read_mask(i)))
         if self.p_bank is None:
             view = self.draw(k)
-            grids = {name: self.features.read_half(name, i, level.key)
-                     for name, level in view.levels.items()}
+            grids = {
+                name: self.features.read_half(name, i, level.key)
+                for name, level in view.levels.items()
+            }
             item["blend_grids"] = {
-                name: [torch.from_numpy(self.features.read_half(name, i, lv.key))
-                       for lv, _ in mix]
-                for name, mix in view.blend.items()}
+                name: [torch.from_numpy(self.features.read_half(name, i, lv.key)) for lv, _ in mix]
+                for name, mix in view.blend.items()
+            }
         else:  # a bank view (its grids from the bank) or a warped view (its cached levels)
-            view, item["bank_slot"], grids = draw_bank_item(self.features, i, self._rng(k),
-                                                            self.levels, self.p_bank)
+            view, item["bank_slot"], grids = draw_bank_item(
+                self.features, i, self._rng(k), self.levels, self.p_bank
+            )
         item["view"] = view
         # float16 halves host memory and transfer; decoded values are at most fp16-precise
         # (read_half hands an fp16 store's array over as is: no float32 round trip).
@@ -171,8 +223,9 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch["mask"] = torch.stack([it["mask"] for it in items])
     blended = {name for it in items for name in it.get("blend_grids", {})}
     if blended:  # levels mixed in by the scale blend; None for items without
-        batch["blend_grids"] = {name: [it["blend_grids"].get(name) for it in items]
-                                for name in sorted(blended)}
+        batch["blend_grids"] = {
+            name: [it["blend_grids"].get(name) for it in items] for name in sorted(blended)
+        }
     if "bank_slot" in items[0]:  # view_bank mode: -1 marks a warped view
         batch["bank_slot"] = torch.tensor([it["bank_slot"] for it in items], dtype=torch.int64)
     return batch
@@ -214,10 +267,10 @@ class EpochSampler(Sampler[int]):
         perm = torch.randperm(self.n, generator=g).tolist()
         total = self.per_rank * self.world
         perm += (perm * math.ceil(total / max(len(perm), 1)))[: total - len(perm)]
-        return perm[self.rank:total:self.world]
+        return perm[self.rank : total : self.world]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.skip:])
+        return iter(self.order()[self.skip :])
 
     def __len__(self) -> int:
         return max(self.per_rank - self.skip, 0)
@@ -244,5 +297,6 @@ __all__ = [
     "ViewSampling",
     "collate",
     "iters_per_epoch",
+    "log_bad_tile",
     "repeat_to",
 ]

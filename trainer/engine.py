@@ -20,15 +20,18 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.checkpoint import (
+    RESUME_KEYS,
     check_architecture,
     load_state,
     read_checkpoint,
+    require_keys,
     rng_state,
     save_checkpoint,
     set_rng_state,
     student_config_dict,
+    student_config_from,
 )
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, check_device
 from trainer.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown
 from trainer.ema import create_ema, update_ema
 from trainer.evaluate import evaluate
@@ -41,6 +44,14 @@ from trainer.prepare import (
     resolve_branches,
     run_summary,
     store_stats,
+)
+from trainer.rundir import (
+    check_deletable,
+    check_out_dir,
+    check_resume_recipe,
+    delete_run,
+    remove_run_files,
+    run_files,
 )
 from trainer.step import CachedTargets, LossSettings, poly_lr, render_batch, train_step
 from trainer.student import param_groups
@@ -93,15 +104,23 @@ class Trainer:
     Args:
         cfg: Run config; a copy is kept, with what the data decides filled in (the teachers and
             their branches, the partition), and that copy is what ``config.yaml`` records.
+        overwrite: ``--overwrite``: delete the run already in ``out_dir`` (only a folder that
+            is recognisably a featcache run; see `trainer.rundir`).
     """
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, overwrite: bool = False) -> None:
         self.cfg = cfg = copy.deepcopy(cfg).validate()
+        check_device(cfg.runtime.device)
         self.info, self.device = init_distributed(cfg.runtime.device)
         seed_everything(cfg.runtime.seed)
         self.out = Path(cfg.runtime.out_dir)
+        self._claim_out_dir(overwrite)
         resume = _resume_path(cfg)
         self.ckpt = read_checkpoint(resume) if resume else None
+        if self.ckpt is not None:
+            require_keys(self.ckpt, RESUME_KEYS, resume, "resume a run")
+            student_config_from(self.ckpt, resume)  # a field this version lacks: named first
+            check_resume_recipe(self.ckpt["config"], cfg, resume)
         self.data: RunData = open_data(cfg, self.ckpt.get("store") if self.ckpt else None)
         self.online = self._online_teachers()
         resolve_branches(cfg, self.data.store, self.online)
@@ -109,18 +128,35 @@ class Trainer:
         self.model = build_student(cfg, self.data, self.online).to(self.device)
         self.ema = create_ema(self.model, cfg.fixmatch.ema_max)
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.optim.lr, cfg.optim.lr_multi, cfg.optim.weight_decay))
+            param_groups(self.model, cfg.optim.lr, cfg.optim.lr_multi, cfg.optim.weight_decay)
+        )
         self.loaders = build_loaders(cfg, self.data, self.info)
         sch = cfg.schedule
         self.total = sch.iters or sch.epochs * self.loaders.per_epoch
         self.state = RunState()
         self.bank_reuse: float | None = None
+        self._saved = False
         if self.ckpt is not None:
             self._restore(self.ckpt, str(resume))
         self.ddp = self._wrap()
         self.targets = self._targets()
-        self.settings = LossSettings(cfg.fixmatch.conf_thresh, cfg.distill.masked,
-                                     cfg.runtime.bf16, store_stats(cfg, self.data, self.device))
+        self.settings = LossSettings(
+            cfg.fixmatch.conf_thresh,
+            cfg.distill.masked,
+            cfg.runtime.bf16,
+            store_stats(cfg, self.data, self.device),
+        )
+
+    def _claim_out_dir(self, overwrite: bool) -> None:
+        """Refuse an ``--out`` holding another run; under ``--overwrite`` delete that run."""
+        check_out_dir(self.out, bool(self.cfg.runtime.resume), overwrite)
+        if not overwrite:
+            return
+        check_deletable(self.out)  # every rank checks before rank 0 deletes anything
+        barrier()
+        if self.info.is_main:
+            delete_run(self.out)
+        barrier()
 
     def _targets(self) -> Any:
         """The distillation target provider of the run's mode."""
@@ -134,20 +170,31 @@ class Trainer:
         # every view of an iteration (labeled + unlabeled, all ranks) is drawn from the bank
         batch = (cfg.schedule.batch_labeled + cfg.schedule.batch_unlabeled) * self.info.world
         self.bank_reuse = bank_reuse(store.bank.k, n_train, self.total, batch, cfg.distill.p_bank)
-        LOG.info("view bank: K=%d views per tile, p_bank=%.2f: each view is used about %.1f times "
-                 "over %d iterations", store.bank.k, cfg.distill.p_bank, self.bank_reuse,
-                 self.total)
+        LOG.info(
+            "view bank: K=%d views per tile, p_bank=%.2f: each view is used about %.1f times "
+            "over %d iterations",
+            store.bank.k,
+            cfg.distill.p_bank,
+            self.bank_reuse,
+            self.total,
+        )
         specs = {t.name: store.schema.teacher(t.name).spec for t in cfg.model.teachers}
-        return BankTargets(self.data.level_geoms, specs, store.bank.teachers,
-                           store.schema.base_size)
+        return BankTargets(
+            self.data.level_geoms, specs, store.bank.teachers, store.schema.base_size
+        )
 
     def _online_teachers(self) -> dict[str, Any] | None:
         if self.cfg.mode != "online" or not self.cfg.model.teachers:
             return None
         from trainer.online import load_teachers
 
-        return load_teachers(self.cfg.model.teachers, self.cfg.model.tiny, self.device,
-                             self.data.base_size, self.cfg.model.random_weights)
+        return load_teachers(
+            self.cfg.model.teachers,
+            self.cfg.model.tiny,
+            self.device,
+            self.data.base_size,
+            self.cfg.model.random_weights,
+        )
 
     def _online_targets(self) -> Any:
         from trainer.online import OnlineTargets
@@ -168,30 +215,39 @@ class Trainer:
         load_state(self.ema.module, ckpt["ema"], f"{path} [ema]")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         run = ckpt["run"]
-        self.state = RunState(int(run["step"]), run.get("best"), run.get("best_step"),
-                              ckpt.get("metrics", {}))
+        self.state = RunState(
+            int(run["step"]), run.get("best"), run.get("best_step"), ckpt.get("metrics", {})
+        )
         set_rng_state(ckpt["rng"])
 
     def _save(self, name: str) -> None:
+        self._saved = True  # on every rank: rank 0 keeps the folder of a run that checkpointed
         if not self.info.is_main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         s = self.state
-        save_checkpoint(self.out / name, {
-            "student": self.model.state_dict(),
-            "ema": self.ema.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "run": {"step": s.step, "best": s.best, "best_step": s.best_step,
+        save_checkpoint(
+            self.out / name,
+            {
+                "student": self.model.state_dict(),
+                "ema": self.ema.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "run": {
+                    "step": s.step,
+                    "best": s.best,
+                    "best_step": s.best_step,
                     "epoch": s.step // self.loaders.per_epoch,
-                    "iter_in_epoch": s.step % self.loaders.per_epoch},
-            "rng": rng_state(),
-            "config": self.cfg.to_dict(),
-            "student_config": student_config_dict(self.model.cfg),
-            "store": self.data.store_meta(),
-            "class_names": list(self.data.class_names),
-            "tile": {"tile_size": self.data.tile_size, "base_size": self.data.base_size},
-            "metrics": s.metrics,
-        })
+                    "iter_in_epoch": s.step % self.loaders.per_epoch,
+                },
+                "rng": rng_state(),
+                "config": self.cfg.to_dict(),
+                "student_config": student_config_dict(self.model.cfg),
+                "store": self.data.store_meta(),
+                "class_names": list(self.data.class_names),
+                "tile": {"tile_size": self.data.tile_size, "base_size": self.data.base_size},
+                "metrics": s.metrics,
+            },
+        )
 
     # ------------------------------------------------------------------ evaluation
 
@@ -200,10 +256,19 @@ class Trainer:
         if not val:
             return
         c = self.cfg
-        metrics = evaluate({"student": self.model, "ema": self.ema.module}, self.data.reader,
-                           val, self.data.num_classes, c.eval.mode, c.crop_size, c.eval.stride,
-                           self.device, c.eval.batch_size, self.data.ignore_index,
-                           c.runtime.bf16)
+        metrics = evaluate(
+            {"student": self.model, "ema": self.ema.module},
+            self.data.reader,
+            val,
+            self.data.num_classes,
+            c.eval.mode,
+            c.crop_size,
+            c.eval.stride,
+            self.device,
+            c.eval.batch_size,
+            self.data.ignore_index,
+            c.runtime.bf16,
+        )
         self.state.metrics = metrics
         logger.evaluation(self.state.step, metrics)
         value = float(metrics[c.eval.best_model][c.eval.best_metric])
@@ -221,8 +286,18 @@ class Trainer:
         fm = self.cfg.fixmatch
         views = render_batch(batch_l, batch_u, self.device, gen, fm.cutmix_p, fm.photometric)
         teachers = [t.name for t in self.cfg.model.teachers]
-        terms = train_step(self.ddp, self.ema.module, self.optimizer, views, self.targets,
-                           batch_l, batch_u, teachers, self.settings, step)
+        terms = train_step(
+            self.ddp,
+            self.ema.module,
+            self.optimizer,
+            views,
+            self.targets,
+            batch_l,
+            batch_u,
+            teachers,
+            self.settings,
+            step,
+        )
         poly_lr(self.optimizer, step, self.total, self.cfg.optim.poly)
         update_ema(self.ema, self.model, step)
         self.state.step += 1
@@ -230,8 +305,11 @@ class Trainer:
 
     def _due(self, interval: int, end_of_epoch: bool) -> bool:
         s = self.state.step
-        return s == self.total or (interval > 0 and s % interval == 0) or (
-            interval == 0 and end_of_epoch)
+        return (
+            s == self.total
+            or (interval > 0 and s % interval == 0)
+            or (interval == 0 and end_of_epoch)
+        )
 
     def announce(self, echo: Callable[[str], None] | None = None) -> None:
         """Log the run's summary (teachers, branches, levels, target mode, sets) on rank 0."""
@@ -245,25 +323,49 @@ class Trainer:
     def run(self, echo: Callable[[str], None] | None = None) -> TrainResult:
         """Train to ``total`` iterations (or ``stop_after``), evaluating and checkpointing.
 
+        A new run that fails before its first checkpoint removes what it wrote (nothing in it
+        could be resumed); a resumed run keeps its folder.
+
         Args:
             echo: Also print the run's first lines with it (the CLI passes ``click.echo``).
         """
-        cfg, per = self.cfg, self.loaders.per_epoch
         self.announce(echo)
-        if self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            cfg.dump(self.out / "config.yaml", header=self.summary)
-        logger = RunLogger(self.out, self.total, self.state.step, self.info.is_main,
-                           cfg.runtime.progress, cfg.runtime.tensorboard)
-        stop = min(self.total, cfg.schedule.stop_after or self.total)
+        fresh = self.ckpt is None and not run_files(self.out)
+        created = not self.out.exists()
         losses: list[float] = []
+        done = False
+        try:
+            if self.info.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.cfg.dump(self.out / "config.yaml", header=self.summary)
+            self._loop(losses)
+            done = True
+        finally:
+            if not done and fresh and not self._saved and self.info.is_main:
+                remove_run_files(self.out, remove_dir=created)
+        return TrainResult(self.state.step, losses, self.state.metrics, self.state.best, self.out)
+
+    def _loop(self, losses: list[float]) -> None:
+        cfg, per = self.cfg, self.loaders.per_epoch
+        logger = RunLogger(
+            self.out,
+            self.total,
+            self.state.step,
+            self.info.is_main,
+            cfg.runtime.progress,
+            cfg.runtime.tensorboard,
+        )
+        stop = min(self.total, cfg.schedule.stop_after or self.total)
         self.model.train()
         try:
             while self.state.step < stop:
                 epoch, skip = divmod(self.state.step, per)
                 loader_l, loader_u = self.loaders.epoch(cfg, epoch, skip)
-                stream = zip(loader_l, loader_u, strict=False) if loader_u is not None else (
-                    (b, None) for b in loader_l)
+                stream = (
+                    zip(loader_l, loader_u, strict=False)
+                    if loader_u is not None
+                    else ((b, None) for b in loader_l)
+                )
                 for batch_l, batch_u in stream:
                     terms = self._step(batch_l, batch_u)
                     s = self.state.step
@@ -283,16 +385,18 @@ class Trainer:
                 barrier()
         finally:
             logger.close()
-        return TrainResult(self.state.step, losses, self.state.metrics, self.state.best,
-                           self.out)
 
 
-def train(cfg: TrainConfig, echo: Callable[[str], None] | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig, echo: Callable[[str], None] | None = None, overwrite: bool = False
+) -> TrainResult:
     """Run (or resume) a training run described by ``cfg``; see `TrainConfig`.
 
     ``echo``: prints the run's first lines (what it distils from, its sets) besides the log.
+    ``overwrite`` (``--overwrite``): delete the run already in ``runtime.out_dir`` first; without
+    it (and without ``runtime.resume``) a folder holding a run is refused.
     """
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite)
     try:
         return trainer.run(echo)
     finally:

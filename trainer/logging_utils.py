@@ -5,10 +5,61 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+
+def truncate_logs(out: Path, step: int) -> None:
+    """Drop the rows of ``metrics.csv`` and ``eval.jsonl`` logged after ``step``.
+
+    A run resumed from a checkpoint at ``step`` logs the later steps again; rows a killed run
+    wrote after its last checkpoint would otherwise appear twice. Each file is rewritten through
+    a temporary file and a rename, so a kill here leaves it whole.
+    """
+    csv_path, jsonl_path = out / "metrics.csv", out / "eval.jsonl"
+    if csv_path.is_file():
+        lines = _lines(csv_path)
+        kept = lines[:1] + [ln for ln in lines[1:] if _csv_step(ln) <= step]
+        _rewrite(csv_path, kept if step > 0 else [], lines)
+    if jsonl_path.is_file():
+        lines = _lines(jsonl_path)
+        _rewrite(jsonl_path, [ln for ln in lines if _json_step(ln) <= step], lines)
+
+
+def _lines(path: Path) -> list[str]:
+    # newline="": the csv module ends rows with \r\n; kept rows keep their bytes
+    with path.open(newline="") as fh:
+        return fh.read().splitlines(keepends=True)
+
+
+def _csv_step(line: str) -> float:
+    # a line without its newline was torn by a kill mid-write: dropped like a later step
+    try:
+        return int(line.split(",", 1)[0]) if line.endswith("\n") else float("inf")
+    except ValueError:
+        return float("inf")
+
+
+def _json_step(line: str) -> float:
+    try:
+        return int(json.loads(line)["step"]) if line.endswith("\n") else float("inf")
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def _rewrite(path: Path, kept: list[str], lines: list[str]) -> None:
+    if kept == lines:
+        return
+    if not kept:
+        path.unlink()
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        fh.write("".join(kept))
+    os.replace(tmp, path)
 
 
 class RunLogger:
@@ -23,8 +74,15 @@ class RunLogger:
         tensorboard: Also write TensorBoard event files.
     """
 
-    def __init__(self, out_dir: str | Path, total: int, start: int = 0, enabled: bool = True,
-                 progress: bool = True, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        total: int,
+        start: int = 0,
+        enabled: bool = True,
+        progress: bool = True,
+        tensorboard: bool = True,
+    ) -> None:
         self.enabled = enabled
         self.out = Path(out_dir)
         self._csv_keys: list[str] | None = None
@@ -33,12 +91,15 @@ class RunLogger:
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        truncate_logs(self.out, start)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.out / "tb"))
-        self._bar = tqdm(total=total, initial=start, disable=not progress, dynamic_ncols=True,
-                         desc="train")
+            # purge_step: events after the resumed step were logged by the run that died
+            self._writer = SummaryWriter(str(self.out / "tb"), purge_step=start + 1)
+        self._bar = tqdm(
+            total=total, initial=start, disable=not progress, dynamic_ncols=True, desc="train"
+        )
 
     def step(self, step: int, scalars: dict[str, float], write: bool) -> None:
         """Advance the bar; on ``write`` append a CSV row and TensorBoard scalars."""
@@ -76,8 +137,10 @@ class RunLogger:
                 for k in ("miou", "mf1", "oa", "kappa"):
                     if k in m:
                         self._writer.add_scalar(f"val_{model}/{k}", m[k], step)
-        msg = "  ".join(f"{name}: mIoU {m['miou'] * 100:.2f} OA {m['oa'] * 100:.2f}"
-                        for name, m in metrics.items())
+        msg = "  ".join(
+            f"{name}: mIoU {m['miou'] * 100:.2f} OA {m['oa'] * 100:.2f}"
+            for name, m in metrics.items()
+        )
         self._bar.write(f"step {step}: {msg}")
 
     def close(self) -> None:
@@ -89,4 +152,4 @@ class RunLogger:
             self._writer.close()
 
 
-__all__ = ["RunLogger"]
+__all__ = ["RunLogger", "truncate_logs"]

@@ -100,7 +100,10 @@ def _read_file(path: Path) -> PredictInput:
         with Image.open(path) as im:
             return PredictInput(path.stem, np.array(im.convert("RGB")))
     except OSError as err:
-        raise PredictError(f"cannot read image {path}: {err}") from err
+        raise PredictError(
+            f"cannot read image {path}: {err}; the file is truncated or corrupt: restore it, or "
+            "remove it from the inputs"
+        ) from err
 
 
 def _store_inputs(store: Any) -> Iterator[PredictInput]:
@@ -202,16 +205,45 @@ def predict(
         geotiff: Also write GeoTIFFs for georeferenced inputs.
         progress: Show a progress bar (one step per input image).
     """
-    from tqdm.auto import tqdm
 
     resolved = resolve_inputs(inputs)  # a bad input fails before the model is even loaded
     model, ckpt = load_student(checkpoint, use, device)
     crop = crop or int(ckpt["config"]["crop_size"])
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     colours = legend_colours(ckpt)
-    pal = palette(colours)
-    written = write_legend(out, class_names(ckpt), colours)
+    written: list[Path] = []
+    try:
+        written += write_legend(out, class_names(ckpt), colours)
+        _predict_all(
+            model, resolved, out, palette(colours), mode, crop, device, geotiff, progress, written
+        )
+    except BaseException:
+        # a failed call leaves nothing of its own behind (masks of earlier inputs included)
+        for path in written:
+            path.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    return written
+
+
+def _predict_all(
+    model: Any,
+    resolved: Any,
+    out: Path,
+    pal: list[int],
+    mode: str,
+    crop: int,
+    device: Any,
+    geotiff: bool,
+    progress: bool,
+    written: list[Path],
+) -> None:
+    """Segment every input into ``out``; appends each file to ``written`` as it is written."""
+    from tqdm.auto import tqdm
+
     bar = tqdm(total=count_images(resolved), desc="predict", unit="img", disable=not progress)
     for item in read_inputs(resolved):
         if item.name == "legend":
@@ -232,7 +264,6 @@ def predict(
             written.append(tif)
         bar.update(1)
     bar.close()
-    return written
 
 
 __all__ = [

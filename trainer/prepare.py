@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from featstore.errors import MissingTeacherError
+from featstore.errors import MissingTeacherError, TileDataError
 from featstore.geometry import LevelGeometry
 from featstore.partitions import DEFAULT_NAME, SETS, list_partitions, read_partition, scenes_of
 from featstore.schema import LevelSpec, TileRecord
@@ -23,7 +23,12 @@ from trainer.checks import (
     check_classes,
     check_done,
     check_fingerprint,
+    check_labeled,
     check_splits,
+    check_stats,
+    check_store_arrays,
+    check_store_files,
+    mask_labels,
     resolve_levels,
     select_sets,
 )
@@ -35,6 +40,7 @@ from trainer.data import (
     ViewSampling,
     collate,
     iters_per_epoch,
+    log_bad_tile,
     repeat_to,
 )
 from trainer.distributed import DistInfo
@@ -70,28 +76,39 @@ class RunData:
 def _open_source(cfg: TrainConfig) -> SourceTiles:
     from pipelines.sources import open_source  # lazy: only runs without a store
 
-    return SourceTiles(open_source(cfg.data.source, layout=cfg.data.layout,
-                                   split_file=cfg.data.split_file,
-                                   tile_size=cfg.data.tile_size))
+    return SourceTiles(
+        open_source(
+            cfg.data.source,
+            layout=cfg.data.layout,
+            split_file=cfg.data.split_file,
+            tile_size=cfg.data.tile_size,
+        )
+    )
 
 
 def splits_fix(url: str | None) -> str:
     """The commands that list a store's splits and make a partition train uses by itself."""
     if not url:
-        return ("fix: name splits or tile-id files with --labeled / --unlabeled / --val "
-                "(a partition needs a store: --store URL)")
-    return (f"fix: see the splits with `featcache splits {url}`, then make a partition that "
-            f"train uses by default: `featcache splits {url} --labeled 1/8 --val 0.1 --seed 0` "
-            "(or name splits / tile-id files with --labeled / --unlabeled / --val)")
+        return (
+            "fix: name splits or tile-id files with --labeled / --unlabeled / --val "
+            "(a partition needs a store: --store URL)"
+        )
+    return (
+        f"fix: see the splits with `featcache splits {url}`, then make a partition that "
+        f"train uses by default: `featcache splits {url} --labeled 1/8 --val 0.1 --seed 0` "
+        "(or name splits / tile-id files with --labeled / --unlabeled / --val)"
+    )
 
 
 def _sets_line(sets: dict[str, list[int]], tiles: list[TileRecord]) -> str:
-    return ", ".join(f"{k} {len(sets[k])} tiles ({len(scenes_of(tiles, sets[k]))} images)"
-                     for k in SETS)
+    return ", ".join(
+        f"{k} {len(sets[k])} tiles ({len(scenes_of(tiles, sets[k]))} images)" for k in SETS
+    )
 
 
-def select_run_sets(cfg: TrainConfig, tiles: list[TileRecord], store: Any
-                    ) -> tuple[dict[str, list[int]], str]:
+def select_run_sets(
+    cfg: TrainConfig, tiles: list[TileRecord], store: Any
+) -> tuple[dict[str, list[int]], str]:
     """(sets, where they came from): a saved partition, or split names / tile-id files.
 
     With no set option at all, the store's partition ``default`` is used when it exists (and
@@ -105,12 +122,16 @@ def select_run_sets(cfg: TrainConfig, tiles: list[TileRecord], store: Any
     unnamed = d.partition is None and not given and store is not None
     if unnamed and DEFAULT_NAME in list_partitions(store.url):
         d.partition = DEFAULT_NAME
-        origin = (f"partition {DEFAULT_NAME!r} saved in the store (no --partition, --labeled, "
-                  "--unlabeled or --val given)")
+        origin = (
+            f"partition {DEFAULT_NAME!r} saved in the store (no --partition, --labeled, "
+            "--unlabeled or --val given)"
+        )
     if d.partition is not None:
         if store is None:
-            raise DataCheckError(f"data.partition {d.partition!r} is saved in a store: pass "
-                                 "--store URL (or name the sets with --labeled/--unlabeled/--val)")
+            raise DataCheckError(
+                f"data.partition {d.partition!r} is saved in a store: pass "
+                "--store URL (or name the sets with --labeled/--unlabeled/--val)"
+            )
         sets = read_partition(store.url, d.partition).indices(tiles, store.url)
         check_splits(tiles, sets, splits_fix(url))
         return sets, origin or f"partition {d.partition!r} of the store (--partition)"
@@ -128,9 +149,11 @@ def run_teachers(cfg: TrainConfig, store: Any) -> tuple[list[TeacherConfig], str
         return _stored_teachers(cfg, store), "as named (--teacher / model.teachers)"
     names = list(store.schema.teacher_names) if store is not None else []
     if not names:
-        raise DataCheckError(f"store {cfg.data.store} holds no teacher to distil from: extract "
-                             "one (featcache extract --teacher NAME), or train plain FixMatch "
-                             "with --no-distill")
+        raise DataCheckError(
+            f"store {cfg.data.store} holds no teacher to distil from: extract "
+            "one (featcache extract --teacher NAME), or train plain FixMatch "
+            "with --no-distill"
+        )
     return [TeacherConfig(n) for n in names], "every teacher the store holds"
 
 
@@ -164,11 +187,15 @@ def run_summary(cfg: TrainConfig, data: RunData) -> list[str]:
     if not teachers:
         lines = ["distillation: off (--no-distill): plain FixMatch, no teacher"]
     else:
-        lines = [f"distillation: {len(teachers)} teacher(s), {data.teachers_origin}; "
-                 f"{cfg.mode} targets"]
+        lines = [
+            f"distillation: {len(teachers)} teacher(s), {data.teachers_origin}; {cfg.mode} targets"
+        ]
         for t in teachers:
-            where = ("levels " + ", ".join(lv.key for lv in data.levels[t.name])
-                     if cfg.mode == "cached" else "computed online")
+            where = (
+                "levels " + ", ".join(lv.key for lv in data.levels[t.name])
+                if cfg.mode == "cached"
+                else "computed online"
+            )
             lines.append(f"  {t.name}: branch {t.branch}, {where}")
         if cfg.mode == "cached":
             mode = cfg.distill.target_mode
@@ -209,8 +236,10 @@ def open_data(cfg: TrainConfig, pinned: dict[str, Any] | None = None) -> RunData
         check_fingerprint(store, fp, (pinned or {}).get("schema"))
     if store is not None and (store.schema.store_pixels or not cfg.data.source):
         if not store.schema.store_pixels:
-            raise DataCheckError(f"store {cfg.data.store} holds no pixels (store_pixels=False); "
-                                 "pass the image source too (--source PATH)")
+            raise DataCheckError(
+                f"store {cfg.data.store} holds no pixels (store_pixels=False); "
+                "pass the image source too (--source PATH)"
+            )
         reader: Any = store
         class_names, ignore = store.schema.class_names, store.schema.ignore_index
         tile_size, base_size = store.schema.tile_size, store.schema.base_size
@@ -221,69 +250,132 @@ def open_data(cfg: TrainConfig, pinned: dict[str, Any] | None = None) -> RunData
     tiles = list(reader.tiles)
     sets, sets_origin = select_run_sets(cfg, tiles, store)
     cfg.model.teachers, teachers_origin = run_teachers(cfg, store)
-    data = RunData(reader, store, tiles, sets, tuple(class_names), 0, int(ignore),
-                   int(tile_size), int(base_size), sets_origin=sets_origin,
-                   teachers_origin=teachers_origin)
+    data = RunData(
+        reader,
+        store,
+        tiles,
+        sets,
+        tuple(class_names),
+        0,
+        int(ignore),
+        int(tile_size),
+        int(base_size),
+        sets_origin=sets_origin,
+        teachers_origin=teachers_origin,
+    )
     if store is not None:
         check_done(store, sorted({i for s in sets.values() for i in s}))
     if cfg.mode == "cached":
         names = [t.name for t in cfg.model.teachers]
         data.levels = resolve_levels(store, names, cfg.distill.levels)
-        data.level_geoms = {(n, lv.key): store.level_geometry(n, lv.key)
-                            for n, lvs in data.levels.items() for lv in lvs}
+    if store is not None:  # before any read: a mis-typed array would be misread, not fail
+        check_store_arrays(store, data.levels)
+        if not cfg.data.skip_bad_tiles:  # skipped tiles are logged as they are read
+            check_store_files(store, data.levels, sorted({i for s in sets.values() for i in s}))
+    if cfg.mode == "cached":
+        data.level_geoms = {
+            (n, lv.key): store.level_geometry(n, lv.key)
+            for n, lvs in data.levels.items()
+            for lv in lvs
+        }
     if cfg.distill.target_mode == "view_bank":
         check_view_bank(cfg, store, sets["labeled"] + sets["unlabeled"])
-    data.num_classes = check_classes(cfg.model.num_classes, class_names, reader,
-                                     sets["labeled"] + sets["val"], data.ignore_index)
+    tops = _scan_masks(cfg, data)
+    checked = data.sets["labeled"] + data.sets["val"]
+    data.num_classes = check_classes(
+        cfg.model.num_classes, class_names, reader, checked, data.ignore_index, tops
+    )
+    check_labeled(tops, data.sets["labeled"], sets_origin, cfg.data.store, data.ignore_index)
     return data
+
+
+def _scan_masks(cfg: TrainConfig, data: RunData) -> dict[int, int]:
+    """`mask_labels` of the labeled and val tiles; under ``--skip-bad-tiles`` the tiles that
+    fail their checksum (masks, and val images: evaluation reads them) are logged and dropped.
+    """
+    checked = data.sets["labeled"] + data.sets["val"]
+    if not cfg.data.skip_bad_tiles:
+        return mask_labels(data.reader, checked, None, data.ignore_index)
+    bad: set[int] = set()
+
+    def on_bad(err: TileDataError) -> None:
+        bad.add(err.index)
+        log_bad_tile(err)
+
+    tops = mask_labels(data.reader, checked, on_bad, data.ignore_index)
+    for i in data.sets["val"]:
+        try:
+            data.reader.read_image(i)
+        except TileDataError as err:
+            on_bad(err)
+    data.sets = {k: [i for i in v if i not in bad] for k, v in data.sets.items()}
+    if not data.sets["labeled"]:
+        raise DataCheckError(
+            f"--skip-bad-tiles left no labeled tile: every one fails its checksum; check the "
+            f"store with `featcache verify {cfg.data.store}` and re-extract it"
+        )
+    return tops
 
 
 def check_view_bank(cfg: TrainConfig, store: Any, train_ids: list[int]) -> None:
     """Refuse ``view_bank`` mode without a usable bank: none, other crop, tiles not banked."""
     url = cfg.data.store
     if store is None or not store.has_bank:
-        raise DataCheckError(f"distill.target_mode 'view_bank' needs a store with a view bank; "
-                             f"{url} has none: build one with pipelines.viewbank.build_view_bank "
-                             "(or use target_mode 'warp')")
+        raise DataCheckError(
+            f"--target-mode view_bank needs a store with a view bank; {url} has none: "
+            f"build one with `featcache bank {url} --k 8`, or use --target-mode warp"
+        )
     bank = store.bank
     if bank.spec.crop != cfg.crop_size:
-        raise DataCheckError(f"the view bank of {url} holds {bank.spec.crop} px views but "
-                             f"crop_size is {cfg.crop_size}: set crop_size {bank.spec.crop} or "
-                             f"rebuild the bank with crop={cfg.crop_size}")
+        raise DataCheckError(
+            f"the view bank of {url} holds {bank.spec.crop} px views but "
+            f"crop_size is {cfg.crop_size}: set crop_size {bank.spec.crop} or "
+            f"rebuild the bank with crop={cfg.crop_size}"
+        )
     names = [t.name for t in cfg.model.teachers]
     if not set(names) & set(bank.teachers):
-        raise DataCheckError(f"none of the distillation teachers {names} has a view bank in "
-                             f"{url} (banked: {list(bank.teachers)}); bank them or use 'warp'")
+        raise DataCheckError(
+            f"none of the distillation teachers {names} has a view bank in "
+            f"{url} (banked: {list(bank.teachers)}); bank them or use 'warp'"
+        )
     done = bank.done()
     missing = [store.tiles[i].tile_id for i in train_ids if not done[i]]
     if missing:
-        raise DataCheckError(f"the view bank of {url} is incomplete: {len(missing)} training "
-                             f"tiles have no bank views yet, e.g. {missing[:10]}; resume "
-                             "build_view_bank with the same arguments before training")
+        raise DataCheckError(
+            f"the view bank of {url} is incomplete: {len(missing)} training "
+            f"tiles have no bank views yet, e.g. {missing[:10]}; resume "
+            "build_view_bank with the same arguments before training"
+        )
 
 
 def student_config(cfg: TrainConfig, num_classes: int, channels: dict[str, int]) -> StudentConfig:
     """The student architecture of a run (teachers sized by their channels)."""
-    heads = tuple(TeacherHead(t.name, int(channels[t.name]), t.branch)
-                  for t in cfg.model.teachers)
+    heads = tuple(TeacherHead(t.name, int(channels[t.name]), t.branch) for t in cfg.model.teachers)
     kwargs: dict[str, Any] = dict(TINY_STUDENT) if cfg.model.tiny else {}
     kwargs.update(cfg.model.student)
     for key in ("layers", "out_channels"):
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])
-    return StudentConfig(num_classes=num_classes, img_size=cfg.crop_size, teachers=heads,
-                         grad_checkpointing=cfg.runtime.grad_checkpointing,
-                         backbone_weights=cfg.model.pretrained,
-                         random_weights=cfg.model.random_weights or cfg.model.tiny, **kwargs)
+    return StudentConfig(
+        num_classes=num_classes,
+        img_size=cfg.crop_size,
+        teachers=heads,
+        grad_checkpointing=cfg.runtime.grad_checkpointing,
+        backbone_weights=cfg.model.pretrained,
+        random_weights=cfg.model.random_weights or cfg.model.tiny,
+        **kwargs,
+    )
 
 
-def teacher_channels(cfg: TrainConfig, data: RunData, online: dict[str, Any] | None
-                     ) -> dict[str, int]:
+def teacher_channels(
+    cfg: TrainConfig, data: RunData, online: dict[str, Any] | None
+) -> dict[str, int]:
     """Token width of each configured teacher (store spec, or the online teacher's spec)."""
     if online:
         return {name: int(t.spec.channels) for name, t in online.items()}
-    return {t.name: int(data.store.schema.teacher(t.name).spec.channels)
-            for t in cfg.model.teachers}
+    return {
+        t.name: int(data.store.schema.teacher(t.name).spec.channels) for t in cfg.model.teachers
+    }
 
 
 def build_student(cfg: TrainConfig, data: RunData, online: dict[str, Any] | None) -> Student:
@@ -305,16 +397,26 @@ class Loaders:
     def epoch(self, cfg: TrainConfig, epoch: int, skip_iters: int) -> tuple[Any, Any]:
         """Loaders of ``epoch`` that start after ``skip_iters`` iterations (resume)."""
         out = []
-        for ds, sampler, bs in ((self.ds_l, self.sampler_l, cfg.schedule.batch_labeled),
-                                (self.ds_u, self.sampler_u, cfg.schedule.batch_unlabeled)):
+        for ds, sampler, bs in (
+            (self.ds_l, self.sampler_l, cfg.schedule.batch_labeled),
+            (self.ds_u, self.sampler_u, cfg.schedule.batch_unlabeled),
+        ):
             if ds is None or sampler is None:
                 out.append(None)
                 continue
             ds.set_epoch(epoch)
             sampler.set_epoch(epoch, skip_iters * bs)
-            out.append(DataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=collate,
-                                  num_workers=cfg.data.num_workers, drop_last=True,
-                                  pin_memory=torch.cuda.is_available()))
+            out.append(
+                DataLoader(
+                    ds,
+                    batch_size=bs,
+                    sampler=sampler,
+                    collate_fn=collate,
+                    num_workers=cfg.data.num_workers,
+                    drop_last=True,
+                    pin_memory=torch.cuda.is_available(),
+                )
+            )
         return out[0], out[1]
 
 
@@ -326,15 +428,20 @@ def _grid_align(cfg: TrainConfig, data: RunData) -> GridAlign | None:
     if cfg.mode != "cached" or not cfg.model.teachers:
         raise DataCheckError("distill.target_mode 'grid_aligned' needs cached mode and a teacher")
     first = cfg.model.teachers[0].name
-    return GridAlign.from_levels([data.level_geoms[(first, lv.key)]
-                                  for lv in data.levels[first]])
+    return GridAlign.from_levels([data.level_geoms[(first, lv.key)] for lv in data.levels[first]])
 
 
 def build_loaders(cfg: TrainConfig, data: RunData, info: DistInfo) -> Loaders:
     """Labeled ids repeated to the unlabeled length (official); samplers sharded by rank."""
-    sampling = ViewSampling(data.tile_size, cfg.crop_size, data.base_size,
-                            tuple(cfg.data.scale_range), cfg.data.flip_p, _grid_align(cfg, data),
-                            cfg.distill.scale_blend)  # unmixed where views are exact
+    sampling = ViewSampling(
+        data.tile_size,
+        cfg.crop_size,
+        data.base_size,
+        tuple(cfg.data.scale_range),
+        cfg.data.flip_p,
+        _grid_align(cfg, data),
+        cfg.distill.scale_blend,
+    )  # unmixed where views are exact
     levels = data.levels if cfg.mode == "cached" else {}
     feats = data.store if cfg.mode == "cached" else None
     lab, unl = data.sets["labeled"], data.sets["unlabeled"]
@@ -342,10 +449,35 @@ def build_loaders(cfg: TrainConfig, data: RunData, info: DistInfo) -> Loaders:
     n = len(unl) if use_u else len(lab)
     seed = cfg.runtime.seed
     p_bank = cfg.distill.p_bank if cfg.distill.target_mode == "view_bank" else None
-    ds_l = StoreDataset(data.reader, repeat_to(lab, n), levels, True, seed, sampling,
-                        stream=0, features=feats, p_bank=p_bank)
-    ds_u = (StoreDataset(data.reader, unl, levels, False, seed, sampling, stream=1,
-                         features=feats, p_bank=p_bank) if use_u else None)
+    skip = cfg.data.skip_bad_tiles
+    ds_l = StoreDataset(
+        data.reader,
+        repeat_to(lab, n),
+        levels,
+        True,
+        seed,
+        sampling,
+        stream=0,
+        features=feats,
+        p_bank=p_bank,
+        skip_bad=skip,
+    )
+    ds_u = (
+        StoreDataset(
+            data.reader,
+            unl,
+            levels,
+            False,
+            seed,
+            sampling,
+            stream=1,
+            features=feats,
+            p_bank=p_bank,
+            skip_bad=skip,
+        )
+        if use_u
+        else None
+    )
     s_l = EpochSampler(len(ds_l), seed, info.rank, info.world)
     s_u = EpochSampler(len(ds_u), seed + 7919, info.rank, info.world) if ds_u else None
     per = iters_per_epoch(len(ds_l), info.world, cfg.schedule.batch_labeled)
@@ -360,8 +492,9 @@ def build_loaders(cfg: TrainConfig, data: RunData, info: DistInfo) -> Loaders:
     return Loaders(ds_l, ds_u, s_l, s_u, per)
 
 
-def store_stats(cfg: TrainConfig, data: RunData, device: torch.device
-                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+def store_stats(
+    cfg: TrainConfig, data: RunData, device: torch.device
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
     """Per-channel target statistics for standardisation (None when off)."""
     if not cfg.distill.standardize:
         return None
@@ -370,11 +503,27 @@ def store_stats(cfg: TrainConfig, data: RunData, device: torch.device
     out = {}
     for t in cfg.model.teachers:
         mean, std = data.store.stats(t.name, cfg.distill.level_stats)
-        out[t.name] = (torch.as_tensor(mean, dtype=torch.float32, device=device),
-                       torch.as_tensor(std, dtype=torch.float32, device=device).clamp_min(1e-6))
+        check_stats(data.store.url, t.name, cfg.distill.level_stats, mean, std)
+        out[t.name] = (
+            torch.as_tensor(mean, dtype=torch.float32, device=device),
+            torch.as_tensor(std, dtype=torch.float32, device=device).clamp_min(1e-6),
+        )
     return out
 
 
-__all__ = ["Loaders", "RunData", "build_loaders", "build_student", "check_view_bank", "open_data",
-           "resolve_branches", "run_summary", "run_teachers", "select_run_sets", "splits_fix",
-           "store_stats", "student_config", "teacher_channels"]
+__all__ = [
+    "Loaders",
+    "RunData",
+    "build_loaders",
+    "build_student",
+    "check_view_bank",
+    "open_data",
+    "resolve_branches",
+    "run_summary",
+    "run_teachers",
+    "select_run_sets",
+    "splits_fix",
+    "store_stats",
+    "student_config",
+    "teacher_channels",
+]

@@ -10,6 +10,7 @@ tokens at 224).
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,15 +361,56 @@ def param_groups(
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A ``--pretrained`` file as tensors only (safetensors, or torch.load weights_only)."""
+    try:
+        obj = _read_tensors(path)
+    except BackboneWeightsError:
+        raise
+    except OSError as err:
+        raise BackboneWeightsError(
+            f"cannot read --pretrained {path}: {err.strerror or err}; check the path and its "
+            "permissions"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - torch.load and safetensors raise many types
+        raise BackboneWeightsError(
+            f"cannot read --pretrained {path}: {str(err)[:300]}. It may be truncated or not a "
+            "weights file: download it again, or save plain tensors with "
+            "torch.save(model.state_dict(), path) or safetensors"
+        ) from err
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BackboneWeightsError(
+            f"--pretrained {path} holds no state dict (looked at the top level and under "
+            "'model' / 'state_dict'); save one with torch.save(model.state_dict(), path)"
+        )
+    return obj
+
+
+def _read_tensors(path: Path) -> object:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    return obj
+    if _is_torchscript(path):
+        # torch.load(weights_only=True) refuses these too, but with a message about torch.load
+        raise BackboneWeightsError(
+            f"--pretrained {path} is a TorchScript archive; featcache reads weights as plain "
+            "tensors only, because loading TorchScript runs the code inside the file. Export a "
+            "state dict where you trust the file: model = torch.jit.load(path); "
+            "torch.save(model.state_dict(), 'weights.pth'), and pass --pretrained weights.pth"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False  # not a zip: torch.load says what it is
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ def class_table_lines(schema: Any) -> list[str]:
     """Lines of the class table of a ``StoreSchema``.
 
     Columns: stored id, class name, source value (or colour), display colour, pixels and share
-    of the labelled pixels; then the ignored pixels (their share completes 100 %).
+    of the labeled pixels; then the ignored pixels (their share completes 100 %).
     """
     names = schema.class_names
     if not names:
@@ -56,7 +56,7 @@ def class_table_lines(schema: Any) -> list[str]:
         lines.append("  pixel counts: not recorded (store written before they were kept)")
     else:
         lines.append(
-            f"  {stats['labeled_tiles']} labelled tiles ({total} px), "
+            f"  {stats['labeled_tiles']} labeled tiles ({total} px), "
             f"{stats['unlabeled_tiles']} unlabeled tiles"
         )
     return lines

@@ -131,9 +131,40 @@ def find_folder(root: Path) -> list[SceneRef]:
     for group in groups:
         masks = _find_masks(group / "masks")
         split = normalize_split(group.name) if group != root else ""
-        for image in _images_in(group / "images"):
+        images = _images_in(group / "images")
+        _warn_label_gaps(group, images, masks, split)
+        for image in images:
             refs.append(_ref(root, image, masks.get(image.stem), split))
     return refs
+
+
+def _warn_label_gaps(group: Path, images: list[Path], masks: dict[str, Path], split: str) -> None:
+    """Warn when masks are silently unused or missing: such tiles are stored unlabelled, and a
+    store whose labelled split has none trains on nothing (issue 11, #5)."""
+    stems = {image.stem for image in images}
+    orphans = sorted(path.name for stem, path in masks.items() if stem not in stems)
+    unlabelled = [image.name for image in images if image.stem not in masks]
+    if orphans:
+        _warn(
+            f"{group / 'masks'}: {len(orphans)} mask file(s) match no image in "
+            f"{group / 'images'} by name, e.g. {', '.join(orphans[:3])}; they are ignored: "
+            "give each mask its image's name (images/x.png <-> masks/x.png)"
+        )
+    if unlabelled and (masks or split in ("train", "val")):
+        what = "has no masks" if len(unlabelled) == len(images) else "has images without a mask"
+        _warn(
+            f"{group / 'images'} {what}: {len(unlabelled)} of {len(images)} image(s) "
+            f"will be stored unlabelled, e.g. {', '.join(unlabelled[:3])}; put their masks "
+            f"in {group / 'masks'} under the same names"
+        )
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    from .errors import LabelConventionWarning
+
+    warnings.warn(message, LabelConventionWarning, stacklevel=3)
 
 
 def find_mmseg(root: Path) -> list[SceneRef]:

@@ -88,7 +88,7 @@ def _out_of_range(plane: np.ndarray, bad: np.ndarray, conv: Convention, k: int, 
     raise MaskValueError(
         f"mask {path} has {what} values [{shown}] outside the valid range {valid} "
         f"({k} classes; {ignored}); fix the mask, give the right --layout, or list all classes "
-        "with --classes / classes.txt"
+        "with --classes / classes.txt (colour-coded masks: pass --palette FILE)"
     )
 
 

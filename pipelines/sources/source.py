@@ -238,7 +238,7 @@ def _resolve_layout(root: Path, layout: str, has_split_file: bool) -> str:
     if found is None:
         raise EmptySourceError(
             f"no images found in {root}: expected images/ + masks/, a LoveDA, Potsdam or "
-            "DeepGlobe tree, or .tif scenes; pass layout= or a split_file"
+            "DeepGlobe tree, or .tif scenes; pass --layout NAME or --split-file FILE"
         )
     return found
 

@@ -8,7 +8,8 @@
 * ``"random"``: random initialisation, asked for explicitly (tests, smoke runs);
 * a path to a local ``.pth``/``.pt``/``.bin``/``.safetensors`` file: a state dict, possibly nested
   under ``"model"``/``"state_dict"``/``"teacher"`` and possibly carrying ``"module."`` prefixes
-  (DDP); TorchScript archives (OpenAI CLIP ``.pt``) are read through ``torch.jit.load``;
+  (DDP). Weights are read as tensors only (``torch.load(weights_only=True)`` or safetensors):
+  TorchScript archives (OpenAI CLIP ``.pt``) are refused, since loading one runs its code;
 * anything else: a pretrained tag handed to the library (timm ``pretrained=True`` /
   open_clip ``pretrained=``), which needs the model hub to be reachable (or the library's local
   cache: an unreachable hub is detected in seconds, see ``featstore.hub``).
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import pickle
-import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -108,29 +107,54 @@ def resolve_weights(weights: str | Path | None) -> WeightsSource:
 
 def _is_torchscript(path: Path) -> bool:
     # TorchScript archives are zips with a code/ folder and constants.pkl (torch.save zips
-    # have data.pkl only); torch.load with weights_only refuses them.
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    # have data.pkl only). Loading one runs the code it holds, so it is only ever detected.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        return False  # not a zip: torch.load says what it is
+    return any(name.endswith("/constants.pkl") or "/code/" in name for name in names)
+
+
+def torchscript_refused(path: Path, option: str = "--weights NAME=PATH") -> str:
+    """Message refusing a TorchScript archive, saying how to export plain tensors."""
+    return (
+        f"weights file {path} is a TorchScript archive; featcache reads weights as plain tensors "
+        "only, because loading TorchScript runs the code inside the file. Export a state dict "
+        "where you trust the file: model = torch.jit.load(path); torch.save(model.state_dict(), "
+        f"'weights.pth') (or safetensors.torch.save_file), and pass that file with {option}"
+    )
 
 
 def _read_raw(path: Path) -> object:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    if _is_torchscript(path):
-        with warnings.catch_warnings():
-            # torch >= 2.10 flags torch.jit as deprecated; reading an archive is still supported.
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
     try:
+        if path.suffix == ".safetensors":
+            return _read_safetensors(path)
+        if _is_torchscript(path):
+            raise WeightsError(torchscript_refused(path))
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+    except WeightsError:
+        raise
+    except OSError as err:
+        raise WeightsError(f"cannot read weights file {path}: {err.strerror or err}") from err
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types for a bad file
         raise WeightsError(
-            f"cannot read weights file {path}: {err}. Save plain tensors with "
-            "torch.save(model.state_dict(), path) or safetensors"
+            f"cannot read weights file {path}: {str(err)[:300]}. It may be truncated or not "
+            "a weights file; save plain tensors with torch.save(model.state_dict(), path) or "
+            "safetensors"
+        ) from err
+
+
+def _read_safetensors(path: Path) -> object:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except SafetensorError as err:
+        raise WeightsError(
+            f"weights file {path} is not a readable .safetensors file ({err}); it may be "
+            "truncated or corrupt: download or export it again"
         ) from err
 
 

@@ -67,7 +67,8 @@ def test_user_errors_are_messages_not_tracebacks(store: tuple[str, Path], tmp_pa
     url, root = store
     runner = CliRunner()
     res = runner.invoke(main, _train_args(url, root, tmp_path / "r", "--num-classes", "3"))
-    assert res.exit_code == 1 and "num_classes = 3 but the data has 7 classes" in res.output
+    expected = "--num-classes 3 (model.num_classes) but the data has 7 classes"
+    assert res.exit_code == 1 and expected in res.output
     res = runner.invoke(main, _train_args(url, root, tmp_path / "r", "--crop", "64"))
     assert res.exit_code == 1 and "multiple of 14" in res.output
     res = runner.invoke(main, ["predict", str(tmp_path / "none.pt"), "x", "--out", "o"])

@@ -236,7 +236,7 @@ def test_geotiff_windows_transforms(tmp_path: Path) -> None:
 def test_geotiff_bands(tmp_path: Path) -> None:
     data = np.random.default_rng(1).integers(0, 256, (4, 64, 64)).astype(np.uint8)
     _geotiff(tmp_path / "nir.tif", data)
-    with pytest.raises(BandError, match=r"nir\.tif is 4-band.*bands=\(1,2,3\).*--bands 1,2,3"):
+    with pytest.raises(BandError, match=r"nir\.tif is 4-band.*--bands 1,2,3 \(bands=\(1,2,3\)\)"):
         open_source(tmp_path, tile_size=64)
     src = open_source(tmp_path, tile_size=64, bands=(4, 2, 1))
     np.testing.assert_array_equal(src.load(0)[0], np.moveaxis(data[[3, 1, 0]], 0, -1))
@@ -379,8 +379,11 @@ def test_non_rgb_needs_bands(tmp_path: Path, mode: str, shape: tuple[int, ...]) 
     _folder(tmp_path)
     arr = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
     Image.fromarray(arr, mode).save(tmp_path / "images" / "t2.png")
-    with pytest.raises(BandError, match=r"t2\.png is .*RGB is required: pass bands=\(1,2,3\)"):
+    # A gray file has one band: only --bands 1,1,1 is a valid selection (issue 11, #10).
+    hint = r"--bands 1,1,1 \(bands=\(1,1,1\)\)" if mode == "L" else r".*--bands 1,2,3"
+    with pytest.raises(BandError, match=r"t2\.png is .*RGB is required: pass " + hint) as err:
         open_source(tmp_path, tile_size=64)
+    assert mode != "L" or "1,2,3" not in str(err.value)
     if mode == "RGBA":
         src = open_source(tmp_path, tile_size=64, bands=(1, 2, 3))
         np.testing.assert_array_equal(src.load(2)[0], arr[..., :3])

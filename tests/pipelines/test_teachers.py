@@ -300,8 +300,9 @@ def test_read_state_dict_formats(tmp_path: Path) -> None:
     lin = nn.Linear(2, 3)
     scripted = tmp_path / "scripted.pt"  # OpenAI CLIP ships TorchScript archives like this
     torch.jit.save(torch.jit.trace(lin, torch.zeros(1, 2)), str(scripted))
-    got = read_state_dict(scripted)
-    assert set(got) == {"weight", "bias"} and torch.equal(got["weight"], lin.weight)
+    # loading TorchScript runs its code: refused (tests/pipelines/test_weights_safety.py)
+    with pytest.raises(WeightsError, match=r"TorchScript.*torch.save\(model.state_dict\(\)"):
+        read_state_dict(scripted)
     dino = tmp_path / "dino_train.pth"  # DINO-style: nested under "teacher", "backbone." keys
     torch.save({"teacher": {f"backbone.{k}": v for k, v in lin.state_dict().items()}}, dino)
     assert set(read_state_dict(dino)) == {"weight", "bias"}

@@ -139,7 +139,8 @@ def test_incomplete_store_lists_missing_tiles(store: str, tmp_path: Path) -> Non
 def test_class_count_mismatch(store: str, tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, store)
     cfg.model.num_classes = 3
-    with pytest.raises(DataCheckError, match=r"num_classes = 3 but the data has 7 classes"):
+    expected = r"--num-classes 3 \(model.num_classes\) but the data has 7 classes"
+    with pytest.raises(DataCheckError, match=expected):
         Trainer(cfg)
 
     class Masks:  # a reader whose masks use more labels than the class list
@@ -162,5 +163,5 @@ def test_config_yaml_round_trip_and_bad_keys(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("optim:\n  learning_rate: 1\n")
     with pytest.raises(TrainConfigError, match=r"unknown config keys \['optim.learning_rate'\]"):
         TrainConfig.load(tmp_path / "bad.yaml")
-    with pytest.raises(TrainConfigError, match="crop_size 64 must be a multiple of 14"):
+    with pytest.raises(TrainConfigError, match="--crop 64: must be a multiple of 14"):
         TrainConfig(crop_size=64, data=dataclasses.replace(cfg.data, store="x")).validate()

@@ -107,5 +107,5 @@ def test_view_bank_errors_name_the_fix(bank_url: str, tmp_path: Path) -> None:
     plain = build_store(tmp_path / "plain", n_images=4)
     cfg = _config(tmp_path, plain)
     cfg.model.teachers = [TeacherConfig(DINO)]
-    with pytest.raises(DataCheckError, match="has none: build one with.*build_view_bank"):
+    with pytest.raises(DataCheckError, match="has none: build one with `featcache bank"):
         Trainer(cfg)
