@@ -63,8 +63,10 @@ def _cpu_model() -> str:
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table (cells formatted with ``str``)."""
-    lines = ["| " + " | ".join(str(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
+    lines = [
+        "| " + " | ".join(str(h) for h in header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -73,8 +75,12 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     """Write ``bench/out/<name>.json`` with the machine and command line added."""
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     path = OUT_DIR / f"{name}.json"
-    doc = {"benchmark": name, "command": " ".join(["python", *sys.argv]),
-           "machine": machine(), **payload}
+    doc = {
+        "benchmark": name,
+        "command": " ".join(["python", *sys.argv]),
+        "machine": machine(),
+        **payload,
+    }
     path.write_text(json.dumps(doc, indent=2, default=_jsonable))
     return path
 
@@ -152,10 +158,59 @@ def run_child(script: Path, args: Sequence[str], timeout: float = 1800) -> dict[
     cmd = [sys.executable, str(script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (rc {proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
     last = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
     return json.loads(last)
+
+
+def attention_flops(q: Sequence[int], k: Sequence[int], v: Sequence[int]) -> int:
+    """FLOPs of one attention forward from the shapes ``[B, heads, N, d]`` of q, k, v.
+
+    ``q @ k^T`` and ``softmax @ v`` are ``B*heads*Nq*Nk*d`` multiply-adds each, 2 FLOPs per
+    multiply-add: ``4*B*heads*N^2*d`` for self-attention. Softmax and scaling are not counted,
+    as for the explicit (non-SDPA) matmul path.
+    """
+    b, h, nq, d = q[-4:]
+    return 2 * b * h * nq * k[-2] * d + 2 * b * h * nq * k[-2] * v[-1]
+
+
+def _attention_forward(query: Any, key: Any, value: Any, *_: Any, **__: Any) -> int:
+    return attention_flops(query, key, value)
+
+
+def _attention_backward(grad: Any, query: Any, key: Any, value: Any, *_: Any, **__: Any) -> int:
+    # dQ, dK from dScores; dV, dScores from dOut: twice the forward, as autograd's backward of the
+    # two explicit matmuls (torch's own SDPA formulas add a recomputation of the scores; we don't,
+    # so SDPA and non-SDPA attention count the same)
+    return 2 * attention_flops(query, key, value)
+
+
+def attention_flop_mapping() -> dict[Any, Callable[..., int]]:
+    """``FlopCounterMode(custom_mapping=...)`` entries for every fused SDPA kernel of this torch.
+
+    torch's own registry differs between versions: 2.14 has no formula for the CPU kernel
+    ``_scaled_dot_product_flash_attention_for_cpu``, so CPU attention counted 0 FLOPs there.
+    Every ``aten._scaled_dot_product_*attention*`` op (forward and backward; q, k, v are the
+    first tensors of the forwards and follow ``grad_out`` in the backwards) gets the formula
+    of :func:`attention_flops`, so the count does not depend on the torch version or device.
+    The composite ``*_math*`` ops are skipped: they run as matmuls, which are counted already.
+    """
+    import torch
+
+    mapping: dict[Any, Callable[..., int]] = {}
+    for name in dir(torch.ops.aten):
+        if not name.startswith("_scaled_dot_product_") or "math" in name:
+            continue
+        fn = _attention_backward if name.endswith("_backward") else _attention_forward
+        mapping[getattr(torch.ops.aten, name)] = fn
+    return mapping
+
+
+def flop_counter() -> Any:
+    """A silent ``FlopCounterMode`` with explicit attention counting (:func:`attention_flops`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping=attention_flop_mapping())
 
 
 def fmt(x: float | None, digits: int = 2) -> str:

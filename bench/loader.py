@@ -13,7 +13,11 @@ straight through featstore's writer) and 512 px tiles. Measured:
 * the cost of the scale blend: the same data path on a store of the default levels
   (``MULTI_SCALES`` + flip, random DINOv2-B-sized grids), nearest level vs the default blend.
 
-Usage: ``python bench/loader.py [--quick] [--blend-only]``.
+* the cost of checksum-verified reads (``open_store(verify_reads=...)``, on by default since
+  issue 11): ``read_half`` of every tile and the items stage of the data path, verification on vs
+  off, interleaved repetitions in one run.
+
+Usage: ``python bench/loader.py [--quick] [--blend-only] [--verify-only]``.
 """
 
 from __future__ import annotations
@@ -181,13 +185,57 @@ def trainer_step(quick: bool) -> dict[str, Any]:
     return {"source": "measured in this run", **r}
 
 
+def verify_cost(url: str, reps: int) -> dict[str, Any]:
+    """``read_half`` of every tile with checksum verification off and on, interleaved ``reps``
+    times (so load changes hit both alike); minimum and median seconds per tile of each."""
+    from featstore import open_store
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(reps):
+        for verify in (False, True):
+            store = open_store(url, verify_reads=verify)
+            n = len(store)
+            store.read_half(NAME, 0)  # open the arrays once
+            t0 = time.perf_counter()
+            for i in range(n):
+                store.read_half(NAME, i)
+            times[verify].append((time.perf_counter() - t0) / n)
+    out: dict[str, Any] = {"reps": reps, "tile_bytes": GRID * GRID * CH * 2}
+    for verify, ts in times.items():
+        key = "on" if verify else "off"
+        out[f"{key}_min_ms"] = 1000 * min(ts)
+        out[f"{key}_median_ms"] = 1000 * sorted(ts)[len(ts) // 2]
+    out["ratio_min"] = out["on_min_ms"] / out["off_min_ms"]
+    out["ratio_median"] = out["on_median_ms"] / out["off_median_ms"]
+    return out
+
+
+def verify_table(v: dict[str, Any]) -> str:
+    mb = v["tile_bytes"] / 1e6
+    return C.markdown_table(
+        [f"read_half of a {mb:.2f} MB tile", "verify off", "verify on (default)", "on / off"],
+        [["best of " + str(v["reps"]), f"{v['off_min_ms']:.2f} ms", f"{v['on_min_ms']:.2f} ms",
+          f"{v['ratio_min']:.2f}x"],
+         ["median", f"{v['off_median_ms']:.2f} ms", f"{v['on_median_ms']:.2f} ms",
+          f"{v['ratio_median']:.2f}x"]])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="32 tiles, fewer reads/steps, trainer step from train_step.json")
     ap.add_argument("--blend-only", action="store_true",
                     help="only the scale-blend cost (nearest level vs blend, default levels)")
+    ap.add_argument("--verify-only", action="store_true",
+                    help="only the cost of checksum-verified reads (verify on vs off)")
     args = ap.parse_args()
+    if args.verify_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            build_store(f"{tmp}/store.zarr", 32 if args.quick else 64)
+            cost = verify_cost(f"{tmp}/store.zarr", 3 if args.quick else 9)
+        print(verify_table(cost))
+        C.write_json("loader_verify", cost)
+        return
     if args.blend_only:
         with tempfile.TemporaryDirectory() as tmp:
             blend = blend_cost(f"{tmp}/levels.zarr", 8 if args.quick else 16,
@@ -202,6 +250,7 @@ def main() -> None:
         reads = random_reads(url, 64 if args.quick else 256)
         path = data_path(url, 2 if args.quick else 6)
         blend = blend_cost(f"{tmp}/levels.zarr", 8 if args.quick else 16, 2 if args.quick else 6)
+        verify = verify_cost(url, 3 if args.quick else 9)
     step = trainer_step(args.quick)
     # A 1+1 step scaled to 8+8: FLOPs and time are linear in the batch at this size.
     step_88_s = step["median_s"] * BATCH
@@ -231,12 +280,13 @@ def main() -> None:
           f"{headroom_full:.0f}x", ">= 3x", C.goal(headroom_full, 3.0, False)],
          ["loader stage alone (items + collate) / trainer consumption",
           f"{headroom_loader:.0f}x", ">= 3x", C.goal(headroom_loader, 3.0, False)]])
-    text = f"{t1}\n\n{t2}\n\n{t3}\n\n{blend_table(blend)}\n"
+    text = f"{t1}\n\n{t2}\n\n{t3}\n\n{blend_table(blend)}\n\n{verify_table(verify)}\n"
     print(text)
     C.write_json("loader", {"tiles": n_tiles, "write_s": write_s, "reads": reads,
                             "data_path_s": path, "trainer_step": step,
                             "step_8p8_s": step_88_s, "headroom_full": headroom_full,
                             "headroom_loader": headroom_loader, "scale_blend": blend,
+                            "verify_reads": verify,
                             "markdown": text})
 
 

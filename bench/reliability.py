@@ -32,6 +32,14 @@ message, not a traceback (exit code != 0 for an error), the message names the fi
 fault and says a fix in CLI words, and the folder tree is byte-identical afterwards except for the
 output the case expects.
 
+How each column is judged: *names file/option*: the output holds the path at fault (or its
+`folder/name`) or the option string; *says fix*: the prose (paths cut out) holds one of the case's
+fix keywords, e.g. the option to use, `--overwrite`, `re-run`, `download`; a diagnosis alone
+("corrupt", "truncated") is not a fix, but for a missing path "does not exist" is; *leaves
+nothing behind*: a snapshot (SHA-256 of every file, and every folder) of the case's folder and of
+the shared artefacts is the same after the run, outside the output the case expects. A success
+case (exit 0 expected) must say what it is checked for, e.g. the unlabelled tile count.
+
 The cases live in `tests/app/bad_inputs.py` (each builds its input in a fresh folder);
 `tests/app/test_bad_inputs.py` runs them as tests (cases that still fail are strict xfails listed
 in `KNOWN_FAILURES`); this file is written by `python bench/reliability.py`.

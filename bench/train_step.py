@@ -13,6 +13,11 @@ CLIP code run it); ``cached+bf16`` (autocast); ``cached+ckpt`` (activation check
 ``cached+clipfull`` (``StudentConfig.clip_from_full``: CLIP-branch tokens resampled from the full
 pass instead of the second 224 pass; departs from the official architecture).
 
+FLOPs: ``FlopCounterMode`` over the whole step with attention counted explicitly
+(``_common.flop_counter``: ``4*B*heads*N^2*d`` per attention forward, twice that per backward, for
+every fused SDPA kernel), so the figure does not depend on which SDPA kernels the installed torch
+has formulas for (torch 2.14 counts the CPU kernel as 0).
+
 Usage: ``python bench/train_step.py [--quick]``; FLOPs only (one counted step per run):
 ``--batches 1 --steps 0``.
 """
@@ -42,10 +47,14 @@ def _teacher_specs() -> dict[str, Any]:
     from featstore import TeacherSpec
 
     snap = (("snap_to_stride", "1"),)
-    return {DINO: TeacherSpec(DINO, "timm", "vit_base_patch14_dinov2", "random", None, 518, 14,
-                              768, extra=snap),
-            CLIP: TeacherSpec(CLIP, "open_clip", "ViT-L-14.visual", "random", None, 224, 14,
-                              1024, extra=snap)}
+    return {
+        DINO: TeacherSpec(
+            DINO, "timm", "vit_base_patch14_dinov2", "random", None, 518, 14, 768, extra=snap
+        ),
+        CLIP: TeacherSpec(
+            CLIP, "open_clip", "ViT-L-14.visual", "random", None, 224, 14, 1024, extra=snap
+        ),
+    }
 
 
 def _batch(n: int, labeled: bool, seed: int, specs: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +123,6 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
     """Build one configuration, run 1 counted + ``steps`` timed steps; return the figures."""
     import torch
     from torch import nn
-    from torch.utils.flop_counter import FlopCounterMode
 
     from featstore import LevelGeometry, LevelSpec
     from trainer.ema import create_ema, update_ema
@@ -127,10 +135,15 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
     online = config in ("online", "official")
     # cached+clipfull: CLIP-branch tokens resampled from the full pass (no second 224 pass);
     # departs from the official architecture, measured to show what it saves
-    student = Student(StudentConfig(num_classes=7, img_size=CROP,
-                                    grad_checkpointing=config == "cached+ckpt",
-                                    clip_from_full=config == "cached+clipfull",
-                                    random_weights=True))  # step cost: weights do not matter
+    student = Student(
+        StudentConfig(
+            num_classes=7,
+            img_size=CROP,
+            grad_checkpointing=config == "cached+ckpt",
+            clip_from_full=config == "cached+clipfull",
+            random_weights=True,
+        )
+    )  # step cost: weights do not matter
     student.train()
     specs = _teacher_specs()
     static: dict[str, int] = {"student": _nbytes(student)}
@@ -139,22 +152,28 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
         from pipelines.teachers import create_teacher
         from trainer.online import OnlineTargets
 
-        teachers = {t: create_teacher(t, device="cpu", base_size=CROP, random_weights=True)
-                    for t in (DINO, CLIP)}
+        teachers = {
+            t: create_teacher(t, device="cpu", base_size=CROP, random_weights=True)
+            for t in (DINO, CLIP)
+        }
         targets: Any = OnlineTargets(teachers)
         for t, m in teachers.items():
             static[t] = _nbytes(m)
         if config == "official":
             holder = nn.Module()
-            holder.student, holder.teachers = student, nn.ModuleDict(
-                {"dino": teachers[DINO], "clip": teachers[CLIP]})
+            holder.student, holder.teachers = (
+                student,
+                nn.ModuleDict({"dino": teachers[DINO], "clip": teachers[CLIP]}),
+            )
             holder.text = _text_tower()
             static["clip_text_fp16"] = _nbytes(holder.text)
             ema_target = holder
             _no_sdpa(holder)
     else:
-        geoms = {(t, "s1.00"): LevelGeometry.from_specs(TILE, CROP, LevelSpec(1.0), s)
-                 for t, s in specs.items()}
+        geoms = {
+            (t, "s1.00"): LevelGeometry.from_specs(TILE, CROP, LevelSpec(1.0), s)
+            for t, s in specs.items()
+        }
         targets = CachedTargets(geoms)
     ema = create_ema(ema_target)
     static["ema"] = _nbytes(ema.module)
@@ -172,8 +191,10 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    batches = [(_batch(batch, True, 2 * i, specs), _batch(batch, False, 2 * i + 1, specs))
-               for i in range(steps + 1)]
+    batches = [
+        (_batch(batch, True, 2 * i, specs), _batch(batch, False, 2 * i + 1, specs))
+        for i in range(steps + 1)
+    ]
     rss_built = rss.current()
 
     def step(i: int) -> None:
@@ -185,7 +206,7 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
 
     saved = _SavedBytes(student.parameters())
     with rss:
-        flops = FlopCounterMode(display=False)
+        flops = C.flop_counter()  # attention counted explicitly: same on every torch
         t_wall, t_cpu = time.perf_counter(), time.process_time()
         with flops, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             step(0)
@@ -203,12 +224,21 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
     return {
         "device": device_name,
         "cuda_max_allocated": torch.cuda.max_memory_allocated(device) if cuda else None,
-        "config": config, "batch": batch, "steps": steps, "times_s": times, "cpu_s": cpu,
-        "median_s": C.median(times), "median_cpu_s": C.median(cpu),
-        "counted_step_s": counted[0], "flops": int(flops.get_total_flops()),
-        "saved_activation_bytes": saved.total, "peak_rss": rss.peak,
+        "config": config,
+        "batch": batch,
+        "steps": steps,
+        "times_s": times,
+        "cpu_s": cpu,
+        "median_s": C.median(times),
+        "median_cpu_s": C.median(cpu),
+        "counted_step_s": counted[0],
+        "flops": int(flops.get_total_flops()),
+        "saved_activation_bytes": saved.total,
+        "peak_rss": rss.peak,
         "ru_maxrss_incl_build": C.PeakRSS.ru_maxrss(),
-        "rss_start": rss_start, "rss_built": rss_built, "static_bytes": static,
+        "rss_start": rss_start,
+        "rss_built": rss_built,
+        "static_bytes": static,
         "param_counts": {"student": sum(p.numel() for p in student.parameters())},
     }
 
@@ -229,8 +259,11 @@ def gpu_estimate(res: dict[tuple[str, int], dict[str, Any]], config: str) -> dic
     r1 = res[(config, 1)]
     r2 = res.get((config, 2))
     # Saved activations scale with the batch: slope between 1+1 and 2+2, or 1+1 alone.
-    per_pair = (r2["saved_activation_bytes"] - r1["saved_activation_bytes"] if r2
-                else r1["saved_activation_bytes"])
+    per_pair = (
+        r2["saved_activation_bytes"] - r1["saved_activation_bytes"]
+        if r2
+        else r1["saved_activation_bytes"]
+    )
     st = r1["static_bytes"]
     student = st["student"]
     static = student * 4  # weights, grads, exp_avg, exp_avg_sq
@@ -249,10 +282,13 @@ def gpu_estimate(res: dict[tuple[str, int], dict[str, Any]], config: str) -> dic
     elif config == "online":
         transient = n * 1370 * 3072 * 4
     acts = GPU_BATCH * per_pair
-    return {"static_gib": static / C.GIB, "activations_gib": acts / C.GIB,
-            "transient_gib": transient / C.GIB,
-            "total_gib": (static + acts + transient) / C.GIB,
-            "activation_mib_per_image": per_pair / 2 / C.MIB}
+    return {
+        "static_gib": static / C.GIB,
+        "activations_gib": acts / C.GIB,
+        "transient_gib": transient / C.GIB,
+        "total_gib": (static + acts + transient) / C.GIB,
+        "activation_mib_per_image": per_pair / 2 / C.MIB,
+    }
 
 
 # ----------------------------------------------------------------------------- parent
@@ -268,36 +304,73 @@ def report(res: dict[tuple[str, int], dict[str, Any]], batches: list[int]) -> st
     rows = []
     for (cfg, b), r in res.items():
         ref = res.get(("online", b))
-        rows.append([cfg, f"{b}+{b}", f"{r['flops'] / 1e12:.2f}",
-                     C.fmt(r["flops"] / ref["flops"]) if ref else "n/a",
-                     C.fmt(r["median_s"] / ref["median_s"]) if ref else "n/a",
-                     C.fmt(r["median_cpu_s"] / ref["median_cpu_s"]) if ref else "n/a",
-                     f"{_peak(r) / C.GIB:.2f}",
-                     C.fmt(_peak(r) / _peak(res[("official", b)]))
-                     if ("official", b) in res else "n/a",
-                     f"{r['saved_activation_bytes'] / b / 2 / C.MIB:.0f}"])
-    t1 = C.markdown_table(["config", "batch", "TFLOP/step", "FLOP ratio vs online",
-                           "wall-time ratio vs online", "CPU-time ratio vs online",
-                           "peak GiB (RSS; CUDA alloc on GPU)", "peak ratio vs official",
-                           "saved act. MiB/image"], rows)
+        rows.append(
+            [
+                cfg,
+                f"{b}+{b}",
+                f"{r['flops'] / 1e12:.2f}",
+                C.fmt(r["flops"] / ref["flops"]) if ref else "n/a",
+                C.fmt(r["median_s"] / ref["median_s"]) if ref else "n/a",
+                C.fmt(r["median_cpu_s"] / ref["median_cpu_s"]) if ref else "n/a",
+                f"{_peak(r) / C.GIB:.2f}",
+                C.fmt(_peak(r) / _peak(res[("official", b)])) if ("official", b) in res else "n/a",
+                f"{r['saved_activation_bytes'] / b / 2 / C.MIB:.0f}",
+            ]
+        )
+    t1 = C.markdown_table(
+        [
+            "config",
+            "batch",
+            "TFLOP/step",
+            "FLOP ratio vs online",
+            "wall-time ratio vs online",
+            "CPU-time ratio vs online",
+            "peak GiB (RSS; CUDA alloc on GPU)",
+            "peak ratio vs official",
+            "saved act. MiB/image",
+        ],
+        rows,
+    )
     est_rows = []
     ests = {cfg: gpu_estimate(res, cfg) for cfg in CONFIGS if (cfg, 1) in res}
     off = ests.get("official", {}).get("total_gib")
     for cfg, e in ests.items():
-        est_rows.append([cfg, C.fmt(e["static_gib"]), C.fmt(e["activations_gib"]),
-                         C.fmt(e["transient_gib"]), C.fmt(e["total_gib"]),
-                         C.fmt(e["total_gib"] / off) if off else "n/a",
-                         f"{e['activation_mib_per_image']:.0f}"])
-    t2 = C.markdown_table(["config", "static GiB", "activations GiB", "transient GiB",
-                           "total GiB (ESTIMATE)", "ratio vs official",
-                           "act. MiB/image"], est_rows)
-    return f"{t1}\n\nGPU memory at 8+8@518 (ESTIMATE, no GPU in this run):\n\n{t2}\n"
+        est_rows.append(
+            [
+                cfg,
+                C.fmt(e["static_gib"]),
+                C.fmt(e["activations_gib"]),
+                C.fmt(e["transient_gib"]),
+                C.fmt(e["total_gib"]),
+                C.fmt(e["total_gib"] / off) if off else "n/a",
+                f"{e['activation_mib_per_image']:.0f}",
+            ]
+        )
+    t2 = C.markdown_table(
+        [
+            "config",
+            "static GiB",
+            "activations GiB",
+            "transient GiB",
+            "total GiB (ESTIMATE)",
+            "ratio vs official",
+            "act. MiB/image",
+        ],
+        est_rows,
+    )
+    import torch
+
+    head = f"torch {torch.__version__}; FLOPs with explicit attention counting"
+    return f"{head}\n\n{t1}\n\nGPU memory at 8+8@518 (ESTIMATE, no GPU in this run):\n\n{t2}\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="batch 1+1 only, 1 timed step after the counted warm-up step")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch 1+1 only, 1 timed step after the counted warm-up step",
+    )
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--batches", default=None, help="per-stream batch sizes, e.g. 1,2")
     ap.add_argument("--out", default="train_step", help="JSON name under bench/out/")
@@ -319,17 +392,23 @@ def main() -> None:
     t0 = time.perf_counter()
     for b in batches:
         for cfg in args.configs.split(","):
-            r = C.run_child(Path(__file__), ["--child", cfg, "--batch", str(b),
-                                             "--steps", str(steps), "--device", args.device])
+            r = C.run_child(
+                Path(__file__),
+                ["--child", cfg, "--batch", str(b), "--steps", str(steps), "--device", args.device],
+            )
             res[(cfg, b)] = r
-            print(f"[{time.perf_counter() - t0:6.0f}s] {cfg} {b}+{b}: {r['median_s']:.2f} s/step, "
-                  f"{r['flops'] / 1e12:.2f} TFLOP, peak RSS {r['peak_rss'] / C.GIB:.2f} GiB",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{time.perf_counter() - t0:6.0f}s] {cfg} {b}+{b}: {r['median_s']:.2f} s/step, "
+                f"{r['flops'] / 1e12:.2f} TFLOP, peak RSS {r['peak_rss'] / C.GIB:.2f} GiB",
+                file=sys.stderr,
+                flush=True,
+            )
     text = report(res, batches)
     print(text)
     ests = {cfg: gpu_estimate(res, cfg) for cfg in CONFIGS if (cfg, 1) in res}
-    C.write_json(args.out, {"runs": [dict(v) for v in res.values()], "gpu_estimate": ests,
-                                "markdown": text})
+    C.write_json(
+        args.out, {"runs": [dict(v) for v in res.values()], "gpu_estimate": ests, "markdown": text}
+    )
 
 
 if __name__ == "__main__":

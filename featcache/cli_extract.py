@@ -58,7 +58,8 @@ def _config(source: str, store: str, **opts: Any) -> Any:
 
     return ExtractConfig(
         source=source, out=store, layout=opts["layout"], split_file=opts["split_file"],
-        tile_size=opts["tile_size"], bands=parse_bands(opts["bands"]),
+        tile_size=opts["tile_size"], edge_rule=opts["edge_rule"],
+        bands=parse_bands(opts["bands"]),
         teachers=tuple(opts["teacher"]), weights=parse_weights(opts["weights"]),
         tiny=opts["tiny"], random_weights=opts["random_weights"],
         scales=parse_scales(opts["scales"]), flip=opts["flip"],
@@ -72,6 +73,7 @@ def _config(source: str, store: str, **opts: Any) -> Any:
     ).validate()
 
 
+EDGE_RULE_CHOICES = ("exact", "overlap_last", "pad")  # pipelines.sources.EDGE_RULES
 # pipelines.sources.LAYOUTS, spelled out so `--help` does not import numpy/PIL (a test keeps
 # the two equal).
 LAYOUT_CHOICES = ("auto", "loveda", "loveda-folder", "potsdam", "deepglobe", "folder", "geotiff",
@@ -124,6 +126,11 @@ def _echo_label_warnings() -> Iterator[None]:
               help="Tiles per storage chunk (and per resumable unit of work).")
 @click.option("--tile-size", default=512, show_default=True, type=int,
               help="Side in px of the tiles cut from each source image.")
+@click.option("--edge-rule", default=None, type=click.Choice(EDGE_RULE_CHOICES),
+              help="How scene edges are tiled: exact (side a multiple of the tile), "
+                   "overlap_last (last tile shifted inside), pad (last tile zero-padded with the "
+                   "dataset's pad label: DWL's cut of the official Potsdam/DeepGlobe data). "
+                   "Default: the layout's (LoveDA exact, Potsdam overlap_last, others pad).")
 @click.option("--base-size", default=518, show_default=True, type=int,
               help="Canvas px of a scale-1 tile (the trainer's crop size).")
 @click.option("--layout", default="auto", show_default=True, type=click.Choice(LAYOUT_CHOICES),

@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from trainer.presets import PRESETS  # cheap: no torch
+
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from featstore.errors import StoreError
@@ -76,14 +78,23 @@ def _teachers(items: tuple[str, ...], weights: tuple[str, ...]) -> list[Any]:
 
 
 def build_config(opts: dict[str, Any]) -> Any:
-    """`TrainConfig` from a YAML (``--config``) overridden by the given options."""
+    """`TrainConfig`: the preset (``--preset``), then the YAML (``--config``), then the options.
+
+    An option given here overrides both; where it differs from the official value it is listed
+    among the run's departures (`trainer.presets.departures`).
+    """
     from trainer.config import TrainConfig
 
-    cfg = TrainConfig.load(opts["config"]) if opts.get("config") else TrainConfig()
+    preset = opts.get("preset")
+    if opts.get("config"):
+        cfg = TrainConfig.load(opts["config"], preset=preset)
+    else:
+        cfg = TrainConfig.from_dict({"preset": preset} if preset else {})
     set_if = {  # option -> (section, attribute)
         "store": ("data", "store"), "source": ("data", "source"), "labeled": ("data", "labeled"),
         "unlabeled": ("data", "unlabeled"), "val": ("data", "val"),
         "tile_size": ("data", "tile_size"), "workers": ("data", "num_workers"),
+        "edge_rule": ("data", "edge_rule"),
         "iters": ("schedule", "iters"), "epochs": ("schedule", "epochs"),
         "eval_interval": ("schedule", "eval_interval"),
         "stop_after": ("schedule", "stop_after"), "log_interval": ("schedule", "log_interval"),
@@ -94,6 +105,7 @@ def build_config(opts: dict[str, Any]) -> Any:
         "standardize": ("distill", "standardize"), "masked": ("distill", "masked"),
         "target_mode": ("distill", "target_mode"), "p_bank": ("distill", "p_bank"),
         "scale_blend": ("distill", "scale_blend"), "partition": ("data", "partition"),
+        "exclude_classes": ("eval", "exclude_classes"),
     }
     for key, (section, attr) in set_if.items():
         if opts.get(key) is not None:
@@ -120,9 +132,18 @@ def build_config(opts: dict[str, Any]) -> Any:
     return cfg.validate()
 
 
+EXCLUDE_HELP = ("Classes the protocol means leave out, e.g. 0 or clutter,car or none (metrics "
+                "over all classes are reported too). Default: the dataset's protocol recorded "
+                "in the store (Potsdam/Vaihingen: 0 impervious_surface; DeepGlobe: 6 unknown).")
+
+
 @click.command("train")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False),
               help="YAML config (options below override it).")
+@click.option("--preset", type=click.Choice(PRESETS),
+              help="official: start from the official RS-MTDF recipe everywhere it differs from "
+                   "our defaults (then --config, then these options). Every run prints its "
+                   "departures from the official recipe.")
 @click.option("--store", help="Feature store URL (cached mode; also pixels for online mode).")
 @click.option("--source", help="Image dataset folder (online mode without a store).")
 @click.option("--teacher", multiple=True,
@@ -136,7 +157,8 @@ def build_config(opts: dict[str, Any]) -> Any:
               help="Distillation targets from the store's cache, or teachers run on each view.")
 @click.option("--out", help="Run folder (checkpoints, logs, config.yaml).")
 @click.option("--iters", type=int, help="Total iterations (overrides --epochs).")
-@click.option("--epochs", type=int, help="Training length in passes over the labeled set.")
+@click.option("--epochs", type=int,
+              help="Training length in passes over the unlabeled set (as the official code).")
 @click.option("--batch", help="Per-process batch LABELED+UNLABELED, e.g. 8+8.")
 @click.option("--crop", type=int, help="Crop size (multiple of 14).")
 @click.option("--labeled", help="Labeled split name(s) or tile-id file.")
@@ -146,6 +168,9 @@ def build_config(opts: dict[str, Any]) -> Any:
               help="A labeled/unlabeled/val partition saved by `featcache splits` (default: the "
                    "store's partition 'default' when no --labeled/--unlabeled/--val is given).")
 @click.option("--tile-size", type=int, help="Tile size for --source.")
+@click.option("--edge-rule", type=click.Choice(("exact", "overlap_last", "pad")),
+              help="Scene edges for --source: pad = DWL's cut of the official Potsdam/DeepGlobe "
+                   "tiles (default: the layout's; a store keeps its extraction's rule).")
 @click.option("--num-classes", type=int,
               help="Expected class count (checked against the data's class list).")
 @click.option("--pretrained",
@@ -169,6 +194,7 @@ def build_config(opts: dict[str, Any]) -> Any:
 @click.option("--eval-mode", type=click.Choice(["whole", "sliding"]),
               help="Validation: resize each tile to a multiple of 14, or crop-size windows.")
 @click.option("--eval-interval", type=int, help="Validate every N iterations.")
+@click.option("--exclude-classes", metavar="IDS|NAMES|none", help=EXCLUDE_HELP)
 @click.option("--log-interval", type=int, help="Log losses every N iterations.")
 @click.option("--stop-after", type=int, help="Leave after N iterations (resume later).")
 @click.option("--resume", help="Checkpoint to resume, or 'auto' (OUT/latest.pt if present).")
@@ -232,17 +258,19 @@ def _ignore_index(reader: Any) -> int:
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
 @click.option("--out", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the metrics JSON to this file.")
+@click.option("--exclude-classes", metavar="IDS|NAMES|none",
+              help=EXCLUDE_HELP + " A run trained with --exclude-classes keeps its choice.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def evaluate_cmd(checkpoint: str, store: str | None, source: str | None, split: str | None,
                  tile_size: int, use: str, mode: str, device: str, json_out: str | None,
-                 no_progress: bool) -> None:
+                 exclude_classes: str | None, no_progress: bool) -> None:
     """Print validation metrics (strict JSON, classes by name) of a checkpoint's student/EMA."""
     from pathlib import Path
 
     from trainer.checkpoint import class_names, load_student
     from trainer.checks import recorded_val, select_tiles
     from trainer.config import check_device
-    from trainer.evaluate import evaluate, metrics_json
+    from trainer.evaluate import evaluate, metrics_json, resolve_protocol
 
     with _user_errors():
         check_device(device)
@@ -261,10 +289,14 @@ def evaluate_cmd(checkpoint: str, store: str | None, source: str | None, split: 
             indices = recorded_val(reader.tiles, ckpt["config"].get("data", {}), store)
         if not indices:
             raise click.UsageError(f"{spec} selects no tiles; pass --split NAME")
+        if exclude_classes is None:  # the run's own choice, else the data's protocol
+            exclude_classes = ckpt["config"].get("eval", {}).get("exclude_classes")
+        protocol = resolve_protocol(reader, class_names(ckpt), exclude_classes)
         metrics = evaluate(models, reader, indices, int(ckpt["student_config"]["num_classes"]),
                            mode, int(ckpt["config"]["crop_size"]), device=device,
-                           ignore_index=_ignore_index(reader), progress=not no_progress)
-    text = metrics_json(metrics, class_names(ckpt))
+                           ignore_index=_ignore_index(reader), progress=not no_progress,
+                           exclude_classes=protocol.exclude)
+    text = metrics_json(metrics, class_names(ckpt), protocol)
     click.echo(text)
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -303,7 +303,10 @@ class BankSpec:
 
 
 # Recorded statistics, not identity: left out of the fingerprint (see ``fingerprint``).
-_STATS_FIELDS = ("label_stats",)
+# Left out of the fingerprint: they describe the data or how to report on it, not what is
+# computed, so recording them never blocks resuming an identical extraction.
+# ``edge_rule`` too: the tile ids (window offsets) and pixel hashes already pin how scenes were cut.
+_STATS_FIELDS = ("label_stats", "eval_protocol", "edge_rule")
 
 
 def default_class_colors(n: int) -> tuple[tuple[int, int, int], ...]:
@@ -334,6 +337,10 @@ class StoreSchema:
     palette), ``class_sources`` what each class id was in the source masks (a value or a colour),
     ``label_rule`` how source masks became ids, ``label_stats`` the stored masks' pixel counts
     ``{"class_pixels": [K], "ignore_pixels", "labeled_tiles", "unlabeled_tiles"}``.
+    ``eval_protocol`` the dataset's test protocol ``{"name", "exclude": [ids], "source"}``
+    (`featstore.protocols.Protocol`; None in stores written before it was kept).
+    ``edge_rule`` the tiling edge rule the scenes were cut with (``pipelines.sources.tiling``;
+    ``""`` in stores written before it was kept).
     """
 
     dataset: str
@@ -349,6 +356,8 @@ class StoreSchema:
     class_sources: tuple[str, ...] = ()
     label_rule: str = ""
     label_stats: dict[str, Any] | None = None
+    eval_protocol: dict[str, Any] | None = None
+    edge_rule: str = ""
 
     def __post_init__(self) -> None:
         for attr in ("tile_size", "base_size", "tiles_per_shard"):
@@ -440,6 +449,10 @@ class StoreSchema:
             d["label_rule"] = self.label_rule
         if self.label_stats is not None:
             d["label_stats"] = dict(self.label_stats)
+        if self.eval_protocol is not None:
+            d["eval_protocol"] = dict(self.eval_protocol)
+        if self.edge_rule:
+            d["edge_rule"] = self.edge_rule
         return d
 
     @classmethod

@@ -18,6 +18,7 @@ class ExtractConfigError(ValueError):
 
 
 CODEC_NAMES = ("fp16", "int8", "pca")
+EDGE_RULES = ("exact", "overlap_last", "pad")  # = pipelines.sources.EDGE_RULES (a test keeps them)
 _TCP_RE = re.compile(r"^tcp://[^:/]+:\d+$")
 
 
@@ -37,6 +38,9 @@ class ExtractConfig:
         layout: Source layout name, or "auto".
         split_file: Optional file that assigns tiles to splits.
         tile_size: Tile edge in source pixels.
+        edge_rule: Tiling edge rule (``pipelines.sources.tiling.EDGE_RULES``); None: the
+            layout's (LoveDA exact, Potsdam overlap_last, others pad). ``"pad"`` cuts Potsdam and
+            DeepGlobe as DWL does for the official data.
         bands: 1-based source bands to use as RGB (None: the first three).
         teachers: Teacher registry names.
         weights: Teacher name -> weights path or pretrained tag (missing: registry default).
@@ -78,6 +82,7 @@ class ExtractConfig:
     layout: str = "auto"
     split_file: str | None = None
     tile_size: int = 512
+    edge_rule: str | None = None
     bands: tuple[int, ...] | None = None
     teachers: tuple[str, ...] = ("dinov2_vitb14",)
     weights: dict[str, str] = field(default_factory=dict)
@@ -118,6 +123,10 @@ class ExtractConfig:
         _check_positive("batch_size", self.batch_size)
         _check_positive("tiles_per_shard", self.tiles_per_shard)
         _check_positive("tile_size", self.tile_size)
+        if self.edge_rule is not None and self.edge_rule not in EDGE_RULES:
+            raise ExtractConfigError(
+                f"--edge-rule {self.edge_rule!r} is unknown; choose one of {', '.join(EDGE_RULES)}"
+            )
         _check_positive("base_size", self.base_size)
         _check_positive("threads", self.threads)
         if self.limit is not None:

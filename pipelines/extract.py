@@ -170,6 +170,7 @@ def open_tiles(cfg: ExtractConfig) -> tuple[Any, list[Any]]:
         layout=cfg.layout,
         split_file=cfg.split_file,
         tile_size=cfg.tile_size,
+        edge_rule=cfg.edge_rule,
         bands=cfg.bands,
         class_names=cfg.classes,
         reduce_zero_label=cfg.reduce_zero_label,
@@ -240,6 +241,8 @@ def build_schema(ctx: ExtractContext) -> StoreSchema:
         class_colors=tuple(ctx.source.class_colors),
         class_sources=tuple(ctx.source.class_sources),
         label_rule=ctx.source.label_rule,
+        edge_rule=ctx.source.edge_rule,
+        eval_protocol=ctx.source.protocol.to_dict(),
         # the records are the source's first len(records) tiles (cfg.limit)
         label_stats=ctx.source.label_stats(range(len(ctx.records))),
     )

@@ -11,9 +11,18 @@ level" idea: same cost class (a few GFLOP per batch of 16 at 518 px), no approxi
 TF32 matmuls enabled globally the render error grows to ~1e-3 (a quarter of a uint8 level).
 
 Photometric ops draw per-sample parameters and use plain tensor math (torchvision's batched
-functional ops share one parameter set across the batch). The order of the four colour-jitter
-ops is drawn once per call (shared by the batch) rather than per sample: per-sample orders would
-need every op evaluated four times. Hue is shifted in HSV space like torchvision.
+functional ops share one parameter set across the batch). Hue is shifted in HSV space like
+torchvision. Two choices have an official variant (``fixmatch.jitter_order`` / ``fixmatch.blur``):
+
+* colour-jitter op order: ``"batch"`` (default) draws one order per batch; ``"sample"`` draws one
+  per sample, as torchvision's ``ColorJitter`` does per call in the official per-sample loader.
+  Both evaluate the same number of ops: at each of the four positions every sample gets exactly
+  one op (samples are grouped by the op they get there; the grouping adds a gather/scatter).
+* blur: ``"gaussian"`` (default) is a sampled Gaussian truncated at ``ceil(3 sigma_max)`` px with
+  mirrored borders; ``"pil"`` is what the official ``ImageFilter.GaussianBlur(radius=sigma)``
+  computes: three passes per axis of an extended box filter (Gwosdek et al. 2011, Pillow's
+  ``ImagingGaussianBlur``) with repeated border pixels, here in float (PIL rounds to uint8 after
+  every pass: at most 3/255 apart, see tests/trainer/test_official_fidelity.py).
 """
 
 from __future__ import annotations
@@ -27,6 +36,9 @@ import torch.nn.functional as F
 from trainer.geometry import ViewGeometry
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+JITTER_ORDERS = ("batch", "sample")
+BLURS = ("gaussian", "pil")
+PIL_BLUR_PASSES = 3  # Pillow's ImageFilter.GaussianBlur always runs 3 box passes per axis
 
 
 def _zoomed_index(geom: ViewGeometry, columns: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +139,8 @@ class PhotometricParams:
     contrast: torch.Tensor  # [B] factor, 1 = identity
     saturation: torch.Tensor  # [B] factor, 1 = identity
     hue: torch.Tensor  # [B] shift in turns, 0 = identity
-    order: tuple[int, ...]  # jitter op order (0 b, 1 c, 2 s, 3 h), shared by the batch
+    # jitter op order (0 b, 1 c, 2 s, 3 h): a tuple shared by the batch, or int64 [B, 4] per sample
+    order: tuple[int, ...] | torch.Tensor
     gray: torch.Tensor  # [B] bool
     sigma: torch.Tensor  # [B] blur sigma in px, 0 = no blur
 
@@ -147,8 +160,14 @@ def draw_photometric(
     p_gray: float = 0.2,
     p_blur: float = 0.5,
     sigma: tuple[float, float] = (0.1, 2.0),
+    jitter_order: str = "batch",
 ) -> PhotometricParams:
-    """Draw the official strong-view parameters (ColorJitter p, RandomGrayscale, blur)."""
+    """Draw the official strong-view parameters (ColorJitter p, RandomGrayscale, blur).
+
+    ``jitter_order``: ``"batch"``: one op order for the batch; ``"sample"``: one per sample
+    (official).
+    """
+    _check_choice("jitter_order", jitter_order, JITTER_ORDERS)
     g = generator
     jit = torch.rand(batch, generator=g, device=g.device) < p_jitter
     one = torch.ones(batch, dtype=torch.float64, device=g.device)
@@ -158,7 +177,11 @@ def draw_photometric(
 
     b, c, s = factor(brightness), factor(contrast), factor(saturation)
     h = torch.where(jit, _uniform(batch, -hue, hue, g), 0 * one)
-    order = tuple(int(i) for i in torch.randperm(4, generator=g, device=g.device).tolist())
+    order: tuple[int, ...] | torch.Tensor
+    if jitter_order == "sample":  # argsort of iid uniforms: a uniform permutation per row
+        order = torch.rand(batch, 4, generator=g, device=g.device).argsort(1)
+    else:
+        order = tuple(int(i) for i in torch.randperm(4, generator=g, device=g.device).tolist())
     gray = torch.rand(batch, generator=g, device=g.device) < p_gray
     blur = torch.rand(batch, generator=g, device=g.device) < p_blur
     sig = torch.where(blur, _uniform(batch, sigma[0], sigma[1], g), 0 * one)
@@ -221,22 +244,125 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Te
     return y.view(bsz, ch, hgt, wid)
 
 
-def apply_photometric(views: torch.Tensor, p: PhotometricParams, blur_radius: int) -> torch.Tensor:
-    """Apply drawn parameters: jitter ops in ``p.order``, then grayscale, then blur."""
-    x = views
-    for op in p.order:
-        if op == 0:
-            x = (x * p.brightness.to(x).view(-1, 1, 1, 1)).clamp(0, 1)
-        elif op == 1:
-            x = _blend(x, to_gray(x).mean((-2, -1), keepdim=True), p.contrast.to(x.device))
-        elif op == 2:
-            x = _blend(x, to_gray(x), p.saturation.to(x.device))
-        else:
-            x = adjust_hue(x, p.hue.to(x.device))
+def pil_blur_radius(sigma: torch.Tensor, passes: int = PIL_BLUR_PASSES) -> torch.Tensor:
+    """Pillow's extended-box radius ``l + a`` for a Gaussian of std ``sigma`` in ``passes`` passes.
+
+    Gwosdek et al. 2011, eqs. 7, 11, 14 as in Pillow's ``_gaussian_blur_radius``: per-pass
+    variance ``s2 = sigma^2 / passes``, box length ``L = sqrt(12 s2 + 1)``, integer radius
+    ``l = floor((L - 1) / 2)``, fraction ``a = (2l + 1)(l(l + 1) - 3 s2) / (6 (s2 - (l + 1)^2))``.
+    """
+    s2 = sigma.to(torch.float64) ** 2 / passes
+    length = torch.sqrt(12 * s2 + 1)
+    lo = torch.floor((length - 1) / 2)
+    frac = (2 * lo + 1) * (lo * (lo + 1) - 3 * s2) / (6 * (s2 - (lo + 1) ** 2))
+    return lo + frac
+
+
+def _box_kernels(radius: torch.Tensor) -> torch.Tensor:
+    """Float64 ``[B, 2 r_max + 3]`` extended-box kernels of float radii ``R`` (``r = floor R``).
+
+    The ``2r + 1`` inner taps weigh ``1 / (2R + 1)``, the two taps at ``+-(r + 1)`` the rest,
+    ``(R - r) / (2R + 1)`` each (Pillow's ``ww`` / ``fw``); zero beyond.
+    """
+    r = torch.floor(radius).view(-1, 1)
+    half = int(r.max()) + 1
+    t = torch.arange(-half, half + 1, device=radius.device, dtype=torch.float64).abs().view(1, -1)
+    width = 2 * radius.view(-1, 1) + 1
+    inner = torch.where(t <= r, 1 / width, torch.zeros_like(t))
+    return torch.where(t == r + 1, (radius.view(-1, 1) - r) / width, inner)
+
+
+def pil_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """PIL's ``ImageFilter.GaussianBlur(radius=sigma)`` per sample, in float (0 = untouched).
+
+    Three extended-box passes along the width, then three along the height, each pass reading
+    repeated edge pixels beyond the border (Pillow's box blur clamps its indices).
+    """
+    bsz, ch, hgt, wid = x.shape
+    s = sigma.to(device=x.device, dtype=torch.float64)
+    # sigma 0 gives R = 0: the kernel is the unit impulse, so those samples come out unchanged
+    k = _box_kernels(pil_blur_radius(s.clamp(min=0)))
+    half = k.shape[1] // 2
+    k = k.to(x.dtype).repeat_interleave(ch, 0)  # [B*C, K]
+    y = x.reshape(1, bsz * ch, hgt, wid)
+    for _ in range(PIL_BLUR_PASSES):
+        y = F.conv2d(
+            F.pad(y, (half, half, 0, 0), mode="replicate"),
+            k.view(-1, 1, 1, 2 * half + 1),
+            groups=bsz * ch,
+        )
+    for _ in range(PIL_BLUR_PASSES):
+        y = F.conv2d(
+            F.pad(y, (0, 0, half, half), mode="replicate"),
+            k.view(-1, 1, 2 * half + 1, 1),
+            groups=bsz * ch,
+        )
+    return y.view(bsz, ch, hgt, wid)
+
+
+def _jitter_op(
+    x: torch.Tensor, op: int, p: PhotometricParams, rows: torch.Tensor | None
+) -> torch.Tensor:
+    """Colour-jitter op ``op`` on ``x`` with the parameters of batch ``rows`` (None: all)."""
+
+    def par(v: torch.Tensor) -> torch.Tensor:
+        v = v.to(x.device)
+        return v if rows is None else v[rows]
+
+    if op == 0:
+        return (x * par(p.brightness).to(x).view(-1, 1, 1, 1)).clamp(0, 1)
+    if op == 1:
+        return _blend(x, to_gray(x).mean((-2, -1), keepdim=True), par(p.contrast))
+    if op == 2:
+        return _blend(x, to_gray(x), par(p.saturation))
+    return adjust_hue(x, par(p.hue))
+
+
+def _apply_jitter(
+    x: torch.Tensor, order: tuple[int, ...] | torch.Tensor, p: PhotometricParams
+) -> torch.Tensor:
+    """Jitter ops in a shared order (tuple) or a per-sample order (``[B, 4]`` tensor).
+
+    Per-sample: at each position the samples are grouped by the op they get there, so every
+    sample still goes through exactly one op per position (the op count of a shared order).
+    """
+    if isinstance(order, tuple):
+        for op in order:
+            x = _jitter_op(x, op, p, None)
+        return x
+    orders = order.cpu()  # one host sync for the whole call
+    for pos in range(orders.shape[1]):
+        col = orders[:, pos]
+        out = torch.empty_like(x)
+        for op in col.unique().tolist():
+            rows = (col == op).nonzero().squeeze(1).to(x.device)
+            out[rows] = _jitter_op(x[rows], int(op), p, rows)
+        x = out
+    return x
+
+
+def apply_photometric(
+    views: torch.Tensor, p: PhotometricParams, blur_radius: int, blur: str = "gaussian"
+) -> torch.Tensor:
+    """Apply drawn parameters: jitter ops in ``p.order``, then grayscale, then blur.
+
+    ``blur``: ``"gaussian"`` (truncated at ``blur_radius`` px, mirrored borders) or ``"pil"``
+    (PIL's extended-box passes; ``blur_radius`` unused).
+    """
+    _check_choice("blur", blur, BLURS)
+    x = _apply_jitter(views, p.order, p)
     x = torch.where(p.gray.to(x.device).view(-1, 1, 1, 1), to_gray(x).expand_as(x), x)
     if bool((p.sigma > 0).any()):
-        x = gaussian_blur(x, p.sigma.to(x.device), blur_radius)
+        sig = p.sigma.to(x.device)
+        x = pil_gaussian_blur(x, sig) if blur == "pil" else gaussian_blur(x, sig, blur_radius)
     return x
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"{name} {value!r} is not one of {', '.join(choices)} (config: fixmatch.{name})"
+        )
 
 
 def strong_photometric(
@@ -250,10 +376,13 @@ def strong_photometric(
     p_gray: float = 0.2,
     p_blur: float = 0.5,
     sigma: tuple[float, float] = (0.1, 2.0),
+    jitter_order: str = "batch",
+    blur: str = "gaussian",
 ) -> torch.Tensor:
     """The official strong augmentation, per-sample parameters, batched on the views' device.
 
-    Blur kernels reach ``ceil(3 * sigma_max)`` px each side (PIL's blur has unbounded support).
+    ``jitter_order`` / ``blur``: see the module docstring (official: ``"sample"`` / ``"pil"``).
+    Gaussian blur kernels reach ``ceil(3 * sigma_max)`` px each side.
     """
     params = draw_photometric(
         views.shape[0],
@@ -266,8 +395,9 @@ def strong_photometric(
         p_gray,
         p_blur,
         sigma,
+        jitter_order,
     )
-    return apply_photometric(views, params, blur_radius=math.ceil(3 * sigma[1]))
+    return apply_photometric(views, params, math.ceil(3 * sigma[1]), blur)
 
 
 # ---------------------------------------------------------------- CutMix
@@ -331,6 +461,8 @@ def cutmix_pixels(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "BLURS",
+    "JITTER_ORDERS",
     "PhotometricParams",
     "adjust_hue",
     "apply_photometric",
@@ -339,6 +471,8 @@ __all__ = [
     "cutmix_pixels",
     "draw_photometric",
     "gaussian_blur",
+    "pil_blur_radius",
+    "pil_gaussian_blur",
     "pixel_valid",
     "render_masks",
     "render_views",

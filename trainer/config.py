@@ -1,20 +1,27 @@
 """Training configuration: nested dataclasses with YAML load/dump.
 
 The defaults are the RS-MTDF recipe (AdamW 5e-6 backbone / x40 head, poly 0.9, EMA up to 0.996,
-threshold 0.95, loss (x + u + distill) / 3, fusion 0.8/0.1/0.1). Decisions that depart from the
-official code, each switchable:
+threshold 0.95, loss (x + u + distill) / 3, fusion 0.8/0.1/0.1) except for decisions that depart
+from the official code, each a named option. ``trainer.presets.OFFICIAL`` is the one table of
+official values (with what each departure changes); ``--preset official`` (``preset: official``)
+applies it, and every run prints and records its departures. The paper's method is the default;
+ours departs only where the official code has a bug:
 
 * ``distill.masked = True``: padding tokens get weight 0 in the distillation loss (the official
-  code trains on black padding; ``False`` reproduces it).
-* ``distill.standardize = False``: targets are used raw, as the official MSE does. ``True`` divides
-  each channel by the store's statistics so both teachers weigh alike (needs a store).
-* ``eval.best_model = "ema"``: ``best.pt`` is chosen on the EMA model's metric (the official code
-  chooses on the student; set ``"student"`` for that). Prediction uses the same model.
+  code trains on black padding, rs-mtdf-reference §9.13; ``False`` reproduces it). Cached targets
+  have no values there: the cache holds the tile, not the padded canvas.
+* ``eval.best_model = "student"`` (official); ``"ema"`` chooses ``best.pt`` on the EMA model.
+* ``fixmatch.jitter_order = "sample"`` and ``fixmatch.blur = "pil"`` (official); ``"batch"`` and
+  ``"gaussian"`` are the batched approximations.
+
+``distill.standardize = True`` divides each target channel by the store's statistics so both
+teachers weigh alike (off by default, as the official raw MSE).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import types
@@ -31,6 +38,11 @@ BRANCHES = ("full", "clip224")
 EVAL_MODES = ("whole", "sliding")
 TARGET_MODES = ("warp", "grid_aligned", "view_bank")
 MODEL_CHOICES = ("student", "ema")
+JITTER_ORDERS = ("batch", "sample")  # = trainer.augment.JITTER_ORDERS (no torch import here)
+BLURS = ("gaussian", "pil")  # = trainer.augment.BLURS
+EDGE_RULES = ("exact", "overlap_last", "pad")  # = pipelines.sources.EDGE_RULES
+# config.yaml's record of the run's departures from the official recipe (not a config key)
+RECORD_KEY = "departures"
 
 
 # A ViT with 4 blocks of width 32 and a narrow head: seconds per step on a CPU.
@@ -85,6 +97,9 @@ class DataConfig:
     partition saved in the store by ``featcache splits`` (it gives all three sets; not together
     with ``labeled``/``unlabeled``/``val``). All four unset: the store's partition ``default``
     when it has one, else the splits named ``labeled``/``unlabeled``/``val``.
+    ``edge_rule`` (``--source`` runs only; a store keeps the rule it was extracted with): how
+    scene edges are tiled, ``exact`` | ``overlap_last`` | ``pad`` (DWL's cut of the official
+    Potsdam/DeepGlobe data); None: the layout's (``pipelines.sources.tiling``).
     """
 
     store: str | None = None
@@ -93,6 +108,7 @@ class DataConfig:
     layout: str = "auto"
     split_file: str | None = None
     tile_size: int = 512
+    edge_rule: str | None = None
     labeled: str | None = None
     unlabeled: str | None = None
     val: str | None = None
@@ -145,12 +161,18 @@ class FixMatchConfig:
 
     ``photometric``: colour jitter, grayscale and blur on the strong views (official: on);
     ``False`` with ``cutmix_p = 0`` makes strong views equal the weak ones (exactness tests).
+    ``jitter_order``: ``"batch"`` one colour-jitter op order per batch, ``"sample"`` one per
+    sample (official torchvision ``ColorJitter``). ``blur``: ``"gaussian"`` (truncated at 3 sigma,
+    mirrored borders) or ``"pil"`` (official PIL ``GaussianBlur``: 3 extended-box passes,
+    repeated borders). See ``trainer.augment``.
     """
 
     conf_thresh: float = 0.95
     ema_max: float = 0.996
     cutmix_p: float = 0.5
     photometric: bool = True
+    jitter_order: str = "sample"
+    blur: str = "pil"
 
 
 @dataclass
@@ -204,9 +226,11 @@ class EvalConfig:
 
     mode: str = "whole"
     stride: int | None = None
-    best_model: str = "ema"
+    best_model: str = "student"
     best_metric: str = "miou"
     batch_size: int = 1
+    # ids or names ("0,clutter", "none"); None: the protocol the store/source records
+    exclude_classes: str | None = None
 
 
 @dataclass
@@ -228,8 +252,15 @@ class RuntimeConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything ``trainer.engine.train`` needs; dumped as ``config.yaml`` beside checkpoints."""
+    """Everything ``trainer.engine.train`` needs; dumped as ``config.yaml`` beside checkpoints.
 
+    ``preset``: "official" (``--preset official``) starts from the official recipe
+    (``trainer.presets.OFFICIAL``) instead of our defaults; keys given beside it override it.
+    ``config.yaml`` records the name together with every value, so reloading it gives the same
+    config whatever the preset says (the explicit values win) and still names the preset.
+    """
+
+    preset: str | None = None
     mode: str = "cached"
     crop_size: int = 518
     data: DataConfig = field(default_factory=DataConfig)
@@ -243,10 +274,17 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check values that need no I/O; return self or raise `TrainConfigError`."""
+        from trainer.presets import check_preset
+
+        check_preset(self.preset)
         _choice("mode", self.mode, MODES)
         _choice("distill.target_mode", self.distill.target_mode, TARGET_MODES)
         _choice("eval.mode", self.eval.mode, EVAL_MODES)
         _choice("eval.best_model", self.eval.best_model, MODEL_CHOICES)
+        _choice("fixmatch.jitter_order", self.fixmatch.jitter_order, JITTER_ORDERS)
+        _choice("fixmatch.blur", self.fixmatch.blur, BLURS)
+        if self.data.edge_rule is not None:
+            _choice("data.edge_rule (--edge-rule)", self.data.edge_rule, EDGE_RULES)
         if self.mode == "cached" and not self.data.store:
             raise TrainConfigError("mode 'cached' needs data.store (--store URL)")
         if self.mode == "online" and not (self.data.source or self.data.store):
@@ -404,23 +442,52 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of ``to_dict``; unknown keys raise `TrainConfigError` naming them."""
-        return _build(cls, d, "")
+        """Inverse of ``to_dict``; unknown keys raise `TrainConfigError` naming them.
 
-    def dump(self, path: str | Path, header: list[str] | None = None) -> None:
-        """Write YAML, ``header`` lines first as comments (``load`` ignores them)."""
+        A ``preset`` key is applied first, then every other key over it (precedence: preset,
+        then the keys given). ``departures`` (written by `dump` as a record) is derived from the
+        other keys and not read back.
+        """
+        d = {k: v for k, v in d.items() if k != RECORD_KEY}
+        preset = d.get("preset")
+        if preset is None:
+            return _build(cls, d, "")
+        from trainer.presets import apply_preset
+
+        base = apply_preset(cls(), _to_str(preset, "preset"))
+        return _build(cls, d, "", base)
+
+    def dump(
+        self,
+        path: str | Path,
+        header: list[str] | None = None,
+        record: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Write YAML, ``header`` lines first as comments (``load`` ignores them).
+
+        ``record``: the run's departures from the official recipe, written under ``departures``
+        after the config (a record for readers; `from_dict` drops it).
+        """
         lines = "".join(f"# {line}\n" for line in header or [])
-        Path(path).write_text(lines + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        body = self.to_dict()
+        if record is not None:
+            body[RECORD_KEY] = record
+        Path(path).write_text(lines + yaml.safe_dump(body, sort_keys=False))
 
     @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
-        """Read YAML written by `dump` (or by hand; missing keys take defaults)."""
+    def load(cls, path: str | Path, preset: str | None = None) -> TrainConfig:
+        """Read YAML written by `dump` (or by hand; missing keys take defaults).
+
+        ``preset`` (``--preset`` beside ``--config``) replaces the file's ``preset`` key.
+        """
         try:
             d = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
             raise TrainConfigError(f"cannot read config {path}: {err}") from err
         if not isinstance(d, dict):
             raise TrainConfigError(f"config {path} must hold a mapping at the top level")
+        if preset is not None:
+            d["preset"] = preset
         try:
             return cls.from_dict(d)
         except TrainConfigError as err:
@@ -473,7 +540,8 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+def _build(cls: type, d: dict[str, Any], prefix: str, base: Any = None) -> Any:
+    """``cls`` from the keys ``d``; keys left out come from ``base`` (a preset) or the defaults."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(known))
     if unknown:
@@ -482,11 +550,16 @@ def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
             f"allowed under {prefix or 'top level'}: {sorted(known)}"
         )
     hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = (
+        {f.name: copy.deepcopy(getattr(base, f.name)) for f in dataclasses.fields(cls)}
+        if base is not None
+        else {}
+    )
     for name, value in d.items():
         default = getattr(cls(), name) if _has_defaults(cls) else None
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            kwargs[name] = _build(type(default), value, f"{prefix}{name}.")
+            section = getattr(base, name) if base is not None else None
+            kwargs[name] = _build(type(default), value, f"{prefix}{name}.", section)
         elif name == "teachers" and isinstance(value, list):  # names alone: default branch
             kwargs[name] = [
                 _build(TeacherConfig, t, f"{prefix}teachers[{i}].")

@@ -34,17 +34,19 @@ from trainer.checkpoint import (
 from trainer.config import TrainConfig, check_device
 from trainer.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown
 from trainer.ema import create_ema, update_ema
-from trainer.evaluate import evaluate
-from trainer.logging_utils import RunLogger
+from trainer.evaluate import evaluate, protocol_json, resolve_protocol
+from trainer.logging_utils import RunLogger, eval_columns, eval_scalars
 from trainer.prepare import (
     RunData,
     build_loaders,
     build_student,
+    data_departures,
     open_data,
     resolve_branches,
     run_summary,
     store_stats,
 )
+from trainer.presets import departures
 from trainer.rundir import (
     check_deletable,
     check_out_dir,
@@ -125,6 +127,11 @@ class Trainer:
         self.online = self._online_teachers()
         resolve_branches(cfg, self.data.store, self.online)
         self.summary = run_summary(cfg, self.data)
+        # the means reported besides all classes: --exclude-classes, or what the data records
+        self.protocol = resolve_protocol(
+            self.data.reader, self.data.class_names, cfg.eval.exclude_classes, "--exclude-classes"
+        )
+        self.summary.append(f"evaluation protocol: {self.protocol.describe(self.data.class_names)}")
         self.model = build_student(cfg, self.data, self.online).to(self.device)
         self.ema = create_ema(self.model, cfg.fixmatch.ema_max)
         self.optimizer = torch.optim.AdamW(
@@ -251,10 +258,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _evaluate(self, logger: RunLogger) -> None:
+    def _evaluate(self, logger: RunLogger) -> dict[str, float]:
+        """Validate both models; returns their metrics.csv columns (`eval_scalars`)."""
         val = self.data.sets["val"]
         if not val:
-            return
+            return {}
         c = self.cfg
         metrics = evaluate(
             {"student": self.model, "ema": self.ema.module},
@@ -268,13 +276,17 @@ class Trainer:
             c.eval.batch_size,
             self.data.ignore_index,
             c.runtime.bf16,
+            exclude_classes=self.protocol.exclude,
         )
         self.state.metrics = metrics
-        logger.evaluation(self.state.step, metrics)
+        logger.evaluation(
+            self.state.step, metrics, protocol_json(self.protocol, self.data.class_names)
+        )
         value = float(metrics[c.eval.best_model][c.eval.best_metric])
         if self.state.best is None or value > self.state.best:
             self.state.best, self.state.best_step = value, self.state.step
             self._save("best.pt")
+        return eval_scalars(metrics, self.protocol.name)
 
     # ------------------------------------------------------------------ loop
 
@@ -284,7 +296,8 @@ class Trainer:
         # Per-step seed: the on-device augmentation replays exactly after a resume.
         gen.manual_seed(self.cfg.runtime.seed * 1_000_003 + step * 7 + self.info.rank)
         fm = self.cfg.fixmatch
-        views = render_batch(batch_l, batch_u, self.device, gen, fm.cutmix_p, fm.photometric)
+        views = render_batch(batch_l, batch_u, self.device, gen, fm.cutmix_p, fm.photometric,
+                             fm.jitter_order, fm.blur)
         teachers = [t.name for t in self.cfg.model.teachers]
         terms = train_step(
             self.ddp,
@@ -316,7 +329,8 @@ class Trainer:
         if not self.info.is_main:
             return
         for line in self.summary:
-            LOG.info("%s", line)
+            # a random-init student (prepare._student_line) is a warning, not news
+            LOG.log(logging.WARNING if line.startswith("WARNING") else logging.INFO, "%s", line)
             if echo is not None:
                 echo(line)
 
@@ -337,7 +351,9 @@ class Trainer:
         try:
             if self.info.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
-                self.cfg.dump(self.out / "config.yaml", header=self.summary)
+                # the departures also as data: a reader need not parse the header's comments
+                record = [d.to_dict() for d in departures(self.cfg, data_departures(self.data))]
+                self.cfg.dump(self.out / "config.yaml", header=self.summary, record=record)
             self._loop(losses)
             done = True
         finally:
@@ -354,6 +370,7 @@ class Trainer:
             self.info.is_main,
             cfg.runtime.progress,
             cfg.runtime.tensorboard,
+            eval_columns(("student", "ema"), self.protocol.name),
         )
         stop = min(self.total, cfg.schedule.stop_after or self.total)
         self.model.train()
@@ -369,15 +386,17 @@ class Trainer:
                 for batch_l, batch_u in stream:
                     terms = self._step(batch_l, batch_u)
                     s = self.state.step
-                    write = s % cfg.schedule.log_interval == 0 or s == stop
+                    end_epoch = s % per == 0
+                    # an evaluated step always gets its metrics.csv row (val columns filled)
+                    evaluate_now = self._due(cfg.schedule.eval_interval, end_epoch)
+                    write = s % cfg.schedule.log_interval == 0 or s == stop or evaluate_now
                     scalars = mean_over_ranks(terms) if write else {}
                     losses.append(float(terms["loss"]))
                     if write:
                         scalars["lr"] = self.optimizer.param_groups[0]["lr"]
+                    if evaluate_now:
+                        scalars.update(self._evaluate(logger))
                     logger.step(s, scalars, write)
-                    end_epoch = s % per == 0
-                    if self._due(cfg.schedule.eval_interval, end_epoch):
-                        self._evaluate(logger)
                     if self._due(cfg.schedule.ckpt_interval, end_epoch) or s == stop:
                         self._save("latest.pt")
                     if s >= stop:

@@ -6,6 +6,9 @@ maps corner pixel to corner pixel both ways, so the round trip keeps the border 
 ``sliding``: ``crop_size`` windows at ``stride`` over the tile at its own resolution (a tile
 smaller than the window is padded by mirroring, not with black), logits averaged where windows
 overlap.
+
+Every result reports all classes and the data's test protocol (`resolve_protocol`: the store's
+recorded protocol, or ``--exclude-classes``), see `trainer.metrics.ConfusionMatrix.report`.
 """
 
 from __future__ import annotations
@@ -20,13 +23,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from featstore.protocols import ALL_CLASSES, Protocol
+from trainer.config import TrainConfigError
 from trainer.metrics import ConfusionMatrix
 from trainer.step import normalize
 
 
 def nearest_multiple(x: int, m: int = 14) -> int:
-    """The multiple of ``m`` nearest ``x`` (at least ``m``)."""
-    return max(m, int(round(x / m)) * m)
+    """The multiple of ``m`` nearest ``x``, halves rounded up, as the official evaluation.
+
+    The official ``supervised.evaluate`` resizes to ``int(x / m + 0.5) * m``: a side at an odd
+    multiple of ``m / 2`` goes up (35 -> 42 for ``m = 14``), where Python's ``round`` would go to
+    the even quotient (35 -> 28). Integer arithmetic gives the same quotient without float
+    error. The floor of ``m`` keeps sides below ``m / 2`` runnable (the official code gives 0).
+    """
+    return max(m, (2 * x + m) // (2 * m) * m)
 
 
 def _forward(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -138,14 +149,17 @@ def evaluate(
     ignore_index: int = 255,
     bf16: bool = False,
     progress: bool = False,
+    exclude_classes: Sequence[int] = (),
 ) -> dict[str, dict[str, Any]]:
     """Metrics per model over the tiles ``indices`` of a store or source reader.
 
     Tiles are split over DDP ranks and the confusion matrices summed with ``all_reduce``.
-    ``progress`` shows a bar over this rank's tiles.
+    ``progress`` shows a bar over this rank's tiles. ``exclude_classes``: the protocol's
+    excluded classes (`resolve_protocol`).
 
     Returns:
-        ``{model name: ConfusionMatrix.compute() dict}``.
+        ``{model name: ConfusionMatrix.report(exclude_classes) dict}``: all classes, and the
+        protocol's values under ``*_protocol``.
     """
     from tqdm.auto import tqdm
 
@@ -168,8 +182,95 @@ def evaluate(
     out = {}
     for k, cm in cms.items():
         cm.all_reduce()
-        out[k] = cm.compute()
+        out[k] = cm.report(exclude_classes)
     return out
+
+
+def recorded_protocol(reader: Any) -> Protocol:
+    """The protocol the data records: a store's schema, or an opened source's convention.
+
+    A store written before protocols were recorded reports all classes and says so (its dataset
+    name is not used to guess one).
+    """
+    schema = getattr(reader, "schema", None)
+    if schema is not None:
+        recorded = getattr(schema, "eval_protocol", None)
+        if recorded:
+            return Protocol.from_dict(recorded)
+        return Protocol(
+            "all-classes",
+            (),
+            "the store records no protocol (written before protocols were kept); pass "
+            "--exclude-classes to apply one",
+        )
+    source = getattr(reader, "source", None)
+    protocol = getattr(source, "protocol", None)
+    return protocol if isinstance(protocol, Protocol) else ALL_CLASSES
+
+
+def parse_exclude(
+    items: str | Sequence[str | int], class_names: Sequence[str], option: str
+) -> tuple[int, ...]:
+    """Class ids from ids or names (``"0,clutter"``, ``[0, "clutter"]``); ``"none"``: none.
+
+    Raises:
+        TrainConfigError: An unknown name or an id outside the classes, naming ``option``.
+    """
+    if isinstance(items, str):
+        items = [] if items.strip().lower() in ("", "none") else items.split(",")
+    ids = []
+    for item in items:
+        text = str(item).strip()
+        if text.isdigit():
+            ids.append(int(text))
+        elif text in class_names:
+            ids.append(list(class_names).index(text))
+        else:
+            raise TrainConfigError(
+                f"{option} {text!r} is neither a class id nor a class name; the classes are "
+                f"{', '.join(f'{i} {n}' for i, n in enumerate(class_names))} (write e.g. "
+                f"{option} 0 or {option} none)"
+            )
+    bad = [i for i in ids if not 0 <= i < len(class_names)]
+    if bad:
+        raise TrainConfigError(
+            f"{option} {bad}: class ids run 0..{len(class_names) - 1} ({', '.join(class_names)})"
+        )
+    return tuple(sorted(set(ids)))
+
+
+def resolve_protocol(
+    reader: Any,
+    class_names: Sequence[str],
+    override: str | Sequence[str | int] | None = None,
+    option: str = "--exclude-classes",
+) -> Protocol:
+    """The protocol to report: ``override`` (the user's ``option``) or what the data records.
+
+    Raises:
+        TrainConfigError: A bad ``override``, or a recorded protocol naming a class the model
+            does not have.
+    """
+    if override is None:
+        protocol = recorded_protocol(reader)
+        if any(c >= len(class_names) for c in protocol.exclude):
+            raise TrainConfigError(
+                f"the data's protocol {protocol.name} excludes classes {list(protocol.exclude)} "
+                f"but the model has {len(class_names)} classes; pass {option} IDS (or none)"
+            )
+        return protocol
+    exclude = parse_exclude(override, class_names, option)
+    return Protocol("custom" if exclude else "all-classes", exclude, f"{option} (the user)")
+
+
+def protocol_json(protocol: Protocol, class_names: Sequence[str]) -> dict[str, Any]:
+    """What logs record of a protocol: name, excluded ids and names, its source."""
+    return {
+        "name": protocol.name,
+        "exclude": list(protocol.exclude),
+        "excluded": [class_names[c] for c in protocol.exclude if c < len(class_names)],
+        "source": protocol.source,
+    }
 
 
 def _finite(value: Any) -> Any:
@@ -202,14 +303,22 @@ def named_metrics(metrics: Mapping[str, Any], class_names: Sequence[str]) -> dic
     return out
 
 
-def metrics_json(metrics: Mapping[str, Mapping[str, Any]], class_names: Sequence[str]) -> str:
+def metrics_json(
+    metrics: Mapping[str, Mapping[str, Any]],
+    class_names: Sequence[str],
+    protocol: Protocol | None = None,
+) -> str:
     """Strict JSON of `evaluate`'s result: class names, per-class metrics by name, no bare NaN.
 
-    Layout: ``{"class_names": [...], "<model>": {"miou": .., "iou": {"<name>": .. | null}}}``.
+    Layout: ``{"class_names": [...], "protocol": {"name", "exclude", "excluded", "source"},
+    "<model>": {"miou": .., "miou_protocol": .., "iou": {"<name>": .. | null}}}``.
     ``null`` marks a metric that is undefined (e.g. the IoU of a class absent from the val tiles
-    and never predicted); ``allow_nan=False`` guarantees no ``NaN`` token reaches the file.
+    and never predicted, or of a class the protocol excludes); ``allow_nan=False`` guarantees no
+    ``NaN`` token reaches the file.
     """
     doc: dict[str, Any] = {"class_names": list(class_names)}
+    if protocol is not None:
+        doc["protocol"] = protocol_json(protocol, class_names)
     doc.update({model: named_metrics(m, class_names) for model, m in metrics.items()})
     return json.dumps(doc, indent=1, allow_nan=False)
 
@@ -222,5 +331,9 @@ __all__ = [
     "named_metrics",
     "nearest_multiple",
     "pad_mirrored",
+    "parse_exclude",
     "predict_logits",
+    "protocol_json",
+    "recorded_protocol",
+    "resolve_protocol",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,8 @@ class RunLogger:
         enabled: Rank 0 only.
         progress: Show the tqdm bar.
         tensorboard: Also write TensorBoard event files.
+        eval_columns: Validation columns of ``metrics.csv`` (`eval_columns`), in the header
+            from the first row on (empty on steps without an evaluation).
     """
 
     def __init__(
@@ -82,8 +85,10 @@ class RunLogger:
         enabled: bool = True,
         progress: bool = True,
         tensorboard: bool = True,
+        eval_columns: Sequence[str] = (),
     ) -> None:
         self.enabled = enabled
+        self.eval_columns = list(eval_columns)
         self.out = Path(out_dir)
         self._csv_keys: list[str] | None = None
         self._writer: Any = None
@@ -112,7 +117,7 @@ class RunLogger:
         row = {"step": step, **scalars}
         path = self.out / "metrics.csv"
         if self._csv_keys is None:
-            self._csv_keys = list(row)
+            self._csv_keys = list(row) + [c for c in self.eval_columns if c not in row]
             if path.is_file():  # resume: keep the existing header
                 with path.open() as fh:
                     header = fh.readline().strip().split(",")
@@ -124,24 +129,32 @@ class RunLogger:
             csv.writer(fh).writerow([row.get(k, "") for k in self._csv_keys])
         if self._writer is not None:
             for k, v in scalars.items():
-                self._writer.add_scalar(f"train/{k}", v, step)
+                if k not in self.eval_columns:  # validation goes to val_<model>/ (evaluation)
+                    self._writer.add_scalar(f"train/{k}", v, step)
 
-    def evaluation(self, step: int, metrics: dict[str, dict[str, Any]]) -> None:
-        """Append validation metrics to ``eval.jsonl`` and TensorBoard."""
+    def evaluation(
+        self,
+        step: int,
+        metrics: dict[str, dict[str, Any]],
+        protocol: dict[str, Any] | None = None,
+    ) -> None:
+        """Append validation metrics to ``eval.jsonl`` and TensorBoard, and print one line.
+
+        ``protocol`` (`trainer.evaluate.protocol_json`) is recorded beside the metrics and
+        named in the printed line with its means (``*_protocol`` keys).
+        """
         if not self.enabled:
             return
+        head = {"step": step} if protocol is None else {"step": step, "protocol": protocol}
         with (self.out / "eval.jsonl").open("a") as fh:
-            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+            fh.write(json.dumps({**head, **metrics}) + "\n")
         if self._writer is not None:
             for model, m in metrics.items():
                 for k in ("miou", "mf1", "oa", "kappa"):
-                    if k in m:
-                        self._writer.add_scalar(f"val_{model}/{k}", m[k], step)
-        msg = "  ".join(
-            f"{name}: mIoU {m['miou'] * 100:.2f} OA {m['oa'] * 100:.2f}"
-            for name, m in metrics.items()
-        )
-        self._bar.write(f"step {step}: {msg}")
+                    for key in (k, k + "_protocol"):
+                        if key in m:
+                            self._writer.add_scalar(f"val_{model}/{key}", m[key], step)
+        self._bar.write(eval_line(step, metrics, protocol))
 
     def close(self) -> None:
         """Flush and close."""
@@ -152,4 +165,48 @@ class RunLogger:
             self._writer.close()
 
 
-__all__ = ["RunLogger", "truncate_logs"]
+CSV_METRICS = ("miou", "mf1", "oa")
+
+
+def eval_columns(models: Sequence[str], protocol: str) -> list[str]:
+    """``metrics.csv`` validation columns: ``ema_miou`` (all classes) and
+    ``ema_miou[rs-mtdf-potsdam]`` (the protocol, named in the header), per model and metric."""
+    return [
+        col
+        for model in models
+        for k in CSV_METRICS
+        for col in (f"{model}_{k}", f"{model}_{k}[{protocol}]")
+    ]
+
+
+def eval_scalars(metrics: dict[str, dict[str, Any]], protocol: str) -> dict[str, float]:
+    """The values of `eval_columns` from `trainer.evaluate.evaluate`'s result."""
+    out = {}
+    for model, m in metrics.items():
+        for k in CSV_METRICS:
+            out[f"{model}_{k}"] = m[k]
+            if f"{k}_protocol" in m:
+                out[f"{model}_{k}[{protocol}]"] = m[f"{k}_protocol"]
+    return out
+
+
+def eval_line(
+    step: int, metrics: dict[str, dict[str, Any]], protocol: dict[str, Any] | None = None
+) -> str:
+    """``step 4: student: mIoU 51.20 OA 80.00 | rs-mtdf-potsdam: mIoU 55.00 OA 82.10  ema: ..``"""
+
+    def pct(m: dict[str, Any], key: str) -> str:
+        return f"{m[key] * 100:.2f}" if key in m else "n/a"
+
+    parts = []
+    for name, m in metrics.items():
+        text = f"{name}: mIoU {pct(m, 'miou')} OA {pct(m, 'oa')}"
+        if protocol is not None:
+            text += (
+                f" | {protocol['name']}: mIoU {pct(m, 'miou_protocol')} OA {pct(m, 'oa_protocol')}"
+            )
+        parts.append(text)
+    return f"step {step}: {'  '.join(parts)}"
+
+
+__all__ = ["RunLogger", "eval_columns", "eval_line", "eval_scalars", "truncate_logs"]

@@ -14,6 +14,9 @@ Conventions:
   target classes as ignored, drops the classes from all means and from kappa's chance term, and
   reports NaN for them; predicting an excluded class on a kept pixel is an error.
 * No valid pixel at all: every metric is NaN.
+* `ConfusionMatrix.report` gives both readings of one matrix: every class (``miou``, ...; what
+  the official in-training validation and best-checkpoint choice use) and the test protocol
+  (``miou_protocol``, ...; what the official test scripts and the paper's tables report).
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["ConfusionMatrix"]
+__all__ = ["PROTOCOL_KEYS", "ConfusionMatrix"]
+
+# Metrics reported a second time under the protocol, with this suffix.
+PROTOCOL_KEYS = ("miou", "mf1", "oa", "kappa", "iou", "f1", "pixels")
+PROTOCOL_SUFFIX = "_protocol"
 
 
 class ConfusionMatrix:
@@ -46,13 +53,31 @@ class ConfusionMatrix:
     ) -> None:
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
-        self.exclude_classes = tuple(sorted({int(c) for c in exclude_classes}))
-        bad = [c for c in self.exclude_classes if not 0 <= c < self.num_classes]
-        if bad:
-            raise ValueError(f"exclude_classes {bad} outside [0, {self.num_classes})")
+        self.exclude_classes = self._checked(exclude_classes)
         self.matrix = torch.zeros(
             self.num_classes, self.num_classes, dtype=torch.int64, device=device
         )
+
+    def _checked(self, classes: Iterable[int]) -> tuple[int, ...]:
+        out = tuple(sorted({int(c) for c in classes}))
+        bad = [c for c in out if not 0 <= c < self.num_classes]
+        if bad:
+            raise ValueError(f"exclude_classes {bad} outside [0, {self.num_classes})")
+        return out
+
+    def report(self, exclude: Iterable[int] = ()) -> dict[str, float | list[float]]:
+        """Every-class metrics plus the protocol's (``exclude`` left out) under ``*_protocol``.
+
+        Returns:
+            `compute` over all classes, and ``miou_protocol``, ``mf1_protocol``,
+            ``oa_protocol``, ``kappa_protocol``, ``iou_protocol``, ``f1_protocol`` and
+            ``pixels_protocol`` (the protocol's OA counts no pixel of an excluded class, as the
+            official scripts, which set those labels to ignore).
+        """
+        out = self.compute(exclude=())
+        protocol = self.compute(exclude=exclude)
+        out.update({k + PROTOCOL_SUFFIX: protocol[k] for k in PROTOCOL_KEYS})
+        return out
 
     def reset(self) -> None:
         """Zero the counts."""
@@ -91,16 +116,20 @@ class ConfusionMatrix:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
 
-    def compute(self) -> dict[str, float | list[float]]:
+    def compute(self, exclude: Iterable[int] | None = None) -> dict[str, float | list[float]]:
         """Metrics from the accumulated counts.
+
+        Args:
+            exclude: Classes to leave out (default: the constructor's ``exclude_classes``).
 
         Returns:
             ``iou``, ``precision``, ``recall``, ``f1`` (per class lists), ``miou``, ``mf1``,
             ``oa``, ``kappa`` (floats) and ``pixels`` (valid pixels counted).
         """
+        excluded = self.exclude_classes if exclude is None else self._checked(exclude)
         m = self.matrix.detach().cpu().double().numpy()
         kept = np.ones(self.num_classes, dtype=bool)
-        kept[list(self.exclude_classes)] = False
+        kept[list(excluded)] = False
         m = m * kept[:, None]  # pixels whose target class is excluded are ignored
         inter = np.diag(m)
         target = m.sum(1)

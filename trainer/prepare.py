@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from featstore.errors import MissingTeacherError, TileDataError
 from featstore.geometry import LevelGeometry
 from featstore.partitions import DEFAULT_NAME, SETS, list_partitions, read_partition, scenes_of
+from featstore.protocols import edge_rule_departure
 from featstore.schema import LevelSpec, TileRecord
 from featstore.teacher_names import resolve_teacher_name
 from trainer.checks import (
@@ -45,6 +46,7 @@ from trainer.data import (
 )
 from trainer.distributed import DistInfo
 from trainer.geometry import GridAlign
+from trainer.presets import Departure, departure_lines
 from trainer.student import Student, StudentConfig, TeacherHead
 
 
@@ -82,6 +84,7 @@ def _open_source(cfg: TrainConfig) -> SourceTiles:
             layout=cfg.data.layout,
             split_file=cfg.data.split_file,
             tile_size=cfg.data.tile_size,
+            edge_rule=cfg.data.edge_rule,
         )
     )
 
@@ -182,7 +185,7 @@ def resolve_branches(cfg: TrainConfig, store: Any, online: dict[str, Any] | None
 
 
 def run_summary(cfg: TrainConfig, data: RunData) -> list[str]:
-    """The first lines of a run: what it distils from (or that it does not) and its sets."""
+    """The run's first lines: teachers (or none), sets, student weights, recipe departures."""
     teachers = cfg.teacher_list
     if not teachers:
         lines = ["distillation: off (--no-distill): plain FixMatch, no teacher"]
@@ -203,7 +206,19 @@ def run_summary(cfg: TrainConfig, data: RunData) -> list[str]:
             lines.append(f"  target mode: {mode}{blend}")
     lines.append(f"sets: {data.sets_origin}: {_sets_line(data.sets, data.tiles)}")
     lines.append(_student_line(cfg))
-    return lines
+    return lines + departure_lines(cfg, data_departures(data))
+
+
+def data_departures(data: RunData) -> list[Departure]:
+    """Departures the data carries: tiles cut by another edge rule than the official data's."""
+    if data.store is not None:
+        dataset, rule = data.store.schema.dataset, data.store.schema.edge_rule
+    elif getattr(data.reader, "source", None) is not None:
+        dataset, rule = data.reader.source.dataset, data.reader.source.edge_rule
+    else:
+        return []
+    found = edge_rule_departure(dataset, rule)
+    return [Departure("data.edge_rule", *found, kind="data")] if found else []
 
 
 def _student_line(cfg: TrainConfig) -> str:
@@ -212,7 +227,10 @@ def _student_line(cfg: TrainConfig) -> str:
         return "student: tiny test network (--tiny)"
     arch = cfg.model.student.get("arch", StudentConfig.arch)
     if cfg.model.pretrained is None:
-        return f"student: {arch}, RANDOM init (--random-weights; no --pretrained)"
+        return (
+            f"WARNING: student: {arch}, RANDOM init (--random-weights; no --pretrained): expect "
+            "far lower accuracy than from DINOv2 weights"
+        )
     return f"student: {arch}, weights {cfg.model.pretrained}"
 
 

@@ -35,6 +35,8 @@ RECIPE = {
     "fixmatch.ema_max": "fixmatch.ema_max",
     "fixmatch.cutmix_p": "fixmatch.cutmix_p",
     "fixmatch.photometric": "fixmatch.photometric",
+    "fixmatch.jitter_order": "fixmatch.jitter_order",
+    "fixmatch.blur": "fixmatch.blur",
     "distill.masked": "--masked/--unmasked",
     "distill.standardize": "--standardize/--no-standardize",
     "distill.target_mode": "--target-mode",

@@ -77,8 +77,13 @@ class TargetProvider(Protocol):
 
 def render_batch(batch_l: Mapping[str, Any], batch_u: Mapping[str, Any] | None,
                  device: torch.device, generator: torch.Generator, cutmix_p: float,
-                 photometric: bool = True) -> Views:
-    """Move a batch to ``device`` and render every view there (batched pixel work)."""
+                 photometric: bool = True, jitter_order: str = "batch",
+                 blur: str = "gaussian") -> Views:
+    """Move a batch to ``device`` and render every view there (batched pixel work).
+
+    ``jitter_order`` / ``blur``: the strong views' colour-jitter order and blur kind
+    (``fixmatch.jitter_order`` / ``fixmatch.blur``, see ``trainer.augment``).
+    """
     geom_l = ViewGeometry.from_params(batch_l["view"], device)
     img_l = batch_l["image"].to(device, non_blocking=True)
     x_l = render_views(img_l, geom_l)
@@ -89,7 +94,11 @@ def render_batch(batch_l: Mapping[str, Any], batch_u: Mapping[str, Any] | None,
     img_u = batch_u["image"].to(device, non_blocking=True)
     x_w = render_views(img_u, geom_u)
     pad_u = ~pixel_valid(geom_u)
-    x_s = strong_photometric(x_w, generator) if photometric else x_w.clone()
+    x_s = (
+        strong_photometric(x_w, generator, jitter_order=jitter_order, blur=blur)
+        if photometric
+        else x_w.clone()
+    )
     boxes = cutmix_boxes(x_w.shape[0], x_w.shape[-1], generator, cutmix_p)
     x_s = cutmix_pixels(x_s, boxes)
     return Views(x_l, y_l, geom_l, x_w, x_s, pad_u, geom_u, boxes)

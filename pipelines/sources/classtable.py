@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from featstore.protocols import Protocol
+
 from .conventions import hex_colour
 
 __all__ = ["class_table_lines"]
@@ -59,4 +61,13 @@ def class_table_lines(schema: Any) -> list[str]:
             f"  {stats['labeled_tiles']} labeled tiles ({total} px), "
             f"{stats['unlabeled_tiles']} unlabeled tiles"
         )
+    lines.append(_protocol_line(schema))
     return lines
+
+
+def _protocol_line(schema: Any) -> str:
+    recorded = getattr(schema, "eval_protocol", None)
+    if not recorded:
+        return "protocol:    not recorded (store written before protocols were kept): all classes"
+    text = Protocol.from_dict(recorded).describe(schema.class_names)
+    return f"protocol:    {text}; override with --exclude-classes on train / evaluate"

@@ -11,12 +11,16 @@ mmsegmentation's dataset classes. Masks come out as class ids ``0..K-1`` with ``
 
 ``class_colors`` are the display colours of the classes (what ``predict`` paints), separate from
 ``palette`` (what mask decoding reads): LoveDA has display colours but index masks.
+
+``protocol`` is the dataset's test protocol (`Protocol`): the classes left out of the reported
+means, as the official RS-MTDF test scripts do (rs-mtdf-reference §7).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from featstore.protocols import ALL_CLASSES, Protocol
 from featstore.schema import default_class_colors as default_colors
 
 __all__ = [
@@ -30,7 +34,9 @@ __all__ = [
     "POTSDAM",
     "POTSDAM_MMSEG",
     "VAIHINGEN_MMSEG",
+    "ALL_CLASSES",
     "Convention",
+    "Protocol",
     "default_colors",
     "describe_colour",
     "hex_colour",
@@ -63,6 +69,22 @@ def describe_colour(rgb: RGB) -> str:
     return f"{name} {hex_colour(rgb)}" if name else hex_colour(rgb)
 
 
+# rs-mtdf-reference §7: the LoveDA test script reports all 7 classes.
+LOVEDA_PROTOCOL = Protocol("rs-mtdf-loveda", (), "RS-MTDF LoveDA test script: all 7 classes")
+# eval/eval_Potsdam.py sets label 0 to ignore and drops class 0 (impervious surfaces; clutter,
+# 5, is kept); the paper's Table 1 lists the five other classes (clutter as "Background").
+ISPRS_PROTOCOL = Protocol(
+    "rs-mtdf-potsdam",
+    (0,),
+    "RS-MTDF eval/eval_Potsdam.py and the paper's Table 1: impervious surfaces (0) left out",
+)
+# The DeepGlobe test script sets label 6 (unknown, also DWL's edge padding) to ignore and drops
+# class 6.
+DEEPGLOBE_PROTOCOL = Protocol(
+    "rs-mtdf-deepglobe", (6,), "RS-MTDF DeepGlobe test script: unknown (6) left out"
+)
+
+
 @dataclass(frozen=True)
 class Convention:
     """How one dataset encodes its labels and cuts its scenes.
@@ -83,6 +105,7 @@ class Convention:
             palette is set (DWL writes Potsdam and DeepGlobe tiles as indices).
         class_colors: Display colour of each class (empty: ``default_colors``).
         source_note: What the source values are, for the class table (e.g. "ISPRS colours").
+        protocol: The dataset's test protocol (classes left out of the reported means).
     """
 
     name: str
@@ -96,6 +119,7 @@ class Convention:
     index_masks: bool = True
     class_colors: tuple[RGB, ...] = ()
     source_note: str = ""
+    protocol: Protocol = ALL_CLASSES
 
     def with_classes(self, class_names: tuple[str, ...], name: str | None = None) -> Convention:
         """Copy with class names (and optionally the dataset name) filled in."""
@@ -155,6 +179,7 @@ LOVEDA = Convention(
     edge_rule="exact",
     reduce_zero_label=True,  # raw 0 = no-data
     class_colors=LOVEDA_COLORS,
+    protocol=LOVEDA_PROTOCOL,
 )
 
 ISPRS_CLASSES = ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
@@ -176,15 +201,29 @@ POTSDAM = Convention(
     snap_colours=True,
     class_colors=ISPRS_COLORS,
     source_note="ISPRS colours",
+    protocol=ISPRS_PROTOCOL,
 )
 # mmseg's potsdam.py / vaihingen.py converters read the ISPRS colour labels with mmcv (BGR) and
 # write index PNGs 0 = black (boundary) and 1..6 = the classes in ISPRS order; its
 # PotsdamDataset / ISPRSDataset then load them with reduce_zero_label=True (0 -> 255, v -> v-1).
 # Tiles are already 512 px; a smaller --tile-size pads with ignore.
 POTSDAM_MMSEG = Convention(
-    "potsdam", ISPRS_CLASSES, reduce_zero_label=True, class_colors=ISPRS_COLORS
+    "potsdam",
+    ISPRS_CLASSES,
+    reduce_zero_label=True,
+    class_colors=ISPRS_COLORS,
+    protocol=ISPRS_PROTOCOL,
 )
-VAIHINGEN_MMSEG = replace(POTSDAM_MMSEG, name="vaihingen")
+# RS-MTDF has no Vaihingen test: its Potsdam rule applies to the same ISPRS class table.
+VAIHINGEN_MMSEG = replace(
+    POTSDAM_MMSEG,
+    name="vaihingen",
+    protocol=replace(
+        ISPRS_PROTOCOL,
+        source="RS-MTDF has no Vaihingen test; its Potsdam rule on the same ISPRS classes: "
+        "impervious surfaces (0) left out",
+    ),
+)
 DEEPGLOBE_COLORS: tuple[RGB, ...] = (
     (0, 255, 255),
     (255, 255, 0),
@@ -211,6 +250,7 @@ DEEPGLOBE = Convention(
     snap_colours=True,
     class_colors=DEEPGLOBE_COLORS,
     source_note="DeepGlobe colours",
+    protocol=DEEPGLOBE_PROTOCOL,
 )
 GENERIC = Convention("folder", ())
 CONVENTIONS = {c.name: c for c in (LOVEDA, POTSDAM, DEEPGLOBE, GENERIC)}

@@ -133,6 +133,11 @@ class TileSource:
         """One line: how source masks became class ids (0 = ignore? colours? ...)."""
         return self._conv.label_rule()
 
+    @property
+    def protocol(self) -> Any:
+        """The dataset's test protocol (`conventions.Protocol`): classes left out of the means."""
+        return self._conv.protocol
+
     def label_stats(self, indices: Sequence[int] | None = None) -> dict[str, Any]:
         """Pixel counts of the stored masks of ``indices`` (default: every tile).
 

@@ -11,17 +11,31 @@ Edge rules (``n = ceil(size / tile)`` windows per axis):
   far edge at ``size - tile``, so only the last window overlaps its neighbour; no padding
   (ISPRS Potsdam: 6000 -> 12x12 tiles of 512, the last starting at 5488, 144 px of overlap).
 * ``"pad"``: windows at ``k * tile``; the last one runs past the scene edge and the part outside
-  is zero-padded by the reader (image 0, mask = the dataset's pad label), as DWL does for
-  DeepGlobe (2448 -> 5x5 tiles of 512 covering 2560).
+  is zero-padded by the reader (image 0, mask = the dataset's pad label). This is how DWL's
+  ``*_crop_split.py`` scripts cut the official data: DeepGlobe (2448 -> 5x5 tiles of 512
+  covering 2560, padding labelled 6 = unknown) and ISPRS Potsdam (6000 -> 12x12 tiles covering
+  6144, padding painted red = 5 = clutter).
 
 A scene exactly one tile wide gives one window under every rule.
+
+Potsdam's default stays ``overlap_last`` (no black strips, no invented clutter); the official
+rule is one ``--edge-rule pad`` away at extraction, and `edge_rule_departure` says when a store
+was cut otherwise than the official data.
 """
 
 from __future__ import annotations
 
+from featstore.protocols import OFFICIAL_EDGE_RULES, edge_rule_departure
+
 from .errors import TilingError
 
-__all__ = ["EDGE_RULES", "Window", "tile_windows"]
+__all__ = [
+    "EDGE_RULES",
+    "OFFICIAL_EDGE_RULES",
+    "Window",
+    "edge_rule_departure",
+    "tile_windows",
+]
 
 Window = tuple[int, int, int, int]
 EDGE_RULES = ("exact", "overlap_last", "pad")

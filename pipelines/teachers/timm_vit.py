@@ -12,6 +12,7 @@ from torch import nn
 from featstore.hub import hub_access
 from featstore.schema import ResizeSpec, TeacherSpec
 from pipelines.teachers.base import DEFAULT_BASE_SIZE, Teacher, snap_down, tokens_to_grid
+from pipelines.teachers.pos_embed import POS_RESAMPLE_TAG, use_dinov2_pos_embed
 from pipelines.teachers.registry import register_teacher
 from pipelines.teachers.weights import (
     WeightsSource,
@@ -92,11 +93,14 @@ def _vit_teacher(
     tiny: bool,
     base_size: int,
     input_size: int,
+    spec_extra: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> TimmTokenTeacher:
     source = resolve_weights(weights)
     overrides = dict(TINY_VIT) if tiny else {}
     model, how = create_timm_model(arch, source, **overrides, **kwargs)
+    if spec_extra and spec_extra.get("pos_resample") == POS_RESAMPLE_TAG:
+        use_dinov2_pos_embed(model)
     depth = len(model.blocks)
     spec = TeacherSpec(
         name=name,
@@ -113,7 +117,7 @@ def _vit_teacher(
         std=IMAGENET_STD,
         prefix_tokens_dropped=int(model.num_prefix_tokens),
         final_norm=True,
-        extra=base_extra(source, how, tiny, snap_to_stride="1"),
+        extra=base_extra(source, how, tiny, snap_to_stride="1", **(spec_extra or {})),
     )
     return TimmTokenTeacher(spec, model, base_size)
 
@@ -125,8 +129,9 @@ def dinov2_vitb14(
     """DINOv2-B/14 (timm ``vit_base_patch14_dinov2``), as RS-MTDF's ``get_intermediate_layers[-1]``.
 
     The canvas is used at its own size snapped down to a multiple of 14 (518 → 37×37 tokens).
-    The model is built for that size; other sizes interpolate the position grid (timm
-    ``dynamic_img_size``, bicubic) and fused SDPA attention is on (timm default).
+    The model is built for that size; other sizes interpolate the position grid by DINOv2's own
+    rule (bicubic, scale ``(n + 0.1) / 37``, no antialias: ``pipelines.teachers.pos_embed``;
+    spec extra ``pos_resample=dinov2``) and fused SDPA attention is on (timm default).
     """
     input_size = snap_down(base_size, 14)
     return _vit_teacher(
@@ -136,6 +141,7 @@ def dinov2_vitb14(
         tiny,
         base_size,
         input_size,
+        spec_extra={"pos_resample": POS_RESAMPLE_TAG},
         img_size=input_size,
         dynamic_img_size=True,
     )

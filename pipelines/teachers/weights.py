@@ -97,6 +97,11 @@ def resolve_weights(weights: str | Path | None) -> WeightsSource:
     path = Path(text).expanduser()
     if path.is_file():
         return WeightsSource("file", text, file_sha256(path))
+    if path.is_dir():
+        raise WeightsError(
+            f"weights {text!r} is a folder; pass the weights file inside it "
+            "(.pth/.pt/.bin/.safetensors) with --weights NAME=FILE"
+        )
     if isinstance(weights, Path) or _looks_like_path(text):
         raise WeightsError(
             f"weights file {text!r} does not exist; pass an existing local checkpoint "

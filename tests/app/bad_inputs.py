@@ -18,6 +18,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -212,9 +213,9 @@ def _message(result: Result) -> str:
     return lines[-1] if lines else ""
 
 
-def judge(case: Case, setup: Setup, result: Result, changed: list[str]) -> Verdict:
-    """The four checks of the catalogue on one run."""
-    out = result.output
+def judge(case: Case, setup: Setup, result: Result, changed: list[str], logs: str = "") -> Verdict:
+    """The four checks of the catalogue on one run (LOGS: its warnings logged, as text)."""
+    out = result.output + logs
     raw = result.exception is not None and not isinstance(result.exception, SystemExit)
     wrong_exit = (result.exit_code == 0) if case.error else (result.exit_code != 0)
     crashed = raw or "Traceback (most recent call last)" in out
@@ -261,13 +262,33 @@ def run_case(case: Case, tmp: Path, shared: Shared) -> Verdict:
     cwd = os.getcwd()
     os.chdir(tmp)  # stray relative outputs land in the snapshot
     try:
-        with setup.patch() if setup.patch else contextlib.nullcontext():
+        with setup.patch() if setup.patch else contextlib.nullcontext(), _logged() as logs:
             result = invoke(setup.argv)
     finally:
         os.chdir(cwd)
     changed = _changed(before, snapshot(tmp), setup.expected)
     changed += [f"shared/{k}" for k in _changed(before_shared, snapshot(shared.root), ())]
-    return judge(case, setup, result, changed)
+    return judge(case, setup, result, changed, "".join(logs))
+
+
+@contextlib.contextmanager
+def _logged() -> Iterator[list[str]]:
+    """Warnings logged during the run, as lines: a user reads them on stderr, but a handler
+    bound to the real stderr before CliRunner swapped it (or pytest's capture) hides them from
+    `Result.output`."""
+    lines: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(f"{record.levelname.lower()}: {record.getMessage()}\n")
+
+    handler = _Collect(logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        root.removeHandler(handler)
 
 
 # ---------------------------------------------------------------- input builders
@@ -981,6 +1002,37 @@ def _t_incomplete(store: Path) -> tuple[str, ...]:
     return (str(store), "incomplete")
 
 
+def _c_skip_bad_tiles(env: Env) -> Setup:
+    """Under --skip-bad-tiles a corrupt tile is left out, and the log names it.
+
+    Four tiles (shard 1 = tiles 2-3): labeled 000, unlabeled 001 + 002, val 003; tile 2's
+    features are flipped, so the run trains on the rest.
+    """
+    store = env.tmp / "four.zarr"
+    _ok(["synth", env.tmp / "four", "--n-images", "4", "--size", "64", "--seed", "3"])
+    _ok(["extract", env.tmp / "four", store, *EXTRACT])
+    _flip(_chunks(_level(store))[-1])  # offset 64: inside tile 2, the shard's first chunk
+    sets = {"lab": "images/000\n", "unl": "images/001\nimages/002\n", "val": "images/003\n"}
+    for name, text in sets.items():
+        _text_file(env, f"{name}.txt", text)
+    argv = [
+        "train",
+        "--store",
+        str(store),
+        *TRAIN,
+        "--out",
+        str(env.tmp / "run"),
+        "--labeled",
+        str(env.tmp / "lab.txt"),
+        "--unlabeled",
+        str(env.tmp / "unl.txt"),
+        "--val",
+        str(env.tmp / "val.txt"),
+        "--skip-bad-tiles",
+    ]
+    return Setup(argv, ("images/002",), expected=("run",))
+
+
 def _c_train_no_labels(env: Env) -> Setup:
     data = _data(env)
     shutil.rmtree(data / "masks")
@@ -1203,6 +1255,33 @@ def _c_predict_cuda(env: Env) -> Setup:
     )
 
 
+def _c_weights_dir(env: Env) -> Setup:
+    d = env.tmp / "weights"
+    d.mkdir()
+    argv = _extract(env, env.shared.data, "--weights", f"{TEACHER}={d}")
+    return Setup(argv, _file_names(d), forbid=("does not exist",))  # it does: as a folder
+
+
+def _c_partition_unknown(env: Env) -> Setup:
+    return Setup([*env.train(), "--partition", "nosuch"], ("--partition", "partition 'nosuch'"))
+
+
+def _c_train_source_missing(env: Env) -> Setup:
+    src = env.tmp / "nowhere"
+    argv = [
+        "train",
+        "--source",
+        str(src),
+        "--mode",
+        "online",
+        "--no-distill",
+        *TRAIN,
+        "--out",
+        str(env.tmp / "r"),
+    ]
+    return Setup(argv, _file_names(src))
+
+
 def _c_demo_threads(env: Env) -> Setup:
     return Setup(["demo", "--out", str(env.tmp / "d"), "--threads", "0"], ("--threads",))
 
@@ -1354,6 +1433,7 @@ CASES: list[Case] = [
          ("--no-standardize", "re-run", "verify")),
     Case("train-corrupt-mask", "train", _train_on(_t_corrupt_mask),
          ("re-run", "featcache extract", "verify", "skip")),
+    Case("train-skip-bad-tiles-logs-the-tile", "train", _c_skip_bad_tiles, (), error=False),
     Case("train-incomplete-store", "train", _train_on(_t_incomplete), ("re-run", "resume")),
     Case("train-labeled-split-without-labels", "train", _c_train_no_labels,
          ("masks", "--labeled", "--no-distill")),
@@ -1408,6 +1488,9 @@ CASES: list[Case] = [
          ("[0, 1]", "0..1", "between")),
     Case("train-view-bank-without-bank", "train", _c_view_bank_without_bank, ("featcache bank",)),
     Case("export-out-is-directory", "export", _c_export_out_dir, (".safetensors", "file")),
+    Case("extract-weights-is-a-folder", "extract", _c_weights_dir, ("file", ".pth", "safetensors")),
+    Case("train-partition-unknown", "train", _c_partition_unknown, ("featcache splits",)),
+    Case("train-source-missing", "train", _c_train_source_missing, _PATHFIX),
     Case("evaluate-missing-checkpoint", "evaluate", _c_eval_missing_ckpt, _PATHFIX),
     Case("predict-device-cuda-no-gpu", "predict", _c_predict_cuda,
          ("--device cpu",), skip=_no_cuda),
@@ -1416,4 +1499,5 @@ CASES: list[Case] = [
 
 # Cases that fail today, with why: strict xfails in tests/app/test_bad_inputs.py (a fix turns one
 # into a failure that asks for its line here to be removed). bench/reliability.py ignores this.
-KNOWN_FAILURES: dict[str, str] = {}
+KNOWN_FAILURES: dict[str, str] = {
+}

@@ -48,7 +48,7 @@ def test_train_evaluate_predict(store: tuple[str, Path], tmp_path: Path) -> None
                                "--no-progress"])  # the bar would mix into the JSON here
     assert res.exit_code == 0, res.output
     metrics = json.loads(res.output)
-    assert set(metrics) == {"class_names", "student", "ema"}
+    assert set(metrics) == {"class_names", "protocol", "student", "ema"}
     assert metrics["ema"]["pixels"] == 2 * 64 * 64
     saved = torch.load(out / "latest.pt", map_location="cpu", weights_only=True)["metrics"]
     assert metrics["ema"]["miou"] == pytest.approx(saved["ema"]["miou"])

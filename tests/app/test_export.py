@@ -188,7 +188,7 @@ def test_evaluate_writes_strict_json_with_class_names(run: dict, tmp_path: Path)
 
     doc = json.loads(out, parse_constant=no_nan)
     assert doc == json.loads((tmp_path / "m.json").read_text(), parse_constant=no_nan)
-    assert doc["class_names"] == list(NAMES) and set(doc) == {"class_names", "ema"}
+    assert doc["class_names"] == list(NAMES) and set(doc) == {"class_names", "protocol", "ema"}
     assert list(doc["ema"]["iou"]) == list(NAMES)
     assert doc["ema"]["pixels"] == 2 * 64 * 64
 
