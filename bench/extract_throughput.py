@@ -91,7 +91,7 @@ def pipeline(name: str, weights: str | None, source: str, out: str, scheduler: s
     cfg = ExtractConfig(source=source, out=out, teachers=(name,),
                         weights={name: weights} if weights else {}, batch_size=BATCH,
                         threads=threads, tiles_per_shard=BATCH, scheduler=scheduler,
-                        overwrite=True, random_weights=True)
+                        overwrite=True, random_weights=True, scales=(1.0,), flip=False)
     t0 = time.perf_counter()
     run_extraction(cfg, progress=False)
     e2e = time.perf_counter() - t0

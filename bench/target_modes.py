@@ -37,11 +37,12 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from featstore.constants import SCALE_RANGE  # official rescale range (zoom of the tile)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 TILE, CROP, BLOCK = 64, 70, 128
-SCALE_RANGE = (0.5, 2.0)  # the official rescale range (zoom of the 64 px tile)
 VIT = "dinov2_vitb14"
 EFF = "timm:tf_efficientnet_lite0:3"  # the name the store records (feature index 3, stride 16)
 MODES = ("online", "warp-1s", "warp-ms", "grid_aligned", "view_bank")

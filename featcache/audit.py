@@ -36,7 +36,8 @@ from featcache.audit_grid import (
 )
 from featcache.audit_result import AuditResult, Check, FactorRow
 from featstore import LevelGeometry, LevelSpec, open_store
-from featstore.errors import MissingTeacherError
+from featstore.constants import SCALE_RANGE
+from featstore.errors import FeatcacheError, MissingTeacherError
 from featstore.teacher_names import resolve_teacher_name
 from trainer.augment import cutmix_boxes, cutmix_pixels, render_views, strong_photometric
 from trainer.geometry import (
@@ -48,13 +49,13 @@ from trainer.geometry import (
 )
 from trainer.targets import cutmix_targets, mix_levels
 
-OFFICIAL_SCALE_RANGE = (0.5, 2.0)
+OFFICIAL_SCALE_RANGE = SCALE_RANGE  # the official draw's range (featstore.constants)
 STUDENT_PATCH = 14
 ZOOM_BINS = ((0.0, 0.75, "zoom < 0.75"), (0.75, 1.25, "0.75 <= zoom < 1.25"),
              (1.25, 1.75, "1.25 <= zoom < 1.75"), (1.75, float("inf"), "zoom >= 1.75"))
 
 
-class AuditError(ValueError):
+class AuditError(FeatcacheError, ValueError):
     """The audit cannot run on this store / teacher; the message says how to fix it."""
 
 
@@ -134,27 +135,16 @@ def _resolve_sets(store: Any, name: str, level_sets: Mapping[str, Sequence[str]]
     return out
 
 
-def create_store_teacher(store: Any, name: str, weights: str | None, tiny: bool,
-                         device: torch.device, random_weights: bool = False) -> Any:
-    """The registry teacher built as extraction builds it (`create_teacher` seeds random init)."""
-    from pipelines.teachers import create_teacher
+def _store_teacher(store: Any, name: str, teacher: Any, weights: str | None, tiny: bool,
+                   device: torch.device, random_weights: bool) -> Any:
+    """The store's teacher rebuilt, or the given one moved to ``device``; both checked."""
+    from pipelines.teachers import check_store_teacher, teacher_for_store
 
-    return create_teacher(name, weights=weights, tiny=tiny, device=device,
-                          base_size=store.schema.base_size, random_weights=random_weights)
-
-
-def _check_spec(store: Any, name: str, teacher: Any) -> None:
-    stored = store.schema.teacher(name).spec.to_dict()
-    have = teacher.spec.to_dict()
-    diff = sorted(k for k in stored if stored[k] != have.get(k))
-    if diff:
-        raise AuditError(f"the teacher given for {name!r} differs from the one the store was "
-                         f"extracted with in {diff}; pass the same --weights / --tiny as the "
-                         "extraction")
-    if int(getattr(teacher, "base_size", store.schema.base_size)) != store.schema.base_size:
-        raise AuditError(f"teacher base_size {teacher.base_size} != store base_size "
-                         f"{store.schema.base_size}; create it with base_size="
-                         f"{store.schema.base_size}")
+    if teacher is None:
+        return teacher_for_store(store, name, weights=weights, tiny=tiny,
+                                 random_weights=random_weights, device=device)
+    check_store_teacher(store, name, teacher, "the teacher given")
+    return teacher.to(device).eval()
 
 
 # ----------------------------------------------------------------------------- per batch
@@ -396,7 +386,8 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
         The audit result (``to_markdown`` / ``to_json``).
 
     Raises:
-        AuditError: the store lacks pixels, levels or the teacher, or the teacher differs.
+        AuditError: the store lacks pixels, levels or the teacher.
+        TeacherSpecMismatchError: the teacher differs from the one the store was extracted with.
     """
     t0 = time.perf_counter()
     store = open_store(store_url)
@@ -410,11 +401,7 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
     if n_views < 1 or batch_size < 1:
         raise AuditError(f"--views ({n_views}) and batch size ({batch_size}) must be >= 1")
     dev = torch.device(device)
-    if teacher is None:
-        teacher = create_store_teacher(store, teacher_name, weights, tiny, dev, random_weights)
-    else:
-        teacher = teacher.to(dev).eval()
-    _check_spec(store, teacher_name, teacher)
+    teacher = _store_teacher(store, teacher_name, teacher, weights, tiny, dev, random_weights)
     sch = store.schema
     crop = int(crop_size or sch.base_size)
     n = int(n_tokens or max(1, crop // STUDENT_PATCH))

@@ -30,12 +30,9 @@ def export_cmd(checkpoint: str, out: str, use: str) -> None:
 
     Example: featcache export runs/a/best.pt model.safetensors
     """
-    from trainer.checkpoint import CheckpointError, export_student
+    from trainer.checkpoint import export_student
 
-    try:
-        path = export_student(checkpoint, out, use)
-    except CheckpointError as err:
-        raise click.ClickException(str(err)) from err
+    path = export_student(checkpoint, out, use)
     before, after = Path(checkpoint).stat().st_size, path.stat().st_size
     click.echo(
         f"wrote {path} ({_mib(after)}; checkpoint {_mib(before)}, "

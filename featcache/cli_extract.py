@@ -1,7 +1,7 @@
 """CLI commands of the extraction stage: `extract`, `info`, `verify`, `synth`.
 
 Thin by design: options → `ExtractConfig` → `pipelines.extract.run_extraction`. Library errors
-(typed, with a remedy in the message) become `click.ClickException`: message, exit code 1.
+(typed, with a remedy in the message) reach the user through `featcache.cli`: message, exit 1.
 """
 
 from __future__ import annotations
@@ -14,37 +14,7 @@ from typing import Any
 
 import click
 
-from pipelines.config import MULTI_SCALES
-
-
-def _library_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose messages are meant for users (imported lazily: fast --help)."""
-    from featstore.errors import StoreError
-    from pipelines.config import ExtractConfigError
-    from pipelines.extract import ExtractionError
-    from pipelines.sources.errors import SourceError
-    from pipelines.teachers import TeacherInputError, UnknownTeacherError, WeightsError
-
-    return (StoreError, ExtractConfigError, ExtractionError, SourceError, UnknownTeacherError,
-            WeightsError, TeacherInputError)
-
-
-@contextlib.contextmanager
-def _user_errors(hint: str = "") -> Iterator[None]:
-    """Turn library errors into click errors (no traceback)."""
-    from featstore.errors import FingerprintMismatchError
-
-    try:
-        yield
-    except FingerprintMismatchError as err:
-        # Rebuilt in CLI words (the library message says overwrite=True).
-        diffs = "\n  - ".join(err.differences) or "(fingerprints differ)"
-        raise click.ClickException(
-            f"store {err.url!r} exists with a different fingerprint:\n  - {diffs}\n"
-            "Use a new STORE path, or pass --overwrite to delete and recreate the store."
-        ) from err
-    except _library_errors() as err:
-        raise click.ClickException(f"{err}{hint}") from err
+from featstore.constants import DEFAULT_CROP, IGNORE_INDEX, MULTI_SCALES
 
 
 def _config(source: str, store: str, **opts: Any) -> Any:
@@ -116,7 +86,8 @@ def _echo_label_warnings() -> Iterator[None]:
               help="Cached scales, e.g. 1 or 1,2 (default covers the 0.5-2.0 rescale range).")
 @click.option("--flip/--no-flip", default=True, show_default=True,
               help="Also cache an h-flipped copy of every scale.")
-@click.option("--codec", default="fp16", show_default=True, help="fp16 | int8 | pca:K.")
+@click.option("--codec", default="fp16", show_default=True,
+              help="fp16 | int8 | pca:K, or any codec registered in featstore.codecs.")
 @click.option("--batch-size", default=8, show_default=True, type=int,
               help="Tiles per teacher forward.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
@@ -131,7 +102,7 @@ def _echo_label_warnings() -> Iterator[None]:
                    "overlap_last (last tile shifted inside), pad (last tile zero-padded with the "
                    "dataset's pad label: DWL's cut of the official Potsdam/DeepGlobe data). "
                    "Default: the layout's (LoveDA exact, Potsdam overlap_last, others pad).")
-@click.option("--base-size", default=518, show_default=True, type=int,
+@click.option("--base-size", default=DEFAULT_CROP, show_default=True, type=int,
               help="Canvas px of a scale-1 tile (the trainer's crop size).")
 @click.option("--layout", default="auto", show_default=True, type=click.Choice(LAYOUT_CHOICES),
               help="Source layout; dataset layouts fix the label convention (potsdam-mmseg, "
@@ -143,7 +114,7 @@ def _echo_label_warnings() -> Iterator[None]:
 @click.option("--reduce-zero-label/--no-reduce-zero-label", default=None,
               help="Index masks: 0 means ignore and value v is class v-1 (mmseg's "
                    "reduce_zero_label) / values are class ids. Not given: ambiguous masks warn.")
-@click.option("--ignore-index", default=None, type=click.IntRange(0, 255), metavar="N",
+@click.option("--ignore-index", default=None, type=click.IntRange(0, IGNORE_INDEX), metavar="N",
               help="A source mask value that means ignore (255 always does).")
 @click.option("--palette", default=None, type=click.Path(dir_okay=False),
               help="Colour-coded RGB masks: file with one 'NAME R G B' line per class in id "
@@ -170,14 +141,13 @@ def extract_command(source: str, store: str, quiet: bool, **opts: Any) -> None:
     """
     from pipelines.extract import run_extraction
 
-    with _user_errors():
-        cfg = _config(source, store, **opts)
-        note = _random_note(cfg.teachers, cfg.weights, cfg.tiny, cfg.random_weights)
-        if note:
-            click.echo(note)
-        with _echo_label_warnings():
-            url = run_extraction(cfg, progress=not quiet)
-        table = _class_table(url)
+    cfg = _config(source, store, **opts)
+    note = _random_note(cfg.teachers, cfg.weights, cfg.tiny, cfg.random_weights)
+    if note:
+        click.echo(note)
+    with _echo_label_warnings():
+        url = run_extraction(cfg, progress=not quiet)
+    table = _class_table(url)
     click.echo(f"wrote {url}")
     click.echo("\n".join(table))
 
@@ -265,8 +235,7 @@ def _info_lines(url: str) -> list[str]:
 @click.argument("store")
 def info_command(store: str) -> None:
     """Describe STORE: dataset, tiles, splits, classes, teachers, levels, sizes, fingerprint."""
-    with _user_errors():
-        lines = _info_lines(store)
+    lines = _info_lines(store)
     click.echo("\n".join(lines))
 
 
@@ -276,8 +245,7 @@ def verify_command(store: str) -> None:
     """Check STORE (done markers, fingerprint, checksums); exit 1 when a problem is found."""
     from featstore import verify_store
 
-    with _user_errors():
-        problems = verify_store(store)
+    problems = verify_store(store)
     if problems:
         for problem in problems:
             click.echo(f"PROBLEM: {problem}")
@@ -300,8 +268,7 @@ def synth_command(out: str, n_images: int, size: int, seed: int) -> None:
     if Path(out).exists() and not Path(out).is_dir():
         raise click.BadParameter(f"{out} is a file; pass a folder for the dataset",
                                  param_hint="OUT")
-    with _user_errors():
-        generate_synthetic(out, n_images=n_images, size=size, seed=seed)
+    generate_synthetic(out, n_images=n_images, size=size, seed=seed)
     click.echo(f"wrote {n_images} synthetic images of {size} px to {out}")
 
 
@@ -332,16 +299,11 @@ def bank_command(store: str, teacher: tuple[str, ...], weights: tuple[str, ...],
     teacher's. Resumable: re-run the same command after a crash.
     """
     from pipelines.config import parse_weights
-    from pipelines.viewbank import ViewBankError, build_view_bank
+    from pipelines.viewbank import build_view_bank
 
-    try:
-        with _user_errors():
-            build_view_bank(store, teacher_names=teacher or None, weights=parse_weights(weights),
-                            tiny=tiny, k=k, seed=seed, batch_size=batch_size, device=device,
-                            overwrite=overwrite, progress=not quiet,
-                            random_weights=random_weights)
-    except ViewBankError as err:
-        raise click.ClickException(str(err)) from err
+    build_view_bank(store, teacher_names=teacher or None, weights=parse_weights(weights),
+                    tiny=tiny, k=k, seed=seed, batch_size=batch_size, device=device,
+                    overwrite=overwrite, progress=not quiet, random_weights=random_weights)
     click.echo(f"view bank of {k} views per tile written to {store}")
 
 

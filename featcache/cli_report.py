@@ -1,41 +1,16 @@
 """CLI commands of the application layer: `audit` (cache fidelity) and `demo` (end to end).
 
 Thin by design: options → library call (`featcache.audit.audit_store`, `featcache.demo.run_demo`).
-Library errors with a remedy in their message become `click.ClickException` (exit code 1).
+Library errors reach the user through `featcache.cli` (message, exit code 1, no traceback).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from featcache.cli_extract import LAYOUT_CHOICES
-
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn typed library errors into click errors (message, no traceback)."""
-    from featcache.audit import AuditError
-    from featstore.errors import StoreError
-
-    errors: list[type[BaseException]] = [AuditError, StoreError, FileNotFoundError]
-    with contextlib.suppress(ImportError):
-        from pipelines.sources.errors import SourceError
-        from pipelines.teachers import UnknownTeacherError, WeightsError
-
-        errors += [SourceError, UnknownTeacherError, WeightsError]
-    with contextlib.suppress(ImportError):
-        from trainer.checks import DataCheckError
-        from trainer.config import TrainConfigError
-
-        errors += [DataCheckError, TrainConfigError]
-    try:
-        yield
-    except tuple(errors) as err:
-        raise click.ClickException(str(err)) from err
 
 
 def _parse_level_sets(items: tuple[str, ...]) -> dict[str, list[str]] | None:
@@ -115,14 +90,13 @@ def audit_command(store: str, teacher: str, weights: tuple[str, ...], tiny: bool
     from featcache.audit import audit_store
 
     sets = _parse_level_sets(level_sets)
-    with _user_errors():
-        result = audit_store(store, teacher, weights=_teacher_weights(teacher, weights),
-                             tiny=tiny, random_weights=random_weights, n_views=views,
-                             seed=seed, level_sets=sets, device=device, crop_size=crop_size,
-                             batch_size=batch_size, grid_aligned=grid_aligned,
-                             ceiling=not no_ceiling, grid=grid, scale_blend=scale_blend,
-                             aligned_views=views // 2 if aligned_views is None else aligned_views,
-                             progress=not quiet)
+    result = audit_store(store, teacher, weights=_teacher_weights(teacher, weights),
+                         tiny=tiny, random_weights=random_weights, n_views=views,
+                         seed=seed, level_sets=sets, device=device, crop_size=crop_size,
+                         batch_size=batch_size, grid_aligned=grid_aligned,
+                         ceiling=not no_ceiling, grid=grid, scale_blend=scale_blend,
+                         aligned_views=views // 2 if aligned_views is None else aligned_views,
+                         progress=not quiet)
     md = result.to_markdown()
     click.echo(md)
     for path, text in ((json_out, result.to_json()), (md_out, md)):
@@ -149,14 +123,10 @@ def audit_command(store: str, teacher: str, weights: tuple[str, ...], tiny: bool
 def demo_command(out: str, data: str | None, layout: str, quick: bool, device: str,
                  seed: int, threads: int | None) -> None:
     """Data → teacher cache → cached, online and no-distill training → report with plots."""
-    from featcache.demo import DemoError, run_demo
+    from featcache.demo import run_demo
 
-    with _user_errors():
-        try:
-            report = run_demo(out, data=data, quick=quick, device=device, seed=seed,
-                              layout=layout, echo=click.echo, threads=threads)
-        except DemoError as err:
-            raise click.ClickException(str(err)) from err
+    report = run_demo(out, data=data, quick=quick, device=device, seed=seed, layout=layout,
+                      echo=click.echo, threads=threads)
     click.echo(f"report: {report}")
 
 

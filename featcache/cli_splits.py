@@ -134,26 +134,22 @@ def splits_cmd(store_url: str, **opts: Any) -> None:
     featcache splits store.zarr --labeled-file labeled.txt --unlabeled-file unlabeled.txt
     """
     from featstore import open_store
-    from featstore.errors import StoreError
 
-    try:
-        store = open_store(store_url)
-        making = (
-            opts.get("labeled")
-            or opts.get("val")
-            or any(opts.get(f"{k}_file") for k in ("labeled", "unlabeled", "val"))
-        )
-        if making:
-            from featstore.partitions import write_partition
+    store = open_store(store_url)
+    making = (
+        opts.get("labeled")
+        or opts.get("val")
+        or any(opts.get(f"{k}_file") for k in ("labeled", "unlabeled", "val"))
+    )
+    if making:
+        from featstore.partitions import write_partition
 
-            part, unmatched = _make(store, opts)
-            part = dataclasses.replace(part, store_fingerprint=store.fingerprint)
-            write_partition(store.url, part, overwrite=opts["overwrite"])
-            _report_made(store, part, unmatched)
-        for line in list_lines(store):
-            click.echo(line)
-    except StoreError as err:
-        raise click.ClickException(str(err)) from err
+        part, unmatched = _make(store, opts)
+        part = dataclasses.replace(part, store_fingerprint=store.fingerprint)
+        write_partition(store.url, part, overwrite=opts["overwrite"])
+        _report_made(store, part, unmatched)
+    for line in list_lines(store):
+        click.echo(line)
 
 
 def _report_made(store: Any, part: Any, unmatched: dict[str, list[str]]) -> None:

@@ -1,48 +1,18 @@
 """CLI commands of the training stage: `train`, `evaluate`, `predict`.
 
 Thin by design: options -> `TrainConfig` (over an optional YAML) -> `trainer` library call.
-Typed library errors become `click.ClickException` (message, exit code 1, no traceback).
+Library errors reach the user through `featcache.cli` (message, exit code 1, no traceback).
 DDP: ``torchrun --nproc_per_node 2 -m featcache.cli train ...``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import click
 
 from trainer.presets import PRESETS  # cheap: no torch
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from featstore.errors import StoreError
-    from trainer.checkpoint import CheckpointError
-    from trainer.checks import DataCheckError
-    from trainer.config import TrainConfigError
-    from trainer.losses import NonFiniteLossError
-    from trainer.predict import PredictError
-    from trainer.student import BackboneWeightsError, StudentConfigError
-
-    errors: list[type[BaseException]] = [StoreError, CheckpointError, DataCheckError,
-                                         TrainConfigError, NonFiniteLossError, PredictError,
-                                         BackboneWeightsError, StudentConfigError]
-    with contextlib.suppress(ImportError):
-        from pipelines.sources.errors import SourceError
-        from pipelines.teachers.weights import WeightsError
-
-        errors += [SourceError, WeightsError]
-    return tuple(errors)
-
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    try:
-        yield
-    except _user_error_types() as err:
-        raise click.ClickException(str(err)) from err
 
 
 def parse_batch(text: str) -> tuple[int, int]:
@@ -201,7 +171,9 @@ EXCLUDE_HELP = ("Classes the protocol means leave out, e.g. 0 or clutter,car or 
 @click.option("--overwrite", is_flag=True,
               help="Delete the training run already in --out and start over (only a folder "
                    "that is recognisably a featcache run).")
-@click.option("--tiny", is_flag=True, help="Tiny student (and tiny online teachers).")
+@click.option("--tiny", is_flag=True,
+              help="Tiny random student for smoke runs; online teachers a store does not hold "
+                   "are tiny too (a stored teacher is rebuilt as the store records it).")
 @click.option("--device", help="auto | cpu | cuda | cuda:N")
 @click.option("--seed", type=int, help="Seed of the run (views, init, sampling).")
 @click.option("--workers", type=int, help="DataLoader workers.")
@@ -217,8 +189,7 @@ def train_cmd(**opts: Any) -> None:
 
     from trainer.engine import train
 
-    with _user_errors():
-        result = train(build_config(opts), echo=click.echo, overwrite=opts["overwrite"])
+    result = train(build_config(opts), echo=click.echo, overwrite=opts["overwrite"])
     if int(os.environ.get("RANK", "0")) == 0:
             click.echo(json.dumps({"step": result.step, "best": result.best,
                                "out_dir": str(result.out_dir)}))
@@ -272,30 +243,29 @@ def evaluate_cmd(checkpoint: str, store: str | None, source: str | None, split: 
     from trainer.config import check_device
     from trainer.evaluate import evaluate, metrics_json, resolve_protocol
 
-    with _user_errors():
-        check_device(device)
-        names = ["student", "ema"] if use == "both" else [use]
-        models, ckpt = {}, None
-        for name in names:
-            models[name], ckpt = load_student(checkpoint, name, device)
-        reader = _eval_reader(store, source, tile_size)
-        if not split and "data" not in ckpt["config"]:
-            raise click.UsageError(f"{checkpoint} is an export and records no val split; pass "
-                                   "--split NAME (see `featcache splits STORE`)")
-        if split:
-            spec, indices = f"--split {split!r}", select_tiles(reader.tiles, split, "--split")
-        else:  # the run's val: its partition's val set, or its val selection
-            spec = "the run's val set"
-            indices = recorded_val(reader.tiles, ckpt["config"].get("data", {}), store)
-        if not indices:
-            raise click.UsageError(f"{spec} selects no tiles; pass --split NAME")
-        if exclude_classes is None:  # the run's own choice, else the data's protocol
-            exclude_classes = ckpt["config"].get("eval", {}).get("exclude_classes")
-        protocol = resolve_protocol(reader, class_names(ckpt), exclude_classes)
-        metrics = evaluate(models, reader, indices, int(ckpt["student_config"]["num_classes"]),
-                           mode, int(ckpt["config"]["crop_size"]), device=device,
-                           ignore_index=_ignore_index(reader), progress=not no_progress,
-                           exclude_classes=protocol.exclude)
+    check_device(device)
+    names = ["student", "ema"] if use == "both" else [use]
+    models, ckpt = {}, None
+    for name in names:
+        models[name], ckpt = load_student(checkpoint, name, device)
+    reader = _eval_reader(store, source, tile_size)
+    if not split and "data" not in ckpt["config"]:
+        raise click.UsageError(f"{checkpoint} is an export and records no val split; pass "
+                               "--split NAME (see `featcache splits STORE`)")
+    if split:
+        spec, indices = f"--split {split!r}", select_tiles(reader.tiles, split, "--split")
+    else:  # the run's val: its partition's val set, or its val selection
+        spec = "the run's val set"
+        indices = recorded_val(reader.tiles, ckpt["config"].get("data", {}), store)
+    if not indices:
+        raise click.UsageError(f"{spec} selects no tiles; pass --split NAME")
+    if exclude_classes is None:  # the run's own choice, else the data's protocol
+        exclude_classes = ckpt["config"].get("eval", {}).get("exclude_classes")
+    protocol = resolve_protocol(reader, class_names(ckpt), exclude_classes)
+    metrics = evaluate(models, reader, indices, int(ckpt["student_config"]["num_classes"]),
+                       mode, int(ckpt["config"]["crop_size"]), device=device,
+                       ignore_index=_ignore_index(reader), progress=not no_progress,
+                       exclude_classes=protocol.exclude)
     text = metrics_json(metrics, class_names(ckpt), protocol)
     click.echo(text)
     if json_out:
@@ -328,10 +298,9 @@ def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, use: str, mo
 
     if Path(out).exists() and not Path(out).is_dir():
         raise click.UsageError(f"--out {out} is a file; pass a folder for the masks")
-    with _user_errors():
-        check_device(device)
-        files = predict(checkpoint, inputs, out, device, use, mode, geotiff=not no_geotiff,
-                        progress=not no_progress)
+    check_device(device)
+    files = predict(checkpoint, inputs, out, device, use, mode, geotiff=not no_geotiff,
+                    progress=not no_progress)
     click.echo(f"wrote {len(files)} files to {out}")
 
 

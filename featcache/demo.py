@@ -26,12 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from featstore.errors import FeatcacheError
+
 TINY_TEACHERS = ("dinov2_vitb14", "clip_vitl14")
 EFFNET = "efficientnet_lite0"
 MODES = ("cached", "online", "no-distill")
 
 
-class DemoError(RuntimeError):
+class DemoError(FeatcacheError, RuntimeError):
     """The demo cannot run as asked; the message says how to fix it."""
 
 
@@ -541,11 +543,11 @@ def extraction_teacher_states(
     store: Any, teachers: dict[str, str | None], device: str
 ) -> dict[str, Any]:
     """The teachers exactly as extraction built them (same seeds), by store teacher name."""
-    from featcache.audit import create_store_teacher
+    from pipelines.teachers import teacher_for_store
 
     out = {}
     for name, weights in teachers.items():
-        t = create_store_teacher(store, name, weights, True, torch.device(device))
+        t = teacher_for_store(store, name, weights=weights, tiny=True, device=device)
         out[t.spec.name] = t
     return out
 

@@ -18,6 +18,7 @@ from featstore.codecs import (
 )
 from featstore.errors import (
     CodecError,
+    FeatcacheError,
     FingerprintMismatchError,
     IncompleteStoreError,
     MissingTeacherError,
@@ -53,6 +54,7 @@ __all__ = [
     "BankSpec",
     "BankWriter",
     "CodecError",
+    "FeatcacheError",
     "FeatureCodec",
     "FeatureStore",
     "FingerprintMismatchError",

@@ -1,9 +1,23 @@
-"""Typed errors of the feature store; messages name the store or option and say how to fix."""
+"""Typed errors of the feature store; messages name the store or option and say how to fix.
+
+`FeatcacheError` is the root of every error the project raises for a user to read (featstore,
+pipelines, trainer, featcache): the CLI catches it in one place (`featcache.cli`) and prints the
+message without a traceback. It lives here, torch-free, because featstore is the bottom layer
+that every other package may import (tests/test_layering.py).
+"""
 
 from __future__ import annotations
 
 
-class StoreError(Exception):
+class FeatcacheError(Exception):
+    """Base class of every project error; its message names what is wrong and how to fix it.
+
+    Subclasses keep their historical builtin base as well (``ValueError``, ``RuntimeError``,
+    ...) so that callers' ``except ValueError`` clauses keep working.
+    """
+
+
+class StoreError(FeatcacheError):
     """Base class of every error raised by ``featstore``."""
 
 
@@ -87,6 +101,7 @@ class TileDataError(StoreError):
 
 __all__ = [
     "CodecError",
+    "FeatcacheError",
     "FingerprintMismatchError",
     "IncompleteStoreError",
     "MissingTeacherError",

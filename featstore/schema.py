@@ -10,11 +10,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from featstore.codecs import get_codec
+from featstore.constants import DEFAULT_CROP, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SCALE_RANGE
 from featstore.errors import MissingTeacherError
 
 FORMAT_VERSION = 1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FAMILIES = ("timm", "open_clip")
 
 
@@ -255,8 +254,8 @@ class BankSpec:
 
     k: int
     seed: int = 0
-    crop: int = 518
-    scale_range: tuple[float, float] = (0.5, 2.0)
+    crop: int = DEFAULT_CROP
+    scale_range: tuple[float, float] = SCALE_RANGE
     flip_p: float = 0.5
     teachers: tuple[str, ...] = ()
     rule: str = "rs-mtdf-official"
@@ -345,9 +344,9 @@ class StoreSchema:
 
     dataset: str
     tile_size: int
-    base_size: int = 518
+    base_size: int = DEFAULT_CROP
     class_names: tuple[str, ...] = ()
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
     tiles_per_shard: int = 64
     teachers: tuple[TeacherEntry, ...] = ()
     store_pixels: bool = True

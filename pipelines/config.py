@@ -12,21 +12,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from featstore.codecs import CODECS, get_codec
+from featstore.constants import DEFAULT_CROP, IGNORE_INDEX, MULTI_SCALES
+from featstore.errors import CodecError, FeatcacheError
 
-class ExtractConfigError(ValueError):
+
+class ExtractConfigError(FeatcacheError, ValueError):
     """An extraction option is invalid; the message names the option and how to fix it."""
 
 
-CODEC_NAMES = ("fp16", "int8", "pca")
 EDGE_RULES = ("exact", "overlap_last", "pad")  # = pipelines.sources.EDGE_RULES (a test keeps them)
 _TCP_RE = re.compile(r"^tcp://[^:/]+:\d+$")
 
+# MULTI_SCALES (featstore.constants) stays importable from here too: benchmarks read it as
+# ``pipelines.config.MULTI_SCALES``.
 
-# Quarter-octave steps (2**(k/4), two decimals) over the official 0.5-2.0 rescale range: no
-# view is more than 2**0.125 = 1.09x in zoom from a cached level, and the trainer's scale blend
-# mixes 2-4 neighbouring levels. Measured against the previous half-octave default (5 scales)
-# in BENCHMARKS.md section 6: needed to reach 0.85 cosine with the online teacher.
-MULTI_SCALES: tuple[float, ...] = (0.5, 0.59, 0.71, 0.84, 1.0, 1.19, 1.41, 1.68, 2.0)
 
 @dataclass(frozen=True)
 class ExtractConfig:
@@ -47,11 +47,12 @@ class ExtractConfig:
         tiny: Build tiny random-init teachers (tests, smoke runs).
         random_weights: Accept random init for full-size teachers without weights (refused
             otherwise; a teacher with default weights, e.g. efficientnet_lite0, still loads them).
-        scales: Cached scales (render = round(scale * base_size)). The library default is one
-            scale; the CLI default is `MULTI_SCALES` + flip, which covers RS-MTDF's 0.5-2.0
-            rescale range (see BENCHMARKS.md for what each option buys).
+        scales: Cached scales (render = round(scale * base_size)). Default (library and CLI
+            alike): `MULTI_SCALES` + flip, which covers RS-MTDF's 0.5-2.0 rescale range (see
+            BENCHMARKS.md for what each option buys); ``(1.0,)`` without flip is the cheapest.
         flip: Also cache an h-flipped copy of each scale.
-        codec: Codec dict, e.g. {"name": "fp16"} or {"name": "pca", "k": 64}.
+        codec: Codec dict, e.g. {"name": "fp16"} or {"name": "pca", "k": 64}; any codec
+            registered in ``featstore.codecs`` (``register_codec``).
         batch_size: Canvases per teacher forward.
         device: Torch device of the teachers.
         scheduler: "local" (this process), "local:N" (LocalCluster of N processes) or
@@ -88,8 +89,8 @@ class ExtractConfig:
     weights: dict[str, str] = field(default_factory=dict)
     tiny: bool = False
     random_weights: bool = False
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
+    scales: tuple[float, ...] = MULTI_SCALES
+    flip: bool = True
     codec: dict[str, Any] = field(default_factory=lambda: {"name": "fp16"})
     batch_size: int = 8
     device: str = "cpu"
@@ -99,7 +100,7 @@ class ExtractConfig:
     overwrite: bool = False
     break_lock: bool = False
     threads: int = 1
-    base_size: int = 518
+    base_size: int = DEFAULT_CROP
     limit: int | None = None
     classes: str | None = None
     reduce_zero_label: bool | None = None
@@ -114,8 +115,10 @@ class ExtractConfig:
             raise ExtractConfigError(f"--teacher names repeat: {list(self.teachers)}")
         unknown = sorted(set(self.weights) - set(self.teachers))
         if unknown:
-            raise ExtractConfigError(f"--weights given for {unknown}, which are not among "
-                                     f"--teacher {list(self.teachers)}")
+            raise ExtractConfigError(
+                f"--weights given for {unknown}, which are not among "
+                f"--teacher {list(self.teachers)}"
+            )
         if not self.scales or any(not (0.0 < s <= 8.0) for s in self.scales):
             raise ExtractConfigError(f"--scales must be in (0, 8], got {list(self.scales)}")
         if len(set(self.scales)) != len(self.scales):
@@ -131,9 +134,10 @@ class ExtractConfig:
         _check_positive("threads", self.threads)
         if self.limit is not None:
             _check_positive("limit", self.limit)
-        if self.ignore_index is not None and not 0 <= self.ignore_index <= 255:
+        if self.ignore_index is not None and not 0 <= self.ignore_index <= IGNORE_INDEX:
             raise ExtractConfigError(
-                f"--ignore-index {self.ignore_index} is not an 8-bit mask value; give 0..255")
+                f"--ignore-index {self.ignore_index} is not an 8-bit mask value; give 0..255"
+            )
         parse_scheduler(self.scheduler)
         _check_codec(self.codec)
         return self
@@ -149,25 +153,48 @@ def _check_positive(name: str, value: int) -> None:
         raise ExtractConfigError(f"{option} must be a positive integer, got {value!r}")
 
 
+def codec_choices() -> str:
+    """The codec names ``--codec`` accepts, read from featstore's registry at call time.
+
+    Read when asked, not copied at import: a codec registered later (``register_codec``) is
+    accepted like the built-in ones.
+    """
+    return ", ".join("pca:K" if name == "pca" else name for name in sorted(CODECS))
+
+
 def _check_codec(codec: dict[str, Any]) -> None:
     name = codec.get("name")
-    if name not in CODEC_NAMES:
-        raise ExtractConfigError(f"--codec {name!r} is unknown; choose fp16, int8 or pca:K")
+    if name not in CODECS:
+        raise ExtractConfigError(f"--codec {name!r} is unknown; choose one of {codec_choices()}")
     if name == "pca" and (not isinstance(codec.get("k"), int) or codec["k"] < 1):
         raise ExtractConfigError(
-            f"--codec pca needs a positive component count, e.g. pca:64; got {codec}")
+            f"--codec pca needs a positive component count, e.g. pca:64; got {codec}"
+        )
+    try:  # the registry's factory is the judge of its parameters
+        get_codec(codec)
+    except CodecError as err:
+        raise ExtractConfigError(f"--codec {name}: {err}") from err
 
 
 def parse_codec(text: str) -> dict[str, Any]:
-    """Parse "fp16", "int8" or "pca:K" into a codec dict."""
+    """Parse a registered codec name ("fp16", "int8", ...) or "pca:K" into a codec dict.
+
+    Only pca takes an argument (its component count); other codecs are named bare, with their
+    factory's defaults.
+    """
     name, _, arg = text.strip().partition(":")
     if name == "pca":
         if not arg.isdigit() or int(arg) < 1:
             raise ExtractConfigError(
-                f"--codec {text!r}: write pca:K with K components, e.g. pca:64")
+                f"--codec {text!r}: write pca:K with K components, e.g. pca:64"
+            )
         return {"name": "pca", "k": int(arg)}
-    if arg or name not in CODEC_NAMES:
-        raise ExtractConfigError(f"--codec {text!r} is unknown; choose fp16, int8 or pca:K")
+    if name not in CODECS:
+        raise ExtractConfigError(f"--codec {text!r} is unknown; choose one of {codec_choices()}")
+    if arg:
+        raise ExtractConfigError(
+            f"--codec {text!r}: only pca takes an argument (pca:K); write --codec {name}"
+        )
     return {"name": name}
 
 
@@ -177,7 +204,8 @@ def parse_scales(text: str) -> tuple[float, ...]:
         return tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise ExtractConfigError(
-            f"--scales {text!r}: write comma-separated numbers, e.g. 1,2") from None
+            f"--scales {text!r}: write comma-separated numbers, e.g. 1,2"
+        ) from None
 
 
 def parse_bands(text: str | None) -> tuple[int, ...] | None:
@@ -188,7 +216,8 @@ def parse_bands(text: str | None) -> tuple[int, ...] | None:
         bands = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise ExtractConfigError(
-            f"--bands {text!r}: write 1-based band numbers, e.g. 1,2,3") from None
+            f"--bands {text!r}: write 1-based band numbers, e.g. 1,2,3"
+        ) from None
     if len(bands) != 3 or min(bands) < 1:
         raise ExtractConfigError(f"--bands {text!r}: give exactly three 1-based bands, e.g. 3,2,1")
     return bands

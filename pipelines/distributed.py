@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pipelines.config import ExtractConfig
-from pipelines.extract import ExtractContext, ExtractionError, make_context, process_shard
+from pipelines.shards import ExtractContext, ExtractionError, make_context, process_shard
 
 # Seconds to wait for a tcp:// scheduler: an unreachable address fails fast, not after 30 s.
 CONNECT_TIMEOUT_S = 5

@@ -10,84 +10,34 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import tempfile
-import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from featstore import LevelSpec, StoreSchema, TeacherEntry, create_store, get_codec
-from pipelines.config import ExtractConfig, ExtractConfigError, parse_scheduler
+from featstore import StoreSchema, TeacherEntry, create_store, get_codec
+from pipelines.config import ExtractConfig, parse_scheduler
+from pipelines.shards import (
+    SLEEP_ENV,
+    ExtractContext,
+    ExtractionError,
+    check_device,
+    compute_features,
+    level_specs,
+    load_teachers,
+    load_tiles,
+    make_context,
+    process_shard,
+    render_level,
+    torch_threads,
+)
 
-# Hidden test hook: seconds to sleep after each written shard, so a test can kill a run mid-way.
-SLEEP_ENV = "FEATCACHE_TEST_SLEEP_AFTER_SHARD"
 PCA_SAMPLE_TILES = 64
 PCA_MAX_TOKENS = 65536
-
-
-class ExtractionError(Exception):
-    """Extraction cannot start or continue; the message names the path/option and the fix."""
-
-
-@dataclass
-class ExtractContext:
-    """What a process needs to compute shards: the opened source and the loaded teachers."""
-
-    cfg: ExtractConfig
-    source: Any
-    records: list[Any]
-    teachers: dict[str, Any]
-    device: torch.device
-
-
-def level_specs(scales: Sequence[float], flip: bool) -> tuple[LevelSpec, ...]:
-    """Cached levels: every scale, each followed by its flipped copy when `flip`."""
-    levels = []
-    for scale in scales:
-        levels.append(LevelSpec(float(scale), False))
-        if flip:
-            levels.append(LevelSpec(float(scale), True))
-    return tuple(levels)
-
-
-def render_level(images: torch.Tensor, level: Any, base_size: int) -> torch.Tensor:
-    """Render uint8 tiles `[n, T, T, 3]` as the float canvases `[n, 3, c, c]` of one level.
-
-    The tile (h-flipped first for flipped levels) is resized to `round(scale * base_size)` with
-    bilinear antialias interpolation and placed top-left on a black `base_size` canvas when smaller.
-    """
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    if level.flipped:
-        x = torch.flip(x, dims=(3,))
-    render = round(level.scale * base_size)
-    if render != x.shape[-1]:
-        x = F.interpolate(
-            x, size=(render, render), mode="bilinear", align_corners=False, antialias=True
-        )
-    if render >= base_size:
-        return x.contiguous()
-    canvas = x.new_zeros((x.shape[0], 3, base_size, base_size))
-    canvas[:, :, :render, :render] = x
-    return canvas
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run with `n` torch intra-op threads (fixed counts keep CPU numerics reproducible)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def check_writable(url: str) -> None:
@@ -134,33 +84,6 @@ def check_not_source(source: str, out: str) -> None:
         )
 
 
-def check_device(device: str) -> None:
-    """Fail before any work when `--device` names a device torch cannot use here."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ExtractionError(
-            f"--device {device!r} is not a torch device ({err}); use cpu, cuda or cuda:N"
-        ) from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ExtractionError(
-                f"--device {device}: no CUDA GPU is usable here (torch sees none: no GPU, no "
-                "driver, a CPU-only torch build, or CUDA_VISIBLE_DEVICES hides it); use "
-                "--device cpu, or run where a GPU is visible"
-            )
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise ExtractionError(
-                f"--device {device}: this machine has {count} CUDA device(s), "
-                f"cuda:0..cuda:{count - 1}; pick one of them"
-            )
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ExtractionError(
-            f"--device {device}: Apple MPS is not available here; use --device cpu"
-        )
-
-
 def open_tiles(cfg: ExtractConfig) -> tuple[Any, list[Any]]:
     """Open the source and take its first `cfg.limit` records (source errors propagate)."""
     from pipelines.sources import open_source
@@ -187,43 +110,6 @@ def open_tiles(cfg: ExtractConfig) -> tuple[Any, list[Any]]:
     return source, records
 
 
-def load_teachers(cfg: ExtractConfig, device: str) -> dict[str, Any]:
-    """Create every teacher of `cfg` on `device` (unknown names raise the registry's error).
-
-    Random-init weights are seeded inside `create_teacher`, so every process builds the same
-    network.
-    """
-    from pipelines.teachers import create_teacher
-
-    teachers: dict[str, Any] = {}
-    with torch_threads(cfg.threads):
-        for name in cfg.teachers:
-            teacher = create_teacher(
-                name,
-                weights=cfg.weights.get(name),
-                tiny=cfg.tiny,
-                device=device,
-                base_size=cfg.base_size,
-                random_weights=cfg.random_weights,
-            )
-            # The store names a teacher by its canonical spec name (e.g. "timm:m" -> "timm:m:3").
-            if teacher.spec.name in teachers:
-                raise ExtractConfigError(
-                    f"--teacher {name!r} is the same teacher as another "
-                    f"one ({teacher.spec.name!r}); give it once"
-                )
-            teachers[teacher.spec.name] = teacher
-    return teachers
-
-
-def make_context(
-    cfg: ExtractConfig, source: Any, records: list[Any], device: str
-) -> ExtractContext:
-    """Context over an opened source with freshly loaded teachers."""
-    check_device(device)  # also in dask workers, whose device may differ from the client's
-    return ExtractContext(cfg, source, records, load_teachers(cfg, device), torch.device(device))
-
-
 def build_schema(ctx: ExtractContext) -> StoreSchema:
     """The store schema of this extraction (teacher specs, levels, codec, dataset facts)."""
     cfg = ctx.cfg
@@ -246,60 +132,6 @@ def build_schema(ctx: ExtractContext) -> StoreSchema:
         # the records are the source's first len(records) tiles (cfg.limit)
         label_stats=ctx.source.label_stats(range(len(ctx.records))),
     )
-
-
-def load_tiles(ctx: ExtractContext, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Stacked uint8 images `[n, T, T, 3]` and masks `[n, T, T]` (ignore where unlabelled)."""
-    images, masks = [], []
-    for i in indices:
-        image, mask = ctx.source.load(int(i))
-        images.append(image)
-        if mask is None:
-            mask = np.full(image.shape[:2], ctx.source.ignore_index, np.uint8)
-        masks.append(mask)
-    return np.stack(images), np.stack(masks)
-
-
-@torch.inference_mode()
-def compute_features(
-    ctx: ExtractContext, images: np.ndarray, levels: Sequence[Any]
-) -> dict[str, dict[str, np.ndarray]]:
-    """Teacher tokens of every level: `{teacher: {level_key: float32 [n, g, g, C]}}`.
-
-    Tiles go through the teachers in fixed batches of `batch_size` in tile order, so a shard's
-    numbers do not depend on which process or run computes it.
-    """
-    bs = ctx.cfg.batch_size
-    tiles = torch.from_numpy(images).to(ctx.device)
-    out: dict[str, dict[str, list[np.ndarray]]] = {
-        n: {lv.key: [] for lv in levels} for n in ctx.teachers
-    }
-    for level in levels:
-        for start in range(0, len(tiles), bs):
-            canvas = render_level(tiles[start : start + bs], level, ctx.cfg.base_size)
-            for name, teacher in ctx.teachers.items():
-                grid = teacher(canvas).float().cpu().numpy()
-                out[name][level.key].append(grid)
-    return {n: {k: np.concatenate(v) for k, v in lv.items()} for n, lv in out.items()}
-
-
-def process_shard(
-    ctx: ExtractContext, writer: Any, k: int, pixels: tuple[np.ndarray, np.ndarray] | None = None
-) -> int:
-    """Compute and write shard group `k` (tiles loaded here unless `pixels` is given)."""
-    indices = writer.shard_tiles(k)
-    images, masks = pixels if pixels is not None else load_tiles(ctx, indices)
-    levels = level_specs(ctx.cfg.scales, ctx.cfg.flip)
-    with torch_threads(ctx.cfg.threads):
-        features = compute_features(ctx, images, levels)
-    if ctx.cfg.store_pixels:
-        writer.write_shard(k, features=features, images=images, masks=masks)
-    else:
-        writer.write_shard(k, features=features)
-    delay = float(os.environ.get(SLEEP_ENV, "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
-    return len(indices)
 
 
 def pca_samples(ctx: ExtractContext, name: str) -> np.ndarray:
@@ -420,3 +252,27 @@ def _disk_full_message(store: str) -> Iterator[None]:
             f"no space left on the device of STORE {store!r} ({err}); free space, then re-run "
             "the same command: finished shards are kept and the run resumes"
         ) from err
+
+
+# The shard computation lives in `pipelines.shards` (shared with the dask workers of
+# `pipelines.distributed`); its names stay importable from here, where callers found them.
+__all__ = [
+    "SLEEP_ENV",
+    "ExtractContext",
+    "ExtractionError",
+    "build_schema",
+    "check_device",
+    "check_not_source",
+    "check_writable",
+    "compute_features",
+    "fit_pca",
+    "level_specs",
+    "load_teachers",
+    "load_tiles",
+    "make_context",
+    "open_tiles",
+    "process_shard",
+    "render_level",
+    "run_extraction",
+    "torch_threads",
+]

@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from featstore import BankSpec, BankWriter, add_bank, open_store
+from featstore.constants import SCALE_RANGE
+from featstore.errors import FeatcacheError
 
 
-class ViewBankError(Exception):
+class ViewBankError(FeatcacheError):
     """A view bank cannot be built; the message names the store/option and the fix."""
 
 
@@ -165,32 +167,22 @@ def load_bank_teachers(
 ) -> dict[str, Any]:
     """Build the teachers that filled the store and check their specs against it.
 
-    `create_teacher` seeds random init, so it rebuilds the network that filled the store.
-
     Raises:
-        ViewBankError: a teacher's spec differs from the one recorded in the store.
+        TeacherSpecMismatchError: a teacher's spec differs from the one recorded in the store.
     """
-    from pipelines.teachers import create_teacher
+    from pipelines.teachers import teacher_for_store
 
-    out: dict[str, Any] = {}
-    for name in names:
-        teacher = create_teacher(
+    return {
+        name: teacher_for_store(
+            store,
             name,
             weights=weights.get(name),
             tiny=tiny,
-            device=device,
-            base_size=store.schema.base_size,
             random_weights=random_weights,
+            device=device,
         )
-        stored = store.schema.teacher(name).spec
-        if teacher.spec.to_dict() != stored.to_dict():
-            raise ViewBankError(
-                f"teacher {name!r} built with weights={weights.get(name)!r}, tiny={tiny} does not "
-                f"match the spec stored in {store.url!r}; pass the weights/tiny flag the store "
-                "was extracted with"
-            )
-        out[name] = teacher
-    return out
+        for name in names
+    }
 
 
 def _stored_names(store: Any, typed: Sequence[str]) -> tuple[str, ...]:
@@ -233,7 +225,7 @@ def build_view_bank(
     batch_size: int = 16,
     device: str = "cpu",
     crop: int | None = None,
-    scale_range: tuple[float, float] = (0.5, 2.0),
+    scale_range: tuple[float, float] = SCALE_RANGE,
     flip_p: float = 0.5,
     overwrite: bool = False,
     threads: int | None = None,

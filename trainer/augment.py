@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from featstore.constants import IGNORE_INDEX
 from trainer.geometry import ViewGeometry
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
@@ -109,7 +110,9 @@ def pixel_valid(geom: ViewGeometry) -> torch.Tensor:
     return iy.unsqueeze(2) & ix.unsqueeze(1)
 
 
-def render_masks(masks: torch.Tensor, geom: ViewGeometry, pad_value: int = 255) -> torch.Tensor:
+def render_masks(
+    masks: torch.Tensor, geom: ViewGeometry, pad_value: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Render label masks with nearest sampling (pixel containing the view pixel's centre).
 
     Args:

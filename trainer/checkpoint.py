@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from featstore.errors import FeatcacheError
 from featstore.schema import dict_differences
 from trainer.student import Student, StudentConfig
 
@@ -25,7 +26,7 @@ FORMAT = "featcache-train/1"
 EXPORT_FORMAT = "featcache-export/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FeatcacheError, ValueError):
     """A checkpoint is missing, unreadable, or does not fit the model it is loaded into."""
 
 

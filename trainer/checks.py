@@ -14,14 +14,15 @@ import numpy as np
 
 from featstore import layout as L
 from featstore.codecs import get_codec
-from featstore.errors import TileDataError
+from featstore.constants import IGNORE_INDEX
+from featstore.errors import FeatcacheError, TileDataError
 from featstore.schema import LevelSpec, TileRecord, dict_differences
 
 # Called with the error of a tile that failed its checksum, under --skip-bad-tiles.
 OnBadTile = Callable[[TileDataError], None]
 
 
-class DataCheckError(ValueError):
+class DataCheckError(FeatcacheError, ValueError):
     """The store, source or split selection does not fit the training config."""
 
 
@@ -178,7 +179,10 @@ def check_fingerprint(store: Any, expected: str | None, expected_schema: dict | 
 
 
 def mask_labels(
-    reader: Any, indices: Sequence[int], on_bad: OnBadTile | None = None, ignore_index: int = 255
+    reader: Any,
+    indices: Sequence[int],
+    on_bad: OnBadTile | None = None,
+    ignore_index: int = IGNORE_INDEX,
 ) -> dict[int, int]:
     """Highest label in each tile's mask (-1: no labeled pixel), tile index -> label.
 

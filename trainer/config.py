@@ -33,6 +33,9 @@ from typing import Any
 
 import yaml
 
+from featstore.constants import DEFAULT_CROP, SCALE_RANGE
+from featstore.errors import FeatcacheError
+
 MODES = ("cached", "online")
 BRANCHES = ("full", "clip224")
 EVAL_MODES = ("whole", "sliding")
@@ -55,7 +58,7 @@ TINY_STUDENT: dict[str, Any] = {
 }
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(FeatcacheError, ValueError):
     """A training option is invalid; the message names the option and how to fix it."""
 
 
@@ -113,7 +116,7 @@ class DataConfig:
     unlabeled: str | None = None
     val: str | None = None
     partition: str | None = None
-    scale_range: tuple[float, float] = (0.5, 2.0)
+    scale_range: tuple[float, float] = SCALE_RANGE
     flip_p: float = 0.5
     num_workers: int = 2
     # a tile failing its checksum stops the run unless this is set (--skip-bad-tiles)
@@ -262,7 +265,7 @@ class TrainConfig:
 
     preset: str | None = None
     mode: str = "cached"
-    crop_size: int = 518
+    crop_size: int = DEFAULT_CROP
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from featstore.constants import IGNORE_INDEX, SCALE_RANGE
 from featstore.errors import TileDataError
 from featstore.schema import LevelSpec, TileRecord
 from trainer.geometry import ViewParams, blend_levels, draw_view
@@ -53,7 +54,7 @@ class SourceTiles:
         self.source = source
         self.tiles = list(source.records)
         self.class_names = tuple(source.class_names)
-        self.ignore_index = int(getattr(source, "ignore_index", 255))
+        self.ignore_index = int(getattr(source, "ignore_index", IGNORE_INDEX))
         self.tile_size = int(source.tile_size)
 
     def read_image(self, i: int) -> np.ndarray:
@@ -75,7 +76,7 @@ class ViewSampling:
     tile_size: int
     crop_size: int
     base_size: int
-    scale_range: tuple[float, float] = (0.5, 2.0)
+    scale_range: tuple[float, float] = SCALE_RANGE
     flip_p: float = 0.5
     grid_aligned: Any = None
     # kernel width in octaves (trainer.geometry.blend_levels); grid-aligned views and bank

@@ -201,6 +201,7 @@ class Trainer:
             self.device,
             self.data.base_size,
             self.cfg.model.random_weights,
+            store=self.data.store,  # a teacher the store records must match its stored spec
         )
 
     def _online_targets(self) -> Any:

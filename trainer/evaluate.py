@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from featstore.constants import DEFAULT_CROP, IGNORE_INDEX
 from featstore.protocols import ALL_CLASSES, Protocol
 from trainer.config import TrainConfigError
 from trainer.metrics import ConfusionMatrix
@@ -142,11 +143,11 @@ def evaluate(
     indices: Sequence[int],
     num_classes: int,
     mode: str = "whole",
-    crop: int = 518,
+    crop: int = DEFAULT_CROP,
     stride: int | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 1,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     bf16: bool = False,
     progress: bool = False,
     exclude_classes: Sequence[int] = (),

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from featstore.constants import SCALE_RANGE
 from featstore.geometry import LevelGeometry
 from featstore.schema import LevelSpec
 
@@ -118,7 +119,7 @@ def draw_view(
     rng: np.random.Generator,
     tile_size: int,
     crop_size: int,
-    scale_range: tuple[float, float] = (0.5, 2.0),
+    scale_range: tuple[float, float] = SCALE_RANGE,
     flip_p: float = 0.5,
     grid_aligned: GridAlign | None = None,
 ) -> ViewParams:
@@ -161,7 +162,7 @@ def draw_view(
 def count_views(
     tile_size: int,
     crop_size: int,
-    scale_range: tuple[float, float] = (0.5, 2.0),
+    scale_range: tuple[float, float] = SCALE_RANGE,
     grid_aligned: GridAlign | None = None,
 ) -> int:
     """Distinct geometric views ``(S, oy, ox, flip)`` that ``draw_view`` can produce per tile.

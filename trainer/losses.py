@@ -22,6 +22,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from featstore.constants import IGNORE_INDEX
+from featstore.errors import FeatcacheError
+
 __all__ = [
     "NonFiniteLossError",
     "check_finite",
@@ -32,12 +35,12 @@ __all__ = [
 ]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(FeatcacheError, FloatingPointError):
     """A loss term became NaN or infinite."""
 
 
 def supervised_loss(
-    logits: torch.Tensor, mask: torch.Tensor, ignore_index: int = 255
+    logits: torch.Tensor, mask: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """Mean CE over valid pixels of ``logits [B, K, H, W]`` vs ``mask [B, H, W]``.
 
@@ -65,7 +68,7 @@ def unsupervised_loss(
     conf: torch.Tensor,
     ignore: torch.Tensor,
     thresh: float = 0.95,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """FixMatch loss: ``sum(CE * [conf >= thresh] * valid) / count(valid)``.
 

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from featstore.constants import IGNORE_INDEX
+
 __all__ = ["PROTOCOL_KEYS", "ConfusionMatrix"]
 
 # Metrics reported a second time under the protocol, with this suffix.
@@ -47,7 +49,7 @@ class ConfusionMatrix:
     def __init__(
         self,
         num_classes: int,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         exclude_classes: Iterable[int] = (),
         device: torch.device | str | None = None,
     ) -> None:

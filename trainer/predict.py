@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from featstore.errors import FeatcacheError
 from featstore.schema import default_class_colors
 from trainer.checkpoint import class_colors, class_names, load_student
 from trainer.evaluate import predict_logits
@@ -29,7 +30,7 @@ from trainer.evaluate import predict_logits
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-class PredictError(ValueError):
+class PredictError(FeatcacheError, ValueError):
     """An input cannot be read or an output cannot be written."""
 
 

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import torch
 
+from featstore.constants import IGNORE_INDEX as IGNORE
+from featstore.constants import IMAGENET_MEAN, IMAGENET_STD
 from featstore.geometry import LevelGeometry
 from trainer.augment import (
     cutmix_boxes,
@@ -36,10 +38,6 @@ from trainer.losses import (
     unsupervised_loss,
 )
 from trainer.targets import cutmix_targets, mix_levels, sample_targets
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE = 255
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featstore.constants import DEFAULT_CROP
+from featstore.errors import FeatcacheError
 from featstore.hub import hub_access
 from trainer.dpt import DPTHead
 
@@ -44,11 +46,11 @@ __all__ = [
 BRANCHES = ("full", "clip224")
 
 
-class StudentConfigError(ValueError):
+class StudentConfigError(FeatcacheError, ValueError):
     """A StudentConfig value is invalid."""
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(FeatcacheError, RuntimeError):
     """A backbone weight file cannot be loaded into the student's ViT."""
 
 
@@ -92,7 +94,7 @@ class StudentConfig:
 
     num_classes: int = 7
     arch: str = "vit_small_patch14_dinov2"
-    img_size: int = 518
+    img_size: int = DEFAULT_CROP
     layers: tuple[int, ...] = (2, 5, 8, 11)
     features: int = 64
     out_channels: tuple[int, ...] = (48, 96, 192, 384)

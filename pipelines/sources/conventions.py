@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from featstore.constants import IGNORE_INDEX
 from featstore.protocols import ALL_CLASSES, Protocol
 from featstore.schema import default_class_colors as default_colors
 
@@ -42,7 +43,6 @@ __all__ = [
     "hex_colour",
 ]
 
-IGNORE_INDEX = 255
 RGB = tuple[int, int, int]
 
 

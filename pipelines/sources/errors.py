@@ -6,6 +6,8 @@ option at fault and says how to fix it.
 
 from __future__ import annotations
 
+from featstore.errors import FeatcacheError
+
 __all__ = [
     "BandError",
     "EmptySourceError",
@@ -21,7 +23,7 @@ __all__ = [
 ]
 
 
-class SourceError(ValueError):
+class SourceError(FeatcacheError, ValueError):
     """Base class of every tile-source input error."""
 
 

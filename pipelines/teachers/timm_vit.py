@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from featstore.hub import hub_access
-from featstore.schema import ResizeSpec, TeacherSpec
+from featstore.schema import TeacherSpec
 from pipelines.teachers.base import DEFAULT_BASE_SIZE, Teacher, snap_down, tokens_to_grid
+from pipelines.teachers.catalog import register_teacher
 from pipelines.teachers.pos_embed import POS_RESAMPLE_TAG, use_dinov2_pos_embed
-from pipelines.teachers.registry import register_teacher
+from pipelines.teachers.spec import NetBuild, teacher_spec
 from pipelines.teachers.weights import (
     WeightsSource,
     load_weights_file,
@@ -21,8 +22,6 @@ from pipelines.teachers.weights import (
     unavailable,
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SAM_NATIVE_INPUT = 1024  # SAM's encoder sees a 512 tile at ~2x (1024 px for a 518 canvas)
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 PRETRAINED_ALIASES = ("pretrained", "default")
@@ -58,18 +57,6 @@ def create_timm_model(
     return model, how
 
 
-def tiny_arch(arch: str, overrides: dict[str, Any]) -> str:
-    """Architecture text of a tiny variant, so tiny specs never fingerprint like real ones."""
-    body = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
-    return f"{arch}[tiny:{body}]"
-
-
-def base_extra(source: WeightsSource, how: str, tiny: bool, **more: str) -> tuple:
-    """Common ``extra`` pairs: tiny flag and weight loading mode."""
-    pairs = {"tiny": "1" if tiny else "0", "weights_load": how, **more}
-    return tuple(sorted(pairs.items()))
-
-
 class TimmTokenTeacher(Teacher):
     """Last block of a timm ViT through its final norm, prefix tokens (CLS, registers) dropped."""
 
@@ -101,23 +88,17 @@ def _vit_teacher(
     model, how = create_timm_model(arch, source, **overrides, **kwargs)
     if spec_extra and spec_extra.get("pos_resample") == POS_RESAMPLE_TAG:
         use_dinov2_pos_embed(model)
-    depth = len(model.blocks)
-    spec = TeacherSpec(
-        name=name,
-        family="timm",
-        arch=tiny_arch(arch, overrides) if tiny else arch,
-        weights=source.value,
-        weights_sha256=source.sha256,
+    net = NetBuild(arch, source, how, tiny, overrides)
+    spec = teacher_spec(
+        net,
+        name,
+        extra={"snap_to_stride": "1", **(spec_extra or {})},
         input_size=input_size,
         stride=int(model.patch_embed.patch_size[0]),
         channels=int(model.embed_dim),
-        layer=f"blocks[{depth - 1}] + norm, prefix dropped",
-        resize=ResizeSpec(mode="bilinear", antialias=True, align_corners=False),
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        layer=f"blocks[{len(model.blocks) - 1}] + norm, prefix dropped",
         prefix_tokens_dropped=int(model.num_prefix_tokens),
         final_norm=True,
-        extra=base_extra(source, how, tiny, snap_to_stride="1", **(spec_extra or {})),
     )
     return TimmTokenTeacher(spec, model, base_size)
 
@@ -196,22 +177,15 @@ def sam_vitb(
     if tiny:
         overrides = {**TINY_VIT, "global_attn_indexes": (1,), "neck_chans": 16, "window_size": 7}
     model, how = create_timm_model(arch, source, img_size=input_size, **overrides)
-    depth = len(model.blocks)
-    spec = TeacherSpec(
-        name="sam_vitb",
-        family="timm",
-        arch=tiny_arch(arch, overrides) if tiny else arch,
-        weights=source.value,
-        weights_sha256=source.sha256,
+    spec = teacher_spec(
+        NetBuild(arch, source, how, tiny, overrides),
+        "sam_vitb",
+        extra={"snap_to_stride": "1"},
         input_size=input_size,
         stride=int(model.patch_embed.patch_size[0]),
         channels=int(model.num_features),
-        layer=f"blocks[{depth - 1}] + neck (conv 1x1, LN2d, conv 3x3, LN2d)",
-        resize=ResizeSpec(mode="bilinear", antialias=True, align_corners=False),
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        layer=f"blocks[{len(model.blocks) - 1}] + neck (conv 1x1, LN2d, conv 3x3, LN2d)",
         prefix_tokens_dropped=0,
         final_norm=True,
-        extra=base_extra(source, how, tiny, snap_to_stride="1"),
     )
     return SamTeacher(spec, model, base_size)

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from featstore.errors import FeatcacheError
+
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 NESTED_KEYS = ("model", "state_dict", "teacher", "model_state", "module")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
@@ -36,7 +38,7 @@ EFFICIENTNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 StateDict = dict[str, torch.Tensor]
 
 
-class WeightsError(ValueError):
+class WeightsError(FeatcacheError, ValueError):
     """Base class of the weight loading errors."""
 
 

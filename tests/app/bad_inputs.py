@@ -1499,5 +1499,4 @@ CASES: list[Case] = [
 
 # Cases that fail today, with why: strict xfails in tests/app/test_bad_inputs.py (a fix turns one
 # into a failure that asks for its line here to be removed). bench/reliability.py ignores this.
-KNOWN_FAILURES: dict[str, str] = {
-}
+KNOWN_FAILURES: dict[str, str] = {}

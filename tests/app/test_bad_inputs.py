@@ -9,13 +9,11 @@ that asks for the mark to be removed. The table of RELIABILITY.md comes from the
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bad_inputs import (  # noqa: E402
+from tests.app.bad_inputs import (
     CASES,
     KNOWN_FAILURES,
     Case,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,8 +18,22 @@ from featstore import open_store
 from pipelines.sources import open_source
 
 TEACHER = "dinov2_vitb14"
-TINY = ["--teacher", TEACHER, "--tiny", "--tile-size", "64", "--base-size", "70",
-        "--tiles-per-shard", "3", "--batch-size", "3", "--limit", "6", "-q"]
+TINY = [
+    "--teacher",
+    TEACHER,
+    "--tiny",
+    "--tile-size",
+    "64",
+    "--base-size",
+    "70",
+    "--tiles-per-shard",
+    "3",
+    "--batch-size",
+    "3",
+    "--limit",
+    "6",
+    "-q",
+]
 
 
 def _run(*args: str) -> Result:
@@ -24,8 +41,9 @@ def _run(*args: str) -> Result:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +72,19 @@ def test_info_shows_the_key_fields(store: Path) -> None:
     assert result.exit_code == 0, result.output
     text = result.output
     fp = open_store(store).fingerprint
-    for needle in ("dataset:     synth", "6/6 done", "train=6", "background", TEACHER,
-                   "s1.00:", "s0.50f:", "grid 5x5", "'fp16'", fp, "on disk"):
+    for needle in (
+        "dataset:     synth",
+        "6/6 done",
+        "train=6",
+        "background",
+        TEACHER,
+        "s1.00:",
+        "s0.50f:",
+        "grid 5x5",
+        "'fp16'",
+        fp,
+        "on disk",
+    ):
         assert needle in text, f"{needle!r} missing from:\n{text}"
 
 
@@ -107,27 +136,57 @@ def test_same_command_again_resumes_without_work(store: Path, synth: Path) -> No
     assert _tree(store) == before
 
 
-@pytest.mark.parametrize("kind", ["under_file", "readonly_dir"])
-def test_unwritable_output_is_refused_early(synth: Path, tmp_path: Path, kind: str) -> None:
+def _refuse_probe_in(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make the writability probe in ``folder`` fail the way a read-only mount does (EROFS).
+
+    Permission bits cannot make a folder unwritable here: root (CI containers) ignores them, and
+    mounting a read-only filesystem needs privileges. So the refusal of the one call the check
+    makes is injected; every other temporary file still works.
+    """
+    real = tempfile.TemporaryFile
+
+    def probe(*args: Any, **kwargs: Any) -> Any:
+        if Path(kwargs.get("dir") or ".").resolve() == folder.resolve():
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", probe)
+
+
+@pytest.mark.parametrize("kind", ["under_file", "deep_under_file", "readonly_mount"])
+def test_unwritable_output_is_refused_early(
+    synth: Path, tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A path whose parent (or any ancestor) is a regular file cannot be created, not even by root.
+    (tmp_path / "afile").write_text("x")
     if kind == "under_file":
-        (tmp_path / "afile").write_text("x")
-        out = tmp_path / "afile" / "s.zarr"
+        out, needle = tmp_path / "afile" / "s.zarr", "is a file"
+    elif kind == "deep_under_file":
+        out, needle = tmp_path / "afile" / "a" / "b" / "s.zarr", "is a file"
     else:
-        if os.geteuid() == 0:
-            pytest.skip("root ignores directory permissions")
         ro = tmp_path / "ro"
-        ro.mkdir(mode=0o500)
-        out = ro / "s.zarr"
+        ro.mkdir()
+        _refuse_probe_in(monkeypatch, ro)
+        out, needle = ro / "s.zarr", os.strerror(errno.EROFS)
     result = _run("extract", synth, out, *TINY)
     assert result.exit_code == 1
     assert str(out) in result.output and "Traceback" not in result.output
+    assert needle in result.output and "choose" in result.output, result.output
     assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["afile"] + (["ro"] if kind == "readonly_mount" else [])
+    )
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_bad_options_are_click_errors(synth: Path, tmp_path: Path) -> None:
     out = tmp_path / "y.zarr"
-    for extra, needle in ((["--codec", "zstd"], "--codec"), (["--scheduler", "mpi"], "--scheduler"),
-                          (["--weights", "nope"], "--weights"), (["--scales", "1,x"], "--scales")):
+    for extra, needle in (
+        (["--codec", "zstd"], "--codec"),
+        (["--scheduler", "mpi"], "--scheduler"),
+        (["--weights", "nope"], "--weights"),
+        (["--scales", "1,x"], "--scales"),
+    ):
         result = _run("extract", synth, out, *TINY, *extra)
         assert result.exit_code == 1 and needle in result.output, result.output
     assert not out.exists()

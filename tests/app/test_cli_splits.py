@@ -8,7 +8,6 @@ out rounding of the shares. The CLI is run on a tiny store whose 6 scenes hold 4
 from __future__ import annotations
 
 import json
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,12 +15,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
-from test_engine_utils import DINO, build_store  # noqa: E402
-
-from featcache.cli import main  # noqa: E402
-from featstore import open_store  # noqa: E402
-from featstore.partitions import (  # noqa: E402
+from featcache.cli import main
+from featstore import open_store
+from featstore.partitions import (
     PartitionError,
     draw_partition,
     match_lines,
@@ -29,8 +25,9 @@ from featstore.partitions import (  # noqa: E402
     partition_from_split_files,
     read_partition,
 )
-from featstore.schema import TileRecord  # noqa: E402
-from trainer.checks import recorded_val  # noqa: E402
+from featstore.schema import TileRecord
+from tests.helpers import DINO, build_store
+from trainer.checks import recorded_val
 
 
 def _tiles(n_scenes: int = 40, val_scenes: int = 5) -> list[TileRecord]:

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
-from test_engine_utils import DINO, build_store, write_ids  # noqa: E402
-
-from featcache.cli import main  # noqa: E402
-from featcache.cli_train import build_config, parse_batch  # noqa: E402
-from featstore import open_store  # noqa: E402
+from featcache.cli import main
+from featcache.cli_train import build_config, parse_batch
+from featstore import open_store
+from tests.helpers import DINO, build_store, write_ids
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +27,34 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
 
 
 def _train_args(url: str, root: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--store", url, "--teacher", DINO, "--tiny", "--crop", "70", "--iters", "2",
-            "--batch", "2+2", "--labeled", str(root / "l.txt"), "--unlabeled",
-            str(root / "u.txt"), "--val", str(root / "v.txt"), "--device", "cpu", "--workers",
-            "0", "--no-progress", "--out", str(out), *extra]
+    return [
+        "train",
+        "--store",
+        url,
+        "--teacher",
+        DINO,
+        "--tiny",
+        "--crop",
+        "70",
+        "--iters",
+        "2",
+        "--batch",
+        "2+2",
+        "--labeled",
+        str(root / "l.txt"),
+        "--unlabeled",
+        str(root / "u.txt"),
+        "--val",
+        str(root / "v.txt"),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_train_evaluate_predict(store: tuple[str, Path], tmp_path: Path) -> None:
@@ -44,21 +65,31 @@ def test_train_evaluate_predict(store: tuple[str, Path], tmp_path: Path) -> None
     assert res.exit_code == 0, res.output
     assert json.loads(res.output.strip().splitlines()[-1])["step"] == 2
     assert (out / "config.yaml").is_file() and (out / "best.pt").is_file()
-    res = runner.invoke(main, ["evaluate", str(out / "latest.pt"), "--store", url,
-                               "--no-progress"])  # the bar would mix into the JSON here
+    res = runner.invoke(
+        main, ["evaluate", str(out / "latest.pt"), "--store", url, "--no-progress"]
+    )  # the bar would mix into the JSON here
     assert res.exit_code == 0, res.output
     metrics = json.loads(res.output)
     assert set(metrics) == {"class_names", "protocol", "student", "ema"}
     assert metrics["ema"]["pixels"] == 2 * 64 * 64
     saved = torch.load(out / "latest.pt", map_location="cpu", weights_only=True)["metrics"]
     assert metrics["ema"]["miou"] == pytest.approx(saved["ema"]["miou"])
-    res = runner.invoke(main, ["predict", str(out / "latest.pt"), str(root / "syn" / "images"),
-                               "--out", str(tmp_path / "pred")])
+    res = runner.invoke(
+        main,
+        [
+            "predict",
+            str(out / "latest.pt"),
+            str(root / "syn" / "images"),
+            "--out",
+            str(tmp_path / "pred"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "pred").glob("*.png"))) == 6 + 1  # + legend.png
     # resume from the YAML the run wrote: continues from step 2 to 3
-    res = runner.invoke(main, ["train", "--config", str(out / "config.yaml"), "--iters", "3",
-                               "--resume", "auto"])
+    res = runner.invoke(
+        main, ["train", "--config", str(out / "config.yaml"), "--iters", "3", "--resume", "auto"]
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.output.strip().splitlines()[-1])["step"] == 3
 
@@ -78,12 +109,22 @@ def test_user_errors_are_messages_not_tracebacks(store: tuple[str, Path], tmp_pa
 
 
 def test_options_map_onto_the_config() -> None:
-    cfg = build_config({"store": "s.zarr", "teacher": ("dinov2_vitb14@full", "clip_vitl14"),
-                        "batch": "4+6", "bf16": True, "grad_ckpt": True, "crop": 70,
-                        "masked": False})
+    cfg = build_config(
+        {
+            "store": "s.zarr",
+            "teacher": ("dinov2_vitb14@full", "clip_vitl14"),
+            "batch": "4+6",
+            "bf16": True,
+            "grad_ckpt": True,
+            "crop": 70,
+            "masked": False,
+        }
+    )
     # no @branch: left to the teacher's spec when the run starts (test_cli_train_defaults.py)
     assert [(t.name, t.branch) for t in cfg.model.teachers] == [
-        ("dinov2_vitb14", "full"), ("clip_vitl14", None)]
+        ("dinov2_vitb14", "full"),
+        ("clip_vitl14", None),
+    ]
     assert (cfg.schedule.batch_labeled, cfg.schedule.batch_unlabeled) == (4, 6)
     assert cfg.runtime.bf16 and cfg.runtime.grad_checkpointing and not cfg.distill.masked
     assert cfg.crop_size == 70 and cfg.data.store == "s.zarr"

@@ -9,7 +9,6 @@ fits a given number of tiles.
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,14 +16,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
-from test_engine_utils import CLIP, DINO, build_store, write_ids  # noqa: E402
-
-from featcache.cli import main  # noqa: E402
-from featcache.cli_train import build_config  # noqa: E402
-from featstore import open_store  # noqa: E402
-from trainer.config import TrainConfig, TrainConfigError  # noqa: E402
-from trainer.prepare import open_data, resolve_branches  # noqa: E402
+from featcache.cli import main
+from featcache.cli_train import build_config
+from featstore import open_store
+from tests.helpers import CLIP, DINO, build_store, write_ids
+from trainer.config import TrainConfig, TrainConfigError
+from trainer.prepare import open_data, resolve_branches
 
 EXPECTED = [(DINO, "full"), (CLIP, "clip224")]  # the store's order; CLIP on its 224 pass
 

@@ -8,7 +8,6 @@ predict bit for bit like it).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
-from test_engine_utils import DINO, build_store, tiny_config  # noqa: E402
-
-from featcache.cli import main  # noqa: E402
-from featstore import open_store  # noqa: E402
-from trainer.checkpoint import load_student, read_checkpoint, save_checkpoint  # noqa: E402
-from trainer.config import TeacherConfig  # noqa: E402
-from trainer.engine import train  # noqa: E402
+from featcache.cli import main
+from featstore import open_store
+from tests.helpers import DINO, build_store, tiny_config
+from trainer.checkpoint import load_student, read_checkpoint, save_checkpoint
+from trainer.config import TeacherConfig
+from trainer.engine import train
 
 NAMES = ("background", "building", "road", "water", "barren", "forest", "agriculture")
 # A palette unlike the default one, so the test tells "from the checkpoint" from "fallback".

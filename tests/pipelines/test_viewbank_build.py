@@ -23,7 +23,7 @@ from featstore import (
     verify_store,
 )
 from featstore.bank import PARAMS, bank_path
-from pipelines.teachers import create_teacher
+from pipelines.teachers import TeacherSpecMismatchError, create_teacher
 from pipelines.viewbank import (
     ViewBankError,
     bank_shard_arrays,
@@ -158,5 +158,5 @@ def test_build_refuses_unusable_stores(tmp_path: Path) -> None:
     with pytest.raises(ViewBankError, match="not in"):
         build_view_bank(url, teacher_names=["sam_vitb"], tiny=True, k=2)
     url = make_store(tmp_path / "other.zarr", layer="blocks[0]")
-    with pytest.raises(ViewBankError, match="does not match the spec"):
+    with pytest.raises(TeacherSpecMismatchError, match="differs in layer"):
         build_view_bank(url, tiny=True, k=2)

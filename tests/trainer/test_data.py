@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_engine_utils import CLIP, CROP, DINO, TILE, build_store, tiny_config, write_ids
 from torch.utils.data import DistributedSampler
 
 from featstore import create_store, open_store
+from tests.helpers import CLIP, CROP, DINO, TILE, build_store, tiny_config, write_ids
 from trainer.checks import DataCheckError, check_classes
 from trainer.config import TeacherConfig, TrainConfig, TrainConfigError
 from trainer.data import EpochSampler, StoreDataset, ViewSampling, collate, repeat_to
@@ -21,8 +21,9 @@ from trainer.engine import Trainer
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Six tiles, tiny DINOv2 at scales 1 and 2 plus flipped copies."""
-    return build_store(tmp_path_factory.mktemp("data"), teachers=(DINO,), scales=(1.0, 2.0),
-                       flip=True)
+    return build_store(
+        tmp_path_factory.mktemp("data"), teachers=(DINO,), scales=(1.0, 2.0), flip=True
+    )
 
 
 def _ids(url: str) -> list[str]:
@@ -128,11 +129,17 @@ def test_incomplete_store_lists_missing_tiles(store: str, tmp_path: Path) -> Non
     writer = create_store(url, schema, st.tiles)
     lv = st.levels(DINO)
     feats = {DINO: {x.key: np.stack([st.read(DINO, i, x.key) for i in (0, 1)]) for x in lv}}
-    writer.write_shard(0, feats, np.stack([st.read_image(i) for i in (0, 1)]),
-                       np.stack([st.read_mask(i) for i in (0, 1)]))
+    writer.write_shard(
+        0,
+        feats,
+        np.stack([st.read_image(i) for i in (0, 1)]),
+        np.stack([st.read_mask(i) for i in (0, 1)]),
+    )
     cfg = _cfg(tmp_path, url)
-    with pytest.raises(DataCheckError, match=r"incomplete: 4 selected tiles are not written.*"
-                                             + st.tiles[2].tile_id):
+    with pytest.raises(
+        DataCheckError,
+        match=r"incomplete: 4 selected tiles are not written.*" + st.tiles[2].tile_id,
+    ):
         Trainer(cfg)
 
 

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import torch
-from test_engine_utils import DINO, build_store, write_ids
 
 from featstore import open_store
+from tests.helpers import DINO, build_store, write_ids
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,17 +27,48 @@ def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
     url = build_store(tmp_path, teachers=(DINO,))
     ids = [t.tile_id for t in open_store(url).tiles]
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "featcache.cli", "train", "--store", url,
-           "--teacher", DINO, "--tiny", "--crop", "70", "--iters", "2", "--batch", "1+1",
-           "--labeled", write_ids(tmp_path / "l.txt", ids[:2]),
-           "--unlabeled", write_ids(tmp_path / "u.txt", ids[2:4]),
-           "--val", write_ids(tmp_path / "v.txt", ids[4:]), "--eval-interval", "2",
-           "--log-interval", "1", "--device", "cpu", "--workers", "0", "--no-progress",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "featcache.cli",
+        "train",
+        "--store",
+        url,
+        "--teacher",
+        DINO,
+        "--tiny",
+        "--crop",
+        "70",
+        "--iters",
+        "2",
+        "--batch",
+        "1+1",
+        "--labeled",
+        write_ids(tmp_path / "l.txt", ids[:2]),
+        "--unlabeled",
+        write_ids(tmp_path / "u.txt", ids[2:4]),
+        "--val",
+        write_ids(tmp_path / "v.txt", ids[4:]),
+        "--eval-interval",
+        "2",
+        "--log-interval",
+        "1",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"step": 2') == 1  # only rank 0 reports
     rows = (out / "metrics.csv").read_text().splitlines()

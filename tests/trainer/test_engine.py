@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from test_engine_utils import CLIP, CROP, DINO, TILE, build_store, tiny_config
 
 from featstore import open_store
 from featstore.schema import LevelSpec
+from tests.helpers import CLIP, CROP, DINO, TILE, build_store, tiny_config
 from trainer.checkpoint import CheckpointError
 from trainer.config import TeacherConfig
 from trainer.data import collate
-from trainer.engine import Trainer, train
+from trainer.engine import Trainer, TrainResult, train
 from trainer.geometry import identity_view
 from trainer.losses import NonFiniteLossError
 from trainer.prepare import student_config
@@ -33,12 +34,20 @@ def _identity_batch(store, indices: list[int]) -> dict:
     items = []
     for i in indices:
         view = identity_view(TILE, CROP, CROP).with_levels(
-            {n: LevelSpec(1.0) for n in store.teacher_names})
-        items.append({"index": i,
-                      "image": torch.from_numpy(store.read_image(i)).permute(2, 0, 1).contiguous(),
-                      "mask": torch.from_numpy(store.read_mask(i)), "view": view,
-                      "grids": {n: torch.from_numpy(store.read(n, i, "s1.00")).half()
-                                for n in store.teacher_names}})
+            {n: LevelSpec(1.0) for n in store.teacher_names}
+        )
+        items.append(
+            {
+                "index": i,
+                "image": torch.from_numpy(store.read_image(i)).permute(2, 0, 1).contiguous(),
+                "mask": torch.from_numpy(store.read_mask(i)),
+                "view": view,
+                "grids": {
+                    n: torch.from_numpy(store.read(n, i, "s1.00")).half()
+                    for n in store.teacher_names
+                },
+            }
+        )
     return collate(items)
 
 
@@ -57,8 +66,9 @@ def test_identity_view_cached_equals_online(store2: str, tmp_path: Path) -> None
     settings = LossSettings(masked=True)
     names = [DINO, CLIP]
     with torch.no_grad():
-        cached = compute_losses(model, None, views, CachedTargets(geoms), batch, None, names,
-                                settings)
+        cached = compute_losses(
+            model, None, views, CachedTargets(geoms), batch, None, names, settings
+        )
         live = compute_losses(model, None, views, online, batch, None, names, settings)
         # the targets themselves, against the teacher run directly on the rendered view
         t_c, v_c = CachedTargets(geoms)(DINO, 5, views, batch, None)
@@ -92,7 +102,7 @@ def test_same_seed_same_run_and_resume_equals_uninterrupted(store2: str, tmp_pat
             cfg.schedule.stop_after = None
             cfg.runtime.resume = "auto"
             train(cfg)
-        runs[name] = (root / "run" / "latest.pt")
+        runs[name] = root / "run" / "latest.pt"
     a, b, c = (_weights(runs[k]) for k in "abc")
     assert a["run"]["step"] == c["run"]["step"] == 3
     for key in ("student", "ema"):
@@ -131,8 +141,9 @@ def test_non_finite_loss_stops_with_step_terms_and_ids(store2: str, tmp_path: Pa
 def test_online_mode_from_a_plain_source(store2: str, tmp_path: Path) -> None:
     """No store at all: tiles from the image folder, targets from the teachers on the views."""
     src = Path(store2).parent / "syn"
-    cfg = tiny_config(tmp_path, store2, [], [TeacherConfig(DINO), TeacherConfig(CLIP, "clip224")],
-                      iters=2)
+    cfg = tiny_config(
+        tmp_path, store2, [], [TeacherConfig(DINO), TeacherConfig(CLIP, "clip224")], iters=2
+    )
     ids = sorted(p.stem for p in (src / "images").glob("*.png"))
     (tmp_path / "lab.txt").write_text("\n".join(f"images/{i}" for i in ids[:2]))
     (tmp_path / "unl.txt").write_text("\n".join(f"images/{i}" for i in ids[2:4]))
@@ -144,21 +155,80 @@ def test_online_mode_from_a_plain_source(store2: str, tmp_path: Path) -> None:
     assert ckpt["store"] == {} and ckpt["tile"] == {"tile_size": TILE, "base_size": CROP}
 
 
-def test_bf16_autocast_and_activation_checkpointing_run(store2: str, tmp_path: Path) -> None:
-    ids = [t.tile_id for t in open_store(store2).tiles]
-    cfg = tiny_config(tmp_path, store2, ids, [TeacherConfig(DINO)], iters=1, bf16=True,
-                      grad_checkpointing=True)
+def _run_recording(cfg: Any) -> tuple[set[torch.dtype], int, TrainResult]:
+    """Run ``cfg``; return the student's Linear output dtypes and its first block's call count."""
     trainer = Trainer(cfg)
-    assert trainer.model.backbone.grad_checkpointing
+    dtypes: set[torch.dtype] = set()
+    calls = [0]
+    for mod in trainer.model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+    block = trainer.model.backbone.blocks[0]
+    # a pre-hook: checkpoint recomputation stops early, before a block's forward hooks would run
+    block.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     result = trainer.run()
-    assert result.step == 1 and np.isfinite(result.losses[0])
+    return dtypes, calls[0], result
 
 
-def test_grid_aligned_target_mode_runs(store2: str, tmp_path: Path) -> None:
+def test_bf16_autocast_and_activation_checkpointing_are_used(store2: str, tmp_path: Path) -> None:
     ids = [t.tile_id for t in open_store(store2).tiles]
-    cfg = tiny_config(tmp_path, store2, ids, [TeacherConfig(DINO)], iters=1)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "fast").mkdir()
+    plain = tiny_config(tmp_path / "plain", store2, ids, [TeacherConfig(DINO)], iters=1)
+    fast = tiny_config(
+        tmp_path / "fast",
+        store2,
+        ids,
+        [TeacherConfig(DINO)],
+        iters=1,
+        bf16=True,
+        grad_checkpointing=True,
+    )
+    dtypes_plain, calls_plain, _ = _run_recording(plain)
+    dtypes_fast, calls_fast, result = _run_recording(fast)
+    assert result.step == 1 and np.isfinite(result.losses[0])
+    # bf16 autocast: every Linear of the student computes in bfloat16 (float32 without it)
+    assert dtypes_plain == {torch.float32}
+    assert dtypes_fast == {torch.bfloat16}
+    # activation checkpointing re-runs each block in backward: one more call per training forward
+    assert calls_fast > calls_plain > 0
+
+
+def _expected_exact_reads(store: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """The cached scale-1 grids of a batch's tiles, mirrored for flipped views.
+
+    A grid-aligned view of the only cached level (render = crop, offset 0) puts every student
+    token centre on a cached token centre, so its targets are the cached tokens themselves.
+    """
+    out = []
+    for b, view in enumerate(batch["view"]):
+        grid = torch.from_numpy(store.read(DINO, int(batch["index"][b]), "s1.00")).float()
+        out.append(grid.flip(1) if view.flip else grid)
+    return torch.stack(out)
+
+
+def test_grid_aligned_targets_are_exact_cached_tokens(store2: str, tmp_path: Path) -> None:
+    st = open_store(store2)
+    ids = [t.tile_id for t in st.tiles]
+    cfg = tiny_config(tmp_path, store2, ids, [TeacherConfig(DINO)], iters=2)
     cfg.distill.target_mode = "grid_aligned"
+    cfg.fixmatch.cutmix_p = 0.0  # CutMix would mix two tiles' targets
     trainer = Trainer(cfg)
-    view = trainer.loaders.ds_u.draw(0)
-    assert view.size == CROP and view.oy == 0  # the only cached level: scale 1 (render 70)
-    assert trainer.run().step == 1
+    views = [trainer.loaders.ds_u.draw(k) for k in range(20)]
+    # the only cached level renders at 70 px = crop: the only grid-aligned offset is 0
+    assert all((v.size, v.oy, v.ox) == (CROP, 0, 0) for v in views)
+    assert {v.flip for v in views} == {False, True}
+    seen: list[tuple[torch.Tensor, dict[str, Any], dict[str, Any]]] = []
+    provider = trainer.targets
+
+    def recording(name: str, n: int, views: Any, batch_l: Any, batch_u: Any) -> Any:
+        target, valid = provider(name, n, views, batch_l, batch_u)
+        seen.append((target.detach().cpu(), batch_l, batch_u))
+        return target, valid
+
+    trainer.targets = recording
+    assert trainer.run().step == 2
+    assert len(seen) == 2
+    for target, batch_l, batch_u in seen:
+        want = torch.cat([_expected_exact_reads(st, batch_l), _expected_exact_reads(st, batch_u)])
+        assert torch.equal(target, want)  # bit-exact: no interpolation anywhere

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_engine_utils import DINO, write_ids
 
 from featstore import open_store
+from tests.helpers import DINO, write_ids
 from trainer.config import TeacherConfig, TrainConfig
 from trainer.engine import train
 
@@ -45,10 +45,22 @@ def test_short_loveda_run_learns(loveda_sample: Path, tmp_path: Path, one_thread
     from pipelines.config import ExtractConfig
     from pipelines.extract import run_extraction
 
-    url = run_extraction(ExtractConfig(
-        source=str(loveda_sample), layout="loveda-folder", out=str(tmp_path / "store.zarr"),
-        teachers=(DINO,), tiny=True, tile_size=TILE, base_size=CROP, tiles_per_shard=32,
-        batch_size=32), progress=False)
+    url = run_extraction(
+        ExtractConfig(
+            source=str(loveda_sample),
+            layout="loveda-folder",
+            out=str(tmp_path / "store.zarr"),
+            teachers=(DINO,),
+            tiny=True,
+            tile_size=TILE,
+            base_size=CROP,
+            tiles_per_shard=32,
+            batch_size=32,
+            scales=(1.0,),
+            flip=False,
+        ),
+        progress=False,
+    )
     store = open_store(url)
     ids = [t.tile_id for t in store.tiles]
     assert len(ids) == 3 * 64 and store.schema.class_names[0] == "background"
@@ -64,8 +76,9 @@ def test_short_loveda_run_learns(loveda_sample: Path, tmp_path: Path, one_thread
     cfg.model.tiny = True
     # LayerScale at 1.0 as in the official DINOv2 (timm's random init uses 1e-5, which leaves a
     # random-init ViT near the identity and learning slowly).
-    cfg.model.student = {"model_kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2,
-                                          "init_values": 1.0}}
+    cfg.model.student = {
+        "model_kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2, "init_values": 1.0}
+    }
     cfg.optim.lr, cfg.optim.lr_multi = 2e-3, 1.0  # random init: far above the fine-tune lr
     cfg.schedule.batch_labeled, cfg.schedule.batch_unlabeled = 8, 4
     cfg.schedule.iters = 250
@@ -84,6 +97,8 @@ def test_short_loveda_run_learns(loveda_sample: Path, tmp_path: Path, one_thread
     const_oa = counts.max() / counts.sum()
     const_miou = const_oa / np.count_nonzero(counts)
     m = result.metrics["student"]  # the EMA lags behind in a run this short
-    print(f"constant mIoU {const_miou:.3f} OA {const_oa:.3f}; student {m['miou']:.3f} "
-          f"{m['oa']:.3f}; loss {losses[:20].mean():.3f} -> {losses[-20:].mean():.3f}")
+    print(
+        f"constant mIoU {const_miou:.3f} OA {const_oa:.3f}; student {m['miou']:.3f} "
+        f"{m['oa']:.3f}; loss {losses[:20].mean():.3f} -> {losses[-20:].mean():.3f}"
+    )
     assert m["miou"] > const_miou + 0.015, (m, const_miou)  # measured: 0.104 vs 0.077

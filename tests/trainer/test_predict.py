@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_engine_utils import CROP, DINO, TILE, build_store, tiny_config
 
 from featstore import open_store
+from tests.helpers import CROP, DINO, TILE, build_store, tiny_config
 from trainer.checkpoint import CheckpointError, load_student
 from trainer.config import TeacherConfig
 from trainer.engine import train

@@ -8,7 +8,6 @@ values are read from the ``StudentConfig`` a run would build, so they pin what t
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,13 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_engine_utils import CLIP, DINO, build_store, write_ids  # noqa: E402
-
-from featcache.cli import main  # noqa: E402
-from featcache.cli_train import build_config, train_cmd  # noqa: E402
-from featstore import open_store  # noqa: E402
-from trainer.config import TINY_STUDENT, TeacherConfig, TrainConfig, TrainConfigError  # noqa: E402
-from trainer.prepare import student_config  # noqa: E402
-from trainer.presets import OFFICIAL, departure_lines, departures  # noqa: E402
+from featcache.cli import main
+from featcache.cli_train import build_config, train_cmd
+from featstore import open_store
+from tests.helpers import CLIP, DINO, build_store, write_ids
+from trainer.config import TINY_STUDENT, TeacherConfig, TrainConfig, TrainConfigError
+from trainer.prepare import student_config
+from trainer.presets import OFFICIAL, departure_lines, departures
 
 # (dotted key, official value, where the reference says so)
 EXPECTED: list[tuple[str, Any]] = [

@@ -339,10 +339,10 @@ def test_eval_log_and_printed_line_name_the_protocol(tmp_path: Path) -> None:
 def test_a_run_logs_and_evaluate_reports_the_protocol(tmp_path: Path) -> None:
     """End to end: the run's summary, eval.jsonl, and `featcache evaluate` name the protocol."""
     from click.testing import CliRunner
-    from test_engine_utils import DINO, build_store, tiny_config
 
     from featcache.cli import main
     from featstore import open_store
+    from tests.helpers import DINO, build_store, tiny_config
     from trainer.config import TeacherConfig
     from trainer.engine import train
 

@@ -18,10 +18,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_engine_utils import CLIP, DINO, build_store, tiny_config
 
 import trainer.augment as augment
 from featstore import open_store
+from tests.helpers import CLIP, DINO, build_store, tiny_config
 from trainer.config import TeacherConfig, TrainConfig
 from trainer.data import iters_per_epoch
 from trainer.ema import create_ema, ema_decay, update_ema

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from test_engine_utils import DINO, build_store, write_ids
 
 from featcache.cli import main
 from featstore import open_store
+from tests.helpers import DINO, build_store, write_ids
 from trainer.checkpoint import read_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, TrainConfigError
 
@@ -341,8 +341,7 @@ def test_truncate_logs_drops_later_and_torn_rows(tmp_path: Path) -> None:
 def test_a_new_run_failing_before_its_first_checkpoint_leaves_no_folder(
     store: tuple[str, Path], run: Path, tmp_path: Path
 ) -> None:
-    from test_engine_utils import tiny_config
-
+    from tests.helpers import tiny_config
     from trainer.config import TeacherConfig
     from trainer.engine import Trainer
     from trainer.losses import NonFiniteLossError

@@ -11,17 +11,26 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_engine_utils import CROP, DINO, TILE, build_store
 
 from featstore import LevelGeometry, LevelSpec, TeacherSpec, open_store
+from tests.helpers import CROP, DINO, TILE, build_store, ref_level_targets
 from trainer.data import StoreDataset, ViewSampling, collate
 from trainer.geometry import ViewGeometry, ViewParams, blend_levels
 from trainer.step import CachedTargets
 from trainer.targets import mix_levels, sample_targets
 
 T, BASE, N = 64, 70, 5
-SPEC = TeacherSpec("t", "timm", "vit", None, None, input_size=BASE, stride=14, channels=3,
-                   extra=(("snap_to_stride", "1"),))
+SPEC = TeacherSpec(
+    "t",
+    "timm",
+    "vit",
+    None,
+    None,
+    input_size=BASE,
+    stride=14,
+    channels=3,
+    extra=(("snap_to_stride", "1"),),
+)
 
 
 def _kernel(size: int, render: int, width: float) -> float:
@@ -39,8 +48,9 @@ def test_blend_levels_weights_orientation_and_exact_reads() -> None:
     # a narrow kernel drops the far 0.5x level (weight < 5 % of the nearest)
     narrow = blend_levels(levels, 99, False, T, BASE, 0.5)
     assert [lv for lv, _ in narrow] == [LevelSpec(2.0), LevelSpec(1.0)]
-    assert narrow[1][1] == pytest.approx(_kernel(99, 70, 0.5)
-                                         / (_kernel(99, 70, 0.5) + _kernel(99, 140, 0.5)))
+    assert narrow[1][1] == pytest.approx(
+        _kernel(99, 70, 0.5) / (_kernel(99, 70, 0.5) + _kernel(99, 140, 0.5))
+    )
     # an exact render size, or width 0, reads the nearest level alone
     assert blend_levels(levels, 70, True, T, BASE, 1.0) == ((LevelSpec(1.0, True), 1.0),)
     assert blend_levels(levels, 99, False, T, BASE, 0.0) == ((LevelSpec(2.0), 1.0),)
@@ -52,8 +62,9 @@ def _level(scale: float) -> LevelGeometry:
 
 def _field(g: int, a: tuple[float, float, float]) -> torch.Tensor:
     """Token (i, j) of a g x g grid holds (a0 * i + a1, a2 * j, 1): linear in token coords."""
-    i, j = torch.meshgrid(torch.arange(g, dtype=torch.float64),
-                          torch.arange(g, dtype=torch.float64), indexing="ij")
+    i, j = torch.meshgrid(
+        torch.arange(g, dtype=torch.float64), torch.arange(g, dtype=torch.float64), indexing="ij"
+    )
     return torch.stack([a[0] * i + a[1], a[2] * j, torch.ones_like(i)], -1).float()
 
 
@@ -90,17 +101,26 @@ def test_mixed_targets_equal_hand_computed_mix() -> None:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Six tiles, tiny DINOv2 at scales 1 and 2 plus flipped copies."""
-    return build_store(tmp_path_factory.mktemp("blend"), teachers=(DINO,), scales=(1.0, 2.0),
-                       flip=True)
+    return build_store(
+        tmp_path_factory.mktemp("blend"), teachers=(DINO,), scales=(1.0, 2.0), flip=True
+    )
 
 
 def test_dataset_and_cached_targets_mix_the_neighbouring_levels(store: str) -> None:
     st = open_store(store)
     levels = {DINO: st.levels(DINO)}
-    on = StoreDataset(st, [0, 1, 2, 3], levels, False, seed=2,
-                      sampling=ViewSampling(TILE, CROP, CROP, scale_blend=1.0), length=16)
-    off = StoreDataset(st, [0, 1, 2, 3], levels, False, seed=2,
-                       sampling=ViewSampling(TILE, CROP, CROP), length=16)
+    on = StoreDataset(
+        st,
+        [0, 1, 2, 3],
+        levels,
+        False,
+        seed=2,
+        sampling=ViewSampling(TILE, CROP, CROP, scale_blend=1.0),
+        length=16,
+    )
+    off = StoreDataset(
+        st, [0, 1, 2, 3], levels, False, seed=2, sampling=ViewSampling(TILE, CROP, CROP), length=16
+    )
     items = [on[k] for k in range(16)]
     renders = (CROP, 2 * CROP)
     assert any(renders[0] < it["view"].size < renders[1] for it in items)
@@ -116,20 +136,32 @@ def test_dataset_and_cached_targets_mix_the_neighbouring_levels(store: str) -> N
         ((level, w),) = view.blend[DINO]  # two cached zooms: one level mixed in
         assert level.render_px(CROP) == other_r and level.flipped == view.flip
         assert w == pytest.approx(k_other / (k_near + k_other))
-        assert torch.equal(it["blend_grids"][DINO][0],
-                           torch.from_numpy(st.read(DINO, it["index"], level.key)).half())
+        assert torch.equal(
+            it["blend_grids"][DINO][0],
+            torch.from_numpy(st.read(DINO, it["index"], level.key)).half(),
+        )
 
     batch = collate(items[:8])
     geom = ViewGeometry.from_params(batch["view"])
-    provider = CachedTargets({(DINO, lv.key): st.level_geometry(DINO, lv.key)
-                              for lv in st.levels(DINO)})
+    provider = CachedTargets(
+        {(DINO, lv.key): st.level_geometry(DINO, lv.key) for lv in st.levels(DINO)}
+    )
     got, _ = provider._sample(DINO, 5, batch, geom)
     for b, view in enumerate(batch["view"]):
-        one = ViewGeometry.from_params([view])
         pairs = [(view.levels[DINO], 1.0 - sum(w for _, w in view.blend.get(DINO, ())))]
         pairs += list(view.blend.get(DINO, ()))
         idx = int(batch["index"][b])
-        want = sum(w * sample_targets([torch.from_numpy(st.read(DINO, idx, lv.key)).half()],
-                                      [st.level_geometry(DINO, lv.key)], one, 5)[0][0]
-                   for lv, w in pairs)
-        assert torch.allclose(got[b], want, atol=1e-3), b
+        # each level read by hand through the view, then mixed with the kernel weights
+        want = sum(
+            w
+            * ref_level_targets(
+                st.read(DINO, idx, lv.key).astype(np.float16),
+                view,
+                st.level_geometry(DINO, lv.key),
+                5,
+            )
+            for lv, w in pairs
+        )
+        np.testing.assert_allclose(
+            got[b].double().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=str(b)
+        )

@@ -13,11 +13,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_engine_utils import DINO, build_store, tiny_config
 from torch import nn
 
 import trainer.engine as engine
 from featstore import open_store
+from tests.helpers import DINO, build_store, tiny_config
 from trainer.config import TeacherConfig
 from trainer.engine import Trainer
 from trainer.geometry import ViewParams

@@ -12,19 +12,16 @@ import json
 import logging
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_engine_utils import DINO, build_store, write_ids  # noqa: E402
-
-from featcache.cli import main  # noqa: E402
-from featstore import open_store  # noqa: E402
-from featstore.errors import TileDataError  # noqa: E402
+from featcache.cli import main
+from featstore import open_store
+from featstore.errors import TileDataError
+from tests.helpers import DINO, build_store, write_ids
 
 LEVEL = f"teachers/{DINO}/s1.00"
 # tiles_per_shard 2: tile 2 (the first unlabeled tile) is inner chunk 0 of shard file 1

@@ -13,9 +13,10 @@ from featstore import LevelSpec, StoreSchema, TeacherEntry, TileRecord, create_s
 from featstore.geometry import LevelGeometry
 from pipelines.teachers import create_teacher
 from pipelines.viewbank import build_view_bank
+from tests.helpers import ref_level_targets, ref_resample
 from trainer.augment import render_views
 from trainer.geometry import ViewGeometry, ViewParams, token_valid
-from trainer.targets import resample_to_student, sample_targets
+from trainer.targets import resample_to_student
 from trainer.viewbank import (
     NO_SLOT,
     BankTargets,
@@ -126,23 +127,44 @@ def test_bank_targets_provider_mixes_bank_and_levels(bank_store: tuple[Any, np.n
     n = 5
     targets, valid = provider.targets(TEACHER, n, batch, geom)
     torch.testing.assert_close(valid, token_valid(geom, n))
+    input_px = spec.input_px(BASE, BASE)  # bank views are rendered at the store's base size
     for b, (view, slot, _) in enumerate(items):
         i = b % N
-        if slot >= 0:  # the bank grid of that slot, resampled
-            grid = torch.from_numpy(store.bank.read(TEACHER, i, slot))
-            want = resample_to_student(grid[None], spec.input_px(BASE, BASE), spec.stride, BASE, n)
+        if slot >= 0:  # the bank grid of that slot, read at the student centres
+            grid = store.bank.read(TEACHER, i, slot)
+            want = ref_resample(grid, input_px, spec.stride, n)
         else:  # the nearest cached level, sampled through the view geometry
             key = view.levels[TEACHER].key
-            grid = torch.from_numpy(store.read(TEACHER, i, key))
-            want = sample_targets(
-                [grid], store.level_geometry(TEACHER, key), ViewGeometry.from_params([view]), n
-            )[0]
-        torch.testing.assert_close(targets[b : b + 1], want)
+            grid = store.read(TEACHER, i, key)
+            want = ref_level_targets(grid, view, store.level_geometry(TEACHER, key), n)
+        torch.testing.assert_close(
+            targets[b].double(), torch.from_numpy(want), rtol=1e-5, atol=1e-5
+        )
 
 
-def test_bank_reuse() -> None:
-    # 118 passes per tile with K = 8 views: each view is used 118 / 8 times
+def _count_bank_uses(store: Any, iterations: int, batch: int, p_bank: float) -> np.ndarray:
+    """Brute force: run the sampler's draws and count the uses of each (tile, slot) bank view."""
+    rng = np.random.default_rng(5)
+    counts = np.zeros((N, K), np.int64)
+    order = np.concatenate([rng.permutation(N) for _ in range(iterations * batch // N + 1)])
+    for tile in order[: iterations * batch]:  # epochs over the tiles, as the loader does
+        _, slot = bank_view(store, int(tile), rng, p_bank)
+        if slot != NO_SLOT:
+            counts[tile, slot] += 1
+    return counts
+
+
+@pytest.mark.parametrize("p_bank", [1.0, 0.5])
+def test_bank_reuse(bank_store: tuple[Any, np.ndarray], p_bank: float) -> None:
+    store, _ = bank_store
+    iterations, batch = 600, 4  # 2400 items over 4 tiles x 3 slots: 200 uses per view at p=1
+    counts = _count_bank_uses(store, iterations, batch, p_bank)
+    # each view used about equally often; the mean equals the expectation within sampling noise
+    # (binomial: the bank share of 2400 draws at p=0.5 has a 1 % standard deviation)
+    assert counts.min() > 0.7 * counts.mean()
+    got = bank_reuse(K, N, iterations, batch, p_bank=p_bank)
+    assert got == pytest.approx(counts.mean(), rel=0.05)
+    # the docstring's example, by hand: 118 passes per tile over K = 8 views -> 118 / 8 = 14.75
     assert bank_reuse(8, n_tiles=100, iterations=118 * 100 // 4, batch=4) == pytest.approx(14.75)
-    assert bank_reuse(4, 10, 50, 2, p_bank=0.5) == pytest.approx(50 * 2 * 0.5 / 40)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="k >= 1"):
         bank_reuse(0, 10, 1, 1)

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_engine_utils import CLIP, DINO, build_store, tiny_config
 
 from featstore import open_store
+from tests.helpers import CLIP, DINO, build_store, ref_level_targets, ref_resample, tiny_config
 from trainer.checks import DataCheckError
 from trainer.config import TeacherConfig
 from trainer.engine import Trainer
@@ -36,8 +36,9 @@ class Recorder:
         self.inner = inner
         self.calls: list[tuple[str, int, Any, Any, Any, torch.Tensor, torch.Tensor]] = []
 
-    def __call__(self, name: str, n: int, views: Any, batch_l: Any, batch_u: Any
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, name: str, n: int, views: Any, batch_l: Any, batch_u: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         target, valid = self.inner(name, n, views, batch_l, batch_u)
         self.calls.append((name, n, views, batch_l, batch_u, target.clone(), valid.clone()))
         return target, valid
@@ -75,8 +76,9 @@ def test_bank_targets_in_a_step_equal_online_teachers(bank_url: str, tmp_path: P
         assert bool((slots >= 0).all())
         # each item's view is the bank row of its slot
         for batch in (batch_l, batch_u):
-            for i, s, v in zip(batch["index"].tolist(), batch["bank_slot"].tolist(),
-                               batch["view"], strict=True):
+            for i, s, v in zip(
+                batch["index"].tolist(), batch["bank_slot"].tolist(), batch["view"], strict=True
+            ):
                 row = store.bank.params(i)[s]
                 assert (v.size, v.oy, v.ox, int(v.flip)) == tuple(int(x) for x in row)
                 seen.add((v.size, v.flip))
@@ -88,15 +90,64 @@ def test_bank_targets_in_a_step_equal_online_teachers(bank_url: str, tmp_path: P
     assert len(seen) > 2  # several zooms (and flips) were exercised
 
 
-def test_mixed_bank_and_warped_run_completes(bank_url: str, tmp_path: Path) -> None:
+def _ref_item(store: Any, name: str, n: int, batch: Any, b: int) -> np.ndarray:
+    """By hand: a bank item's bank grid at the student centres, or its cached level via the view."""
+    index, slot, view = int(batch["index"][b]), int(batch["bank_slot"][b]), batch["view"][b]
+    if slot >= 0:
+        spec, base = store.schema.teacher(name).spec, store.schema.base_size
+        grid = store.bank.read(name, index, slot)
+        return ref_resample(grid, spec.input_px(view.crop, base), spec.stride, n)
+    key = view.levels[name].key
+    grid = store.read(name, index, key).astype(np.float16)  # what the loader hands over
+    return ref_level_targets(grid, view, store.level_geometry(name, key), n)
+
+
+def _ref_cutmix(own: np.ndarray, boxes: Any, view: int) -> np.ndarray:
+    """Official target CutMix by hand: token cells mix by their area inside the box."""
+    n = own.shape[1]
+    cell = view / n
+
+    def overlap(lo: int, length: int) -> np.ndarray:
+        return np.array(
+            [
+                max(0.0, min((i + 1) * cell, lo + length) - max(i * cell, lo)) / cell
+                for i in range(n)
+            ]
+        )
+
+    out = own.copy()
+    for b, (y, x, h, w) in enumerate(np.asarray(boxes, dtype=np.int64)):
+        a = np.outer(overlap(y, h), overlap(x, w))[..., None]
+        out[b] = (1 - a) * own[b] + a * own[len(own) - 1 - b]  # partner: the batch reversed
+    return out
+
+
+def test_mixed_bank_and_warped_run_uses_both_sources(bank_url: str, tmp_path: Path) -> None:
     cfg = _config(tmp_path, bank_url, iters=2, p_bank=0.5)  # colour + CutMix on (defaults)
     cfg.schedule.eval_interval = 2
     trainer = Trainer(cfg)
     slots = [trainer.loaders.ds_u[k]["bank_slot"] for k in range(16)]
     assert min(slots) == -1 and max(slots) >= 0  # both kinds of views occur
+    recorder = Recorder(trainer.targets)
+    trainer.targets = recorder
     result = trainer.run()
     assert result.step == 2 and np.isfinite(result.losses).all()
     assert (tmp_path / "run" / "latest.pt").is_file() and "ema" in result.metrics
+    store = open_store(bank_url)
+    kinds = set()
+    for name, n, views, batch_l, batch_u, target, _ in recorder.calls:
+        own_l = np.stack(
+            [_ref_item(store, name, n, batch_l, b) for b in range(len(batch_l["view"]))]
+        )
+        own_u = np.stack(
+            [_ref_item(store, name, n, batch_u, b) for b in range(len(batch_u["view"]))]
+        )
+        want = np.concatenate([own_l, _ref_cutmix(own_u, views.boxes, views.geom_u.crop)])
+        np.testing.assert_allclose(
+            target.double().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=name
+        )
+        kinds |= {int(s) >= 0 for s in torch.cat([batch_l["bank_slot"], batch_u["bank_slot"]])}
+    assert kinds == {True, False}  # the steps themselves read both sources
 
 
 def test_view_bank_errors_name_the_fix(bank_url: str, tmp_path: Path) -> None:
