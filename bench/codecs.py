@@ -22,12 +22,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-CODECS = ({"name": "fp16"}, {"name": "int8"}, {"name": "pca", "k": 64},
-          {"name": "pca", "k": 128}, {"name": "pca", "k": 256})
+CODECS = (
+    {"name": "fp16"},
+    {"name": "int8"},
+    {"name": "pca", "k": 64},
+    {"name": "pca", "k": 128},
+    {"name": "pca", "k": 256},
+)
 # Teacher passes per tile over a Potsdam-1% RS-MTDF run (rs-mtdf-reference.md §8.8).
 ONLINE_PASSES_PER_TILE = 118
-CACHE_LAYOUTS = (("1 scale", 1), ("2 scales", 2), ("2 scales + flip", 4),
-                 ("5 scales + flip", 10))
+CACHE_LAYOUTS = (("1 scale", 1), ("2 scales", 2), ("2 scales + flip", 4), ("5 scales + flip", 10))
 
 
 def _tiles(limit: int | None) -> Any:
@@ -54,7 +58,7 @@ def features(name: str, weights: str | None, images: Any, batch: int = 4) -> Any
     out = []
     with torch.inference_mode():
         for s in range(0, len(images), batch):
-            canvas = render_level(torch.from_numpy(images[s:s + batch]), LevelSpec(1.0), 518)
+            canvas = render_level(torch.from_numpy(images[s : s + batch]), LevelSpec(1.0), 518)
             out.append(teacher(canvas).numpy())
     return teacher.spec, np.concatenate(out)
 
@@ -64,11 +68,15 @@ def _disk_bytes(spec: Any, codec: dict[str, Any], feats: Any, fit: Any) -> float
     from featstore import LevelSpec, StoreSchema, TeacherEntry, TileRecord, create_store, get_codec
 
     n = len(feats)
-    tiles = [TileRecord(f"t{i}", "bench", (0, 0, 512, 512), "train", f"{i:016x}")
-             for i in range(n)]
-    schema = StoreSchema("bench", 512, 518, teachers=(TeacherEntry(spec, (LevelSpec(1.0),),
-                                                                   codec),),
-                         tiles_per_shard=n, store_pixels=False)
+    tiles = [TileRecord(f"t{i}", "bench", (0, 0, 512, 512), "train", f"{i:016x}") for i in range(n)]
+    schema = StoreSchema(
+        "bench",
+        512,
+        518,
+        teachers=(TeacherEntry(spec, (LevelSpec(1.0),), codec),),
+        tiles_per_shard=n,
+        store_pixels=False,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         url = os.path.join(tmp, "s.zarr")
         w = create_store(url, schema, tiles)
@@ -78,8 +86,11 @@ def _disk_bytes(spec: Any, codec: dict[str, Any], feats: Any, fit: Any) -> float
             w.set_pca(spec.name, mean, basis)
         w.write_shard(0, {spec.name: {"s1.00": feats}})
         root = Path(url) / "teachers"
-        total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()
-                    and "_stats" not in str(f) and "pca_" not in str(f))
+        total = sum(
+            f.stat().st_size
+            for f in root.rglob("*")
+            if f.is_file() and "_stats" not in str(f) and "pca_" not in str(f)
+        )
     return total / n
 
 
@@ -101,15 +112,20 @@ def score(spec: Any, feats: Any, codec: dict[str, Any]) -> dict[str, Any] | None
     dec = np.asarray(c.decode(data, aux), np.float32)
     x = test.reshape(-1, ch).astype(np.float64)
     y = dec.reshape(-1, ch).astype(np.float64)
-    cos = (x * y).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1),
-                                      1e-12)
+    cos = (x * y).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1), 1e-12)
     rel = np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-12)
     raw = (data.nbytes + (0 if aux is None else aux.nbytes)) / len(test)
-    return {"codec": codec, "raw_bytes_per_tile": raw,
-            "disk_bytes_per_tile": _disk_bytes(spec, codec, feats, fit),
-            "fp32_bytes_per_tile": test[0].nbytes, "cosine_mean": float(cos.mean()),
-            "cosine_min": float(cos.min()), "rel_error": float(rel),
-            "fit_tiles": len(fit), "test_tiles": len(test)}
+    return {
+        "codec": codec,
+        "raw_bytes_per_tile": raw,
+        "disk_bytes_per_tile": _disk_bytes(spec, codec, feats, fit),
+        "fp32_bytes_per_tile": test[0].nbytes,
+        "cosine_mean": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+        "rel_error": float(rel),
+        "fit_tiles": len(fit),
+        "test_tiles": len(test),
+    }
 
 
 def _label(codec: dict[str, Any]) -> str:
@@ -121,25 +137,44 @@ def table(rows: list[dict[str, Any]]) -> str:
     body = []
     for r in rows:
         fp16 = next(x for x in rows if x["codec"]["name"] == "fp16" and x["set"] == r["set"])
-        body.append([r["set"], _label(r["codec"]), f"{r['raw_bytes_per_tile'] / C.MIB:.3f}",
-                     f"{r['disk_bytes_per_tile'] / C.MIB:.3f}",
-                     C.fmt(fp16["disk_bytes_per_tile"] / r["disk_bytes_per_tile"]),
-                     f"{r['cosine_mean']:.5f}", f"{r['cosine_min']:.4f}",
-                     f"{100 * r['rel_error']:.2f} %"])
-    return C.markdown_table(["features", "codec", "raw MiB/tile", "on-disk MiB/tile",
-                             "disk ratio vs fp16", "mean cosine", "min cosine",
-                             "rel. error"], body)
+        body.append(
+            [
+                r["set"],
+                _label(r["codec"]),
+                f"{r['raw_bytes_per_tile'] / C.MIB:.3f}",
+                f"{r['disk_bytes_per_tile'] / C.MIB:.3f}",
+                C.fmt(fp16["disk_bytes_per_tile"] / r["disk_bytes_per_tile"]),
+                f"{r['cosine_mean']:.5f}",
+                f"{r['cosine_min']:.4f}",
+                f"{100 * r['rel_error']:.2f} %",
+            ]
+        )
+    return C.markdown_table(
+        [
+            "features",
+            "codec",
+            "raw MiB/tile",
+            "on-disk MiB/tile",
+            "disk ratio vs fp16",
+            "mean cosine",
+            "min cosine",
+            "rel. error",
+        ],
+        body,
+    )
 
 
 def passes_table() -> tuple[str, list[dict[str, Any]]]:
     """Teacher forward passes per tile per run: cached layouts vs the online method."""
-    rows = [{"layout": name, "passes": p, "ratio_vs_online": p / ONLINE_PASSES_PER_TILE}
-            for name, p in CACHE_LAYOUTS]
+    rows = [
+        {"layout": name, "passes": p, "ratio_vs_online": p / ONLINE_PASSES_PER_TILE}
+        for name, p in CACHE_LAYOUTS
+    ]
     body = [["online (official, Potsdam 1 %)", ONLINE_PASSES_PER_TILE, "1.00"]]
-    body += [[f"cached, {r['layout']}", r["passes"], C.fmt(r["ratio_vs_online"], 3)]
-             for r in rows]
-    return C.markdown_table(["method", "teacher passes per tile per run", "ratio vs online"],
-                            body), rows
+    body += [[f"cached, {r['layout']}", r["passes"], C.fmt(r["ratio_vs_online"], 3)] for r in rows]
+    return C.markdown_table(
+        ["method", "teacher passes per tile per run", "ratio vs online"], body
+    ), rows
 
 
 def main() -> None:
@@ -151,10 +186,20 @@ def main() -> None:
     images = _tiles(6 if args.quick else None)
     rows: list[dict[str, Any]] = []
     wpath = efficientnet_lite0_weights_path()
-    sets = [("EfficientNet-Lite0 (real weights), LoveDA", "timm:tf_efficientnet_lite0",
-             str(wpath) if wpath else None, images),
-            ("DINOv2-B/14 random init, LoveDA", "dinov2_vitb14", None,
-             images[: 2 if args.quick else 4])]
+    sets = [
+        (
+            "EfficientNet-Lite0 (real weights), LoveDA",
+            "timm:tf_efficientnet_lite0",
+            str(wpath) if wpath else None,
+            images,
+        ),
+        (
+            "DINOv2-B/14 random init, LoveDA",
+            "dinov2_vitb14",
+            None,
+            images[: 2 if args.quick else 4],
+        ),
+    ]
     for label, name, weights, imgs in sets:
         spec, feats = features(name, weights, imgs)
         print(f"{label}: features {feats.shape}", file=sys.stderr, flush=True)
@@ -166,8 +211,9 @@ def main() -> None:
     t2, passes = passes_table()
     text = f"{t1}\n\n{t2}\n"
     print(text)
-    C.write_json("codecs", {"rows": rows, "passes": passes, "markdown": text,
-                            "weights": str(wpath)})
+    C.write_json(
+        "codecs", {"rows": rows, "passes": passes, "markdown": text, "weights": str(wpath)}
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,10 @@ def bare(name: str, weights: str | None, source: str, threads: int) -> dict[str,
     torch.set_num_threads(threads)
     # Throughput does not depend on the weights: the ViT-S row runs random init on purpose.
     teacher = create_teacher(name, weights=weights, base_size=518, random_weights=True)
-    canvases = [render_level(torch.from_numpy(images[s:s + BATCH]), LevelSpec(1.0), 518)
-                for s in range(0, len(images), BATCH)]
+    canvases = [
+        render_level(torch.from_numpy(images[s : s + BATCH]), LevelSpec(1.0), 518)
+        for s in range(0, len(images), BATCH)
+    ]
     with torch.inference_mode():
         teacher(canvases[0])  # warm-up (one-off kernel selection)
         t0 = time.perf_counter()
@@ -74,8 +76,9 @@ class _TileCounter:
         self.n += n
 
 
-def pipeline(name: str, weights: str | None, source: str, out: str, scheduler: str,
-             threads: int) -> dict[str, Any]:
+def pipeline(
+    name: str, weights: str | None, source: str, out: str, scheduler: str, threads: int
+) -> dict[str, Any]:
     """The real ``run_extraction``: end-to-end wall time and the shard loop alone."""
     from pipelines.config import ExtractConfig
     from pipelines.extract import (
@@ -88,10 +91,20 @@ def pipeline(name: str, weights: str | None, source: str, out: str, scheduler: s
         run_extraction,
     )
 
-    cfg = ExtractConfig(source=source, out=out, teachers=(name,),
-                        weights={name: weights} if weights else {}, batch_size=BATCH,
-                        threads=threads, tiles_per_shard=BATCH, scheduler=scheduler,
-                        overwrite=True, random_weights=True, scales=(1.0,), flip=False)
+    cfg = ExtractConfig(
+        source=source,
+        out=out,
+        teachers=(name,),
+        weights={name: weights} if weights else {},
+        batch_size=BATCH,
+        threads=threads,
+        tiles_per_shard=BATCH,
+        scheduler=scheduler,
+        overwrite=True,
+        random_weights=True,
+        scales=(1.0,),
+        flip=False,
+    )
     t0 = time.perf_counter()
     run_extraction(cfg, progress=False)
     e2e = time.perf_counter() - t0
@@ -122,8 +135,13 @@ def main() -> None:
     from pipelines.teachers import efficientnet_lite0_weights_path
 
     lite0 = efficientnet_lite0_weights_path()
-    teachers = [("timm:tf_efficientnet_lite0", str(lite0) if lite0 else None,
-                 "EfficientNet-Lite0 (real weights)")]
+    teachers = [
+        (
+            "timm:tf_efficientnet_lite0",
+            str(lite0) if lite0 else None,
+            "EfficientNet-Lite0 (real weights)",
+        )
+    ]
     if not args.quick:
         teachers.append(("timm:vit_small_patch14_dinov2", None, "DINOv2 ViT-S/14 (random init)"))
     repeat = args.repeat or (1 if args.quick else 2)
@@ -135,23 +153,47 @@ def main() -> None:
             b0 = bare(name, weights, source, 2)
             p = pipeline(name, weights, source, f"{tmp}/a.zarr", "local", 2)
             b1 = bare(name, weights, source, 2)
-            b = {"tiles": b0["tiles"], "runs": [b0, b1],
-                 "tiles_per_s": 0.5 * (b0["tiles_per_s"] + b1["tiles_per_s"])}
+            b = {
+                "tiles": b0["tiles"],
+                "runs": [b0, b1],
+                "tiles_per_s": 0.5 * (b0["tiles_per_s"] + b1["tiles_per_s"]),
+            }
             d = pipeline(name, weights, source, f"{tmp}/b.zarr", "local:2", 1)
             n = b["tiles"]
             e2e_local = n / p["end_to_end_s"]
             e2e_dask = n / d["end_to_end_s"]
             raw.append({"teacher": label, "bare": b, "local": p, "dask": d})
-            rows.append([label, n, f"{b['tiles_per_s']:.2f}",
-                         f"{p['tiles_per_s']:.2f}", C.fmt(p["tiles_per_s"] / b["tiles_per_s"]),
-                         C.goal(p["tiles_per_s"] / b["tiles_per_s"], 0.90, False),
-                         C.fmt(e2e_local / b["tiles_per_s"]),
-                         C.fmt(e2e_dask / b["tiles_per_s"]), C.fmt(e2e_dask / e2e_local)])
+            rows.append(
+                [
+                    label,
+                    n,
+                    f"{b['tiles_per_s']:.2f}",
+                    f"{p['tiles_per_s']:.2f}",
+                    C.fmt(p["tiles_per_s"] / b["tiles_per_s"]),
+                    C.goal(p["tiles_per_s"] / b["tiles_per_s"], 0.90, False),
+                    C.fmt(e2e_local / b["tiles_per_s"]),
+                    C.fmt(e2e_dask / b["tiles_per_s"]),
+                    C.fmt(e2e_dask / e2e_local),
+                ]
+            )
             print(f"{label}: {raw[-1]}", file=sys.stderr, flush=True)
-    text = C.markdown_table(
-        ["teacher", "tiles", "bare forward tiles/s", "pipeline tiles/s (shard loop)",
-         "pipeline / bare", "goal >= 0.90", "end-to-end local / bare",
-         "end-to-end dask 2x1 / bare", "dask 2x1 / local 1x2 (end-to-end)"], rows) + "\n"
+    text = (
+        C.markdown_table(
+            [
+                "teacher",
+                "tiles",
+                "bare forward tiles/s",
+                "pipeline tiles/s (shard loop)",
+                "pipeline / bare",
+                "goal >= 0.90",
+                "end-to-end local / bare",
+                "end-to-end dask 2x1 / bare",
+                "dask 2x1 / local 1x2 (end-to-end)",
+            ],
+            rows,
+        )
+        + "\n"
+    )
     print(text)
     C.write_json(args.out, {"runs": raw, "batch": BATCH, "markdown": text})
 

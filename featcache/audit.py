@@ -51,8 +51,12 @@ from trainer.targets import cutmix_targets, mix_levels
 
 OFFICIAL_SCALE_RANGE = SCALE_RANGE  # the official draw's range (featstore.constants)
 STUDENT_PATCH = 14
-ZOOM_BINS = ((0.0, 0.75, "zoom < 0.75"), (0.75, 1.25, "0.75 <= zoom < 1.25"),
-             (1.25, 1.75, "1.25 <= zoom < 1.75"), (1.75, float("inf"), "zoom >= 1.75"))
+ZOOM_BINS = (
+    (0.0, 0.75, "zoom < 0.75"),
+    (0.75, 1.25, "0.75 <= zoom < 1.25"),
+    (1.25, 1.75, "1.25 <= zoom < 1.75"),
+    (1.75, float("inf"), "zoom >= 1.75"),
+)
 
 
 class AuditError(FeatcacheError, ValueError):
@@ -99,8 +103,11 @@ def default_level_sets(keys: Sequence[str]) -> dict[str, list[str]]:
     plain = [lv.key for lv in levels if not lv.flipped]
     one = ["s1.00"] if "s1.00" in plain else plain[:1]
     sets: dict[str, list[str]] = {}
-    for label, chosen in (("s1.00 only", one), ("all scales", plain),
-                          ("all scales + flip", list(keys))):
+    for label, chosen in (
+        ("s1.00 only", one),
+        ("all scales", plain),
+        ("all scales + flip", list(keys)),
+    ):
         if chosen and all(sorted(chosen) != sorted(v) for v in sets.values()):
             sets[label] = chosen
     return sets
@@ -109,8 +116,9 @@ def default_level_sets(keys: Sequence[str]) -> dict[str, list[str]]:
 NEAREST = " (nearest level)"
 
 
-def _with_blend(sets: dict[str, tuple[LevelSpec, ...]], blend: float
-                ) -> dict[str, tuple[tuple[LevelSpec, ...], float]]:
+def _with_blend(
+    sets: dict[str, tuple[LevelSpec, ...]], blend: float
+) -> dict[str, tuple[tuple[LevelSpec, ...], float]]:
     """Every set with the blend rule; when blending, each set of several scales is also
     reported with its nearest level only (just before it), so the table shows what mixing buys."""
     out: dict[str, tuple[tuple[LevelSpec, ...], float]] = {}
@@ -121,28 +129,39 @@ def _with_blend(sets: dict[str, tuple[LevelSpec, ...]], blend: float
     return out
 
 
-def _resolve_sets(store: Any, name: str, level_sets: Mapping[str, Sequence[str]] | None
-                  ) -> dict[str, tuple[LevelSpec, ...]]:
+def _resolve_sets(
+    store: Any, name: str, level_sets: Mapping[str, Sequence[str]] | None
+) -> dict[str, tuple[LevelSpec, ...]]:
     have = [lv.key for lv in store.levels(name)]
     sets = dict(level_sets) if level_sets else default_level_sets(have)
     out = {}
     for label, keys in sets.items():
         missing = [k for k in keys if k not in have]
         if not keys or missing:
-            raise AuditError(f"level set {label!r} = {list(keys)} names levels the store lacks "
-                             f"({missing}); teacher {name!r} has {have}")
+            raise AuditError(
+                f"level set {label!r} = {list(keys)} names levels the store lacks "
+                f"({missing}); teacher {name!r} has {have}"
+            )
         out[label] = tuple(LevelSpec.from_key(k) for k in keys)
     return out
 
 
-def _store_teacher(store: Any, name: str, teacher: Any, weights: str | None, tiny: bool,
-                   device: torch.device, random_weights: bool) -> Any:
+def _store_teacher(
+    store: Any,
+    name: str,
+    teacher: Any,
+    weights: str | None,
+    tiny: bool,
+    device: torch.device,
+    random_weights: bool,
+) -> Any:
     """The store's teacher rebuilt, or the given one moved to ``device``; both checked."""
     from pipelines.teachers import check_store_teacher, teacher_for_store
 
     if teacher is None:
-        return teacher_for_store(store, name, weights=weights, tiny=tiny,
-                                 random_weights=random_weights, device=device)
+        return teacher_for_store(
+            store, name, weights=weights, tiny=tiny, random_weights=random_weights, device=device
+        )
     check_store_teacher(store, name, teacher, "the teacher given")
     return teacher.to(device).eval()
 
@@ -170,14 +189,20 @@ class _Read:
         return target, valid
 
 
-def _read_levels(ctx: _Ctx, idx: Sequence[int], params: Sequence[ViewParams],
-                 levels: Sequence[LevelSpec], blend: float,
-                 cache: dict[tuple[int, str], torch.Tensor]) -> _Read:
+def _read_levels(
+    ctx: _Ctx,
+    idx: Sequence[int],
+    params: Sequence[ViewParams],
+    levels: Sequence[LevelSpec],
+    blend: float,
+    cache: dict[tuple[int, str], torch.Tensor],
+) -> _Read:
     """Each view's nearest allowed level and the levels ``blend_levels`` mixes in.
 
     ``cache`` holds the batch's decoded grids by ``(tile, level key)``: the configurations
     overlap (nested sets, each with and without the blend), so each grid is read once.
     """
+
     def read(i: int, lv: LevelSpec) -> torch.Tensor:
         key = (int(i), lv.key)
         if key not in cache:
@@ -210,8 +235,9 @@ def _near_edge(boxes: torch.Tensor, grid: CompareGrid) -> torch.Tensor:
     return near & (boxes[:, 2:].prod(1) > 0).view(-1, 1, 1)
 
 
-def _exact_scale(ctx: _Ctx, images: torch.Tensor,
-                 params: Sequence[ViewParams], geom: ViewGeometry) -> torch.Tensor:
+def _exact_scale(
+    ctx: _Ctx, images: torch.Tensor, params: Sequence[ViewParams], geom: ViewGeometry
+) -> torch.Tensor:
     """Targets from a cache rendered at exactly each view's scale (best one-level warp)."""
     from pipelines.extract import render_level
 
@@ -219,15 +245,24 @@ def _exact_scale(ctx: _Ctx, images: torch.Tensor,
     nhwc = images.permute(0, 2, 3, 1)
     for b, p in enumerate(params):
         level = LevelSpec(p.size / ctx.base, p.flip)
-        grid = ctx.teacher(render_level(nhwc[b:b + 1], level, ctx.base))[0]
+        grid = ctx.teacher(render_level(nhwc[b : b + 1], level, ctx.base))[0]
         grids.append(grid)
-        lgs.append(LevelGeometry.from_specs(ctx.tile, ctx.base, level, ctx.teacher.spec,
-                                            int(grid.shape[0])))
+        lgs.append(
+            LevelGeometry.from_specs(
+                ctx.tile, ctx.base, level, ctx.teacher.spec, int(grid.shape[0])
+            )
+        )
     return sample_on(ctx.grid, grids, lgs, geom)[0]
 
 
-def _audit_batch(ctx: _Ctx, idx: Sequence[int], params: Sequence[ViewParams],
-                 gen: torch.Generator, acc: dict[str, Any], ceiling: bool) -> None:
+def _audit_batch(
+    ctx: _Ctx,
+    idx: Sequence[int],
+    params: Sequence[ViewParams],
+    gen: torch.Generator,
+    acc: dict[str, Any],
+    ceiling: bool,
+) -> None:
     """Accumulate per-view token sums of one batch of views into ``acc``."""
     geom = ViewGeometry.from_params(params, ctx.device)
     images = _images(ctx, idx)
@@ -272,18 +307,40 @@ def _audit_batch(ctx: _Ctx, idx: Sequence[int], params: Sequence[ViewParams],
 def _identity_cases(ctx: _Ctx) -> list[tuple[str, str, ViewParams, str]]:
     """(label, level key, view, note): views whose cached target must equal the online one."""
     s2 = LevelSpec(2.0).render_px(ctx.base)
-    exact, mirrored = "must be 1.0 (to codec precision)", \
-        "reference: below 1 unless the teacher is flip-invariant"
-    zoom = ("1.0 when tokens depend only on nearby pixels at a size-independent phase; "
-            "below 1: context cut by the crop, or size-dependent (TF SAME) padding")
-    return [("identity view vs s1.00", "s1.00",
-             ViewParams(ctx.base, 0, 0, False, ctx.tile, ctx.base), exact),
-            ("flipped identity vs s1.00f", "s1.00f",
-             ViewParams(ctx.base, 0, 0, True, ctx.tile, ctx.base), exact),
-            ("flipped identity vs s1.00 (mirrored read)", "s1.00",
-             ViewParams(ctx.base, 0, 0, True, ctx.tile, ctx.base), mirrored),
-            (f"zoom identity (S={s2}, origin crop) vs s2.00", "s2.00",
-             ViewParams(s2, 0, 0, False, ctx.tile, ctx.base), zoom)]
+    exact, mirrored = (
+        "must be 1.0 (to codec precision)",
+        "reference: below 1 unless the teacher is flip-invariant",
+    )
+    zoom = (
+        "1.0 when tokens depend only on nearby pixels at a size-independent phase; "
+        "below 1: context cut by the crop, or size-dependent (TF SAME) padding"
+    )
+    return [
+        (
+            "identity view vs s1.00",
+            "s1.00",
+            ViewParams(ctx.base, 0, 0, False, ctx.tile, ctx.base),
+            exact,
+        ),
+        (
+            "flipped identity vs s1.00f",
+            "s1.00f",
+            ViewParams(ctx.base, 0, 0, True, ctx.tile, ctx.base),
+            exact,
+        ),
+        (
+            "flipped identity vs s1.00 (mirrored read)",
+            "s1.00",
+            ViewParams(ctx.base, 0, 0, True, ctx.tile, ctx.base),
+            mirrored,
+        ),
+        (
+            f"zoom identity (S={s2}, origin crop) vs s2.00",
+            "s2.00",
+            ViewParams(s2, 0, 0, False, ctx.tile, ctx.base),
+            zoom,
+        ),
+    ]
 
 
 def _identity_checks(ctx: _Ctx, tiles: Sequence[int]) -> list[Check]:
@@ -297,8 +354,7 @@ def _identity_checks(ctx: _Ctx, tiles: Sequence[int]) -> list[Check]:
         lg = ctx.geom(key)
         # student grid: n = the level's own grid so both sides read whole tokens (the zoomed
         # view's tokens are not the level's: there, the student grid the loss reads)
-        grid = make_grid(ctx.grid.kind, ctx.teacher, ctx.base,
-                         ctx.n if key == "s2.00" else lg.grid)
+        grid = make_grid(ctx.grid.kind, ctx.teacher, ctx.base, ctx.n if key == "s2.00" else lg.grid)
         geom = ViewGeometry.from_params([p] * len(tiles), ctx.device)
         online = ctx.online(render_views(_images(ctx, tiles), geom), grid)
         grids = [torch.from_numpy(ctx.store.read(ctx.name, int(i), key)) for i in tiles]
@@ -309,8 +365,14 @@ def _identity_checks(ctx: _Ctx, tiles: Sequence[int]) -> list[Check]:
         if key == "s2.00":
             c = grid.centres(ctx.device) < ctx.base / 2  # away from the crop's right/bottom
             quarter = w * (c.view(1, -1, 1) & c.view(1, 1, -1))
-            checks.append(Check("  same, top-left quarter of the view", _wmean(cos, quarter),
-                                int(quarter.sum()), note="context effects are smaller here"))
+            checks.append(
+                Check(
+                    "  same, top-left quarter of the view",
+                    _wmean(cos, quarter),
+                    int(quarter.sum()),
+                    note="context effects are smaller here",
+                )
+            )
     return checks
 
 
@@ -319,33 +381,48 @@ def _wmean(cos: torch.Tensor, w: torch.Tensor) -> float:
     return float((cos * w).sum()) / total if total else float("nan")
 
 
-def _bank_checks(ctx: _Ctx, tiles: Sequence[int], max_views: int,
-                 batch_size: int) -> list[Check]:
+def _bank_checks(ctx: _Ctx, tiles: Sequence[int], max_views: int, batch_size: int) -> list[Check]:
     """The exact view bank on its own views (empty when the store has no bank of the teacher)."""
     store = ctx.store
     if max_views <= 0 or not store.has_bank or ctx.name not in store.bank.teachers:
         return []
     banked = [int(i) for i in tiles if store.bank.done()[int(i)]]
-    res = bank_fidelity(store, ctx.name, ctx.teacher, banked, ctx.n, max_views, batch_size,
-                        ctx.device)
+    res = bank_fidelity(
+        store, ctx.name, ctx.teacher, banked, ctx.n, max_views, batch_size, ctx.device
+    )
     note = "must be 1.0 (to codec precision)"
-    return [Check(f"bank grid vs teacher on the bank view ({g} grid)", *res[g], note=note)
-            for g in (ctx.grid.kind, ctx.other.kind)]
+    return [
+        Check(f"bank grid vs teacher on the bank view ({g} grid)", *res[g], note=note)
+        for g in (ctx.grid.kind, ctx.other.kind)
+    ]
 
 
 # ----------------------------------------------------------------------------- public
 
 
-def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
-                tiny: bool = False, n_views: int = 64, seed: int = 0,
-                level_sets: Mapping[str, Sequence[str]] | None = None,
-                teacher: Any = None, device: str | torch.device = "cpu",
-                crop_size: int | None = None, n_tokens: int | None = None,
-                batch_size: int = 8, grid_aligned: bool = False, ceiling: bool = True,
-                identity_tiles: int = 8, grid: str = "teacher",
-                bank_views: int = 64, scale_blend: float = 0.25,
-                aligned_views: int = 0, progress: bool = False,
-                random_weights: bool = False) -> AuditResult:
+def audit_store(
+    store_url: str,
+    teacher_name: str,
+    weights: str | None = None,
+    tiny: bool = False,
+    n_views: int = 64,
+    seed: int = 0,
+    level_sets: Mapping[str, Sequence[str]] | None = None,
+    teacher: Any = None,
+    device: str | torch.device = "cpu",
+    crop_size: int | None = None,
+    n_tokens: int | None = None,
+    batch_size: int = 8,
+    grid_aligned: bool = False,
+    ceiling: bool = True,
+    identity_tiles: int = 8,
+    grid: str = "teacher",
+    bank_views: int = 64,
+    scale_blend: float = 0.25,
+    aligned_views: int = 0,
+    progress: bool = False,
+    random_weights: bool = False,
+) -> AuditResult:
     """Audit the fidelity of cached targets against the teacher run on the views.
 
     Args:
@@ -396,8 +473,10 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
     except MissingTeacherError as err:
         raise AuditError(f"{store_url}: {err}") from None
     if not store.schema.store_pixels:
-        raise AuditError(f"store {store_url} holds no pixels; re-extract without --no-pixels "
-                         "so the audit can render the views")
+        raise AuditError(
+            f"store {store_url} holds no pixels; re-extract without --no-pixels "
+            "so the audit can render the views"
+        )
     if n_views < 1 or batch_size < 1:
         raise AuditError(f"--views ({n_views}) and batch size ({batch_size}) must be >= 1")
     dev = torch.device(device)
@@ -408,10 +487,21 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
     if grid not in ("teacher", "student"):
         raise AuditError(f"grid must be 'teacher' or 'student', got {grid!r} (--grid)")
     other = "student" if grid == "teacher" else "teacher"
-    ctx = _Ctx(store, teacher_name, teacher, dev, sch.tile_size, sch.base_size, crop, n,
-               _with_blend(_resolve_sets(store, teacher_name, level_sets),
-                           0.0 if grid_aligned else scale_blend),
-               make_grid(grid, teacher, crop, n), make_grid(other, teacher, crop, n))
+    ctx = _Ctx(
+        store,
+        teacher_name,
+        teacher,
+        dev,
+        sch.tile_size,
+        sch.base_size,
+        crop,
+        n,
+        _with_blend(
+            _resolve_sets(store, teacher_name, level_sets), 0.0 if grid_aligned else scale_blend
+        ),
+        make_grid(grid, teacher, crop, n),
+        make_grid(other, teacher, crop, n),
+    )
     done = np.flatnonzero(store.done())
     if done.size == 0:
         raise AuditError(f"store {store_url} has no done tiles; run the extraction first")
@@ -427,8 +517,7 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
         for start in range(0, n_views, batch_size):
             count = min(batch_size, n_views - start)
             idx = [int(i) for i in rng.choice(done, size=count)]
-            params = [draw_view(rng, ctx.tile, crop, OFFICIAL_SCALE_RANGE, 0.5, align)
-                      for _ in idx]
+            params = [draw_view(rng, ctx.tile, crop, OFFICIAL_SCALE_RANGE, 0.5, align) for _ in idx]
             _audit_batch(ctx, idx, params, gen, acc, ceiling)
             bar.update(count)
         bar.close()
@@ -436,42 +525,92 @@ def audit_store(store_url: str, teacher_name: str, weights: str | None = None,
     result = _summarise(ctx, acc, identity, ceiling)
     result.bank = bank
     if aligned_views > 0 and not grid_aligned:
-        result.references.append(_aligned_reference(
-            store_url, teacher_name, teacher, aligned_views, seed, level_sets, dev, crop_size,
-            n_tokens, batch_size, grid))
-    result.meta.update(grid=grid, grid_n=ctx.grid.n, other_grid_n=ctx.other.n,
-                       store=str(store_url), teacher=teacher_name, n_views=n_views, seed=seed,
-                       tile_size=ctx.tile, base_size=ctx.base, crop_size=crop, n_tokens=ctx.n,
-                       grid_aligned=grid_aligned, seconds=round(time.perf_counter() - t0, 2),
-                       scale_blend=0.0 if grid_aligned else scale_blend,
-                       level_sets={k: [lv.key for lv in v[0]] for k, v in ctx.configs.items()})
+        result.references.append(
+            _aligned_reference(
+                store_url,
+                teacher_name,
+                teacher,
+                aligned_views,
+                seed,
+                level_sets,
+                dev,
+                crop_size,
+                n_tokens,
+                batch_size,
+                grid,
+            )
+        )
+    result.meta.update(
+        grid=grid,
+        grid_n=ctx.grid.n,
+        other_grid_n=ctx.other.n,
+        store=str(store_url),
+        teacher=teacher_name,
+        n_views=n_views,
+        seed=seed,
+        tile_size=ctx.tile,
+        base_size=ctx.base,
+        crop_size=crop,
+        n_tokens=ctx.n,
+        grid_aligned=grid_aligned,
+        seconds=round(time.perf_counter() - t0, 2),
+        scale_blend=0.0 if grid_aligned else scale_blend,
+        level_sets={k: [lv.key for lv in v[0]] for k, v in ctx.configs.items()},
+    )
     return result
 
 
-def _aligned_reference(store_url: str, name: str, teacher: Any, n_views: int, seed: int,
-                       level_sets: Mapping[str, Sequence[str]] | None, device: torch.device,
-                       crop_size: int | None, n_tokens: int | None, batch_size: int,
-                       grid: str) -> Check:
+def _aligned_reference(
+    store_url: str,
+    name: str,
+    teacher: Any,
+    n_views: int,
+    seed: int,
+    level_sets: Mapping[str, Sequence[str]] | None,
+    device: torch.device,
+    crop_size: int | None,
+    n_tokens: int | None,
+    batch_size: int,
+    grid: str,
+) -> Check:
     """The main set's overall cosine on grid-aligned views (exact reads on the token grid)."""
-    sub = audit_store(store_url, name, teacher=teacher, n_views=n_views, seed=seed,
-                      level_sets=level_sets, device=device, crop_size=crop_size,
-                      n_tokens=n_tokens, batch_size=batch_size, grid_aligned=True,
-                      ceiling=False, identity_tiles=1, grid=grid, bank_views=0)
+    sub = audit_store(
+        store_url,
+        name,
+        teacher=teacher,
+        n_views=n_views,
+        seed=seed,
+        level_sets=level_sets,
+        device=device,
+        crop_size=crop_size,
+        n_tokens=n_tokens,
+        batch_size=batch_size,
+        grid_aligned=True,
+        ceiling=False,
+        identity_tiles=1,
+        grid=grid,
+        bank_views=0,
+    )
     main = sub.configs[-1]
     row = sub.row("all views", "overall")
-    return Check(f"grid-aligned views ({n_views}), {main}: exact reads on the token grid",
-                 row.cosine[main], row.tokens)
+    return Check(
+        f"grid-aligned views ({n_views}), {main}: exact reads on the token grid",
+        row.cosine[main],
+        row.tokens,
+    )
 
 
-def _summarise(ctx: _Ctx, acc: dict[str, Any], identity: list[Check],
-               ceiling: bool) -> AuditResult:
+def _summarise(ctx: _Ctx, acc: dict[str, Any], identity: list[Check], ceiling: bool) -> AuditResult:
     zoom = np.asarray(acc["zoom"])
     masks: list[tuple[str, str, np.ndarray]] = [("all views", "overall", np.ones_like(zoom, bool))]
     masks += [("rescale", label, (zoom >= lo) & (zoom < hi)) for lo, hi, label in ZOOM_BINS]
     partial, flip = np.asarray(acc["partial"], bool), np.asarray(acc["flip"], bool)
-    masks += [("crop", "part of the tile (S > V)", partial),
-              ("crop", "whole tile (S <= V)", ~partial),
-              ("flip", "flipped", flip), ("flip", "not flipped", ~flip)]
+    masks += [
+        ("crop", "part of the tile (S > V)", partial),
+        ("crop", "whole tile (S <= V)", ~partial),
+        ("flip", "flipped", flip),
+        ("flip", "not flipped", ~flip),
+    ]
     sums = {k: torch.cat(v).cpu().numpy() for k, v in acc.items() if isinstance(v[0], torch.Tensor)}
     labels = list(ctx.configs)
     rows = []
@@ -483,24 +622,55 @@ def _summarise(ctx: _Ctx, acc: dict[str, Any], identity: list[Check],
 
     main = labels[-1]
     for factor, case, m in masks:
-        rows.append(FactorRow(factor, case, {lb: mean(f"{lb}|plain", m)[0] for lb in labels},
-                              mean(f"{main}|plain", m)[1], int(m.sum())))
+        rows.append(
+            FactorRow(
+                factor,
+                case,
+                {lb: mean(f"{lb}|plain", m)[0] for lb in labels},
+                mean(f"{main}|plain", m)[1],
+                int(m.sum()),
+            )
+        )
     alls = np.ones_like(zoom, bool)
-    rows.append(FactorRow("other grid", f"{ctx.other.kind} grid ({ctx.other.n}x{ctx.other.n}), "
-                          "overall", {lb: mean(f"{lb}|other", alls)[0] for lb in labels},
-                          mean(f"{main}|other", alls)[1], int(alls.sum())))
-    for kind, case in (("cutmix", "all tokens"), ("cutmix_edge", "within 1 token of box edge"),
-                       ("colour", "strong colour on the online view")):
-        rows.append(FactorRow(kind.split("_")[0], case,
-                              {lb: mean(f"{lb}|{kind}", alls)[0] for lb in labels},
-                              mean(f"{main}|{kind}", alls)[1], int(alls.sum())))
-    refs = [Check("colour alone: online clean vs online jittered", *mean("ref|colour", alls)),
-            Check("CutMix token mixing of online targets vs teacher on mixed view",
-                  *mean("ref|cutmix", alls)),
-            Check("  same, within 1 token of the box edge", *mean("ref|cutmix_edge", alls))]
+    rows.append(
+        FactorRow(
+            "other grid",
+            f"{ctx.other.kind} grid ({ctx.other.n}x{ctx.other.n}), overall",
+            {lb: mean(f"{lb}|other", alls)[0] for lb in labels},
+            mean(f"{main}|other", alls)[1],
+            int(alls.sum()),
+        )
+    )
+    for kind, case in (
+        ("cutmix", "all tokens"),
+        ("cutmix_edge", "within 1 token of box edge"),
+        ("colour", "strong colour on the online view"),
+    ):
+        rows.append(
+            FactorRow(
+                kind.split("_")[0],
+                case,
+                {lb: mean(f"{lb}|{kind}", alls)[0] for lb in labels},
+                mean(f"{main}|{kind}", alls)[1],
+                int(alls.sum()),
+            )
+        )
+    refs = [
+        Check("colour alone: online clean vs online jittered", *mean("ref|colour", alls)),
+        Check(
+            "CutMix token mixing of online targets vs teacher on mixed view",
+            *mean("ref|cutmix", alls),
+        ),
+        Check("  same, within 1 token of the box edge", *mean("ref|cutmix_edge", alls)),
+    ]
     if ceiling:
-        refs.insert(0, Check("cache at exactly the view's scale (best one-level warp)",
-                             *mean("ref|exact_scale", alls)))
+        refs.insert(
+            0,
+            Check(
+                "cache at exactly the view's scale (best one-level warp)",
+                *mean("ref|exact_scale", alls),
+            ),
+        )
     return AuditResult(identity=identity, factors=rows, references=refs, configs=labels)
 
 

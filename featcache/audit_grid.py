@@ -65,22 +65,28 @@ def make_grid(kind: str, teacher: Any, crop: int, n_student: int) -> CompareGrid
     if kind == "student":
         return CompareGrid("student", int(n_student), crop / n_student, int(crop))
     if kind != "teacher":
-        raise ValueError(f"audit grid must be one of {GRIDS}, got {kind!r}; pass --grid teacher "
-                         "or --grid student")
+        raise ValueError(
+            f"audit grid must be one of {GRIDS}, got {kind!r}; pass --grid teacher "
+            "or --grid student"
+        )
     px = int(teacher.input_px(crop))
-    return CompareGrid("teacher", int(teacher.grid_size(crop)),
-                       teacher.spec.stride * crop / px, int(crop))
+    return CompareGrid(
+        "teacher", int(teacher.grid_size(crop)), teacher.spec.stride * crop / px, int(crop)
+    )
 
 
 def online_on(grid: CompareGrid, raw: torch.Tensor, teacher: Any) -> torch.Tensor:
     """The teacher output ``raw`` ``[B, g, g, C]`` on the views, expressed on ``grid``."""
     if grid.kind == "teacher":
         if raw.shape[1] != grid.n:
-            raise ValueError(f"teacher returned {raw.shape[1]} tokens per side on a {grid.crop} "
-                             f"px view, its spec says {grid.n}")
+            raise ValueError(
+                f"teacher returned {raw.shape[1]} tokens per side on a {grid.crop} "
+                f"px view, its spec says {grid.n}"
+            )
         return raw.float()
-    return resample_to_student(raw, int(teacher.input_px(grid.crop)), int(teacher.spec.stride),
-                               grid.crop, grid.n)
+    return resample_to_student(
+        raw, int(teacher.input_px(grid.crop)), int(teacher.spec.stride), grid.crop, grid.n
+    )
 
 
 def grid_valid(grid: CompareGrid, geom: ViewGeometry) -> torch.Tensor:
@@ -92,9 +98,12 @@ def grid_valid(grid: CompareGrid, geom: ViewGeometry) -> torch.Tensor:
     return (valid & inside.view(1, n, 1) & inside.view(1, 1, n)).to(torch.float32)
 
 
-def sample_on(grid: CompareGrid, grids: Sequence[torch.Tensor],
-              level_geoms: Sequence[LevelGeometry], geom: ViewGeometry
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_on(
+    grid: CompareGrid,
+    grids: Sequence[torch.Tensor],
+    level_geoms: Sequence[LevelGeometry],
+    geom: ViewGeometry,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached grids read at ``grid``'s points: ``(targets [B, n, n, C], valid [B, n, n])``.
 
     The student grid goes through ``trainer.targets.sample_targets`` (the trainer's own path);
@@ -110,9 +119,16 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def bank_fidelity(store: Any, name: str, teacher: Any, tiles: Sequence[int], n_student: int,
-                  max_views: int, batch_size: int, device: torch.device
-                  ) -> dict[str, tuple[float, int]]:
+def bank_fidelity(
+    store: Any,
+    name: str,
+    teacher: Any,
+    tiles: Sequence[int],
+    n_student: int,
+    max_views: int,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, tuple[float, int]]:
     """Bank grid vs the teacher run on the same (independently rendered) bank view.
 
     Views are rendered with the trainer's ``render_views`` from the stored params, the teacher
@@ -130,9 +146,13 @@ def bank_fidelity(store: Any, name: str, teacher: Any, tiles: Sequence[int], n_s
     pairs = [(int(i), s) for i in tiles for s in range(bank.k)][:max_views]
     sums = {"teacher": [0.0, 0.0], "student": [0.0, 0.0]}
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        params = [ViewParams(*(int(v) for v in bank.params(i)[s][:3]), bool(bank.params(i)[s][3]),
-                             tile, crop) for i, s in chunk]
+        chunk = pairs[start : start + batch_size]
+        params = [
+            ViewParams(
+                *(int(v) for v in bank.params(i)[s][:3]), bool(bank.params(i)[s][3]), tile, crop
+            )
+            for i, s in chunk
+        ]
         geom = ViewGeometry.from_params(params, device)
         images = torch.from_numpy(np.stack([store.read_image(i) for i, _ in chunk]))
         views = render_views(images.permute(0, 3, 1, 2).contiguous().to(device), geom)
@@ -151,5 +171,12 @@ def bank_fidelity(store: Any, name: str, teacher: Any, tiles: Sequence[int], n_s
     return out
 
 
-__all__ = ["GRIDS", "CompareGrid", "bank_fidelity", "grid_valid", "make_grid", "online_on",
-           "sample_on"]
+__all__ = [
+    "GRIDS",
+    "CompareGrid",
+    "bank_fidelity",
+    "grid_valid",
+    "make_grid",
+    "online_on",
+    "sample_on",
+]

@@ -27,27 +27,53 @@ def _config(source: str, store: str, **opts: Any) -> Any:
     )
 
     return ExtractConfig(
-        source=source, out=store, layout=opts["layout"], split_file=opts["split_file"],
-        tile_size=opts["tile_size"], edge_rule=opts["edge_rule"],
+        source=source,
+        out=store,
+        layout=opts["layout"],
+        split_file=opts["split_file"],
+        tile_size=opts["tile_size"],
+        edge_rule=opts["edge_rule"],
         bands=parse_bands(opts["bands"]),
-        teachers=tuple(opts["teacher"]), weights=parse_weights(opts["weights"]),
-        tiny=opts["tiny"], random_weights=opts["random_weights"],
-        scales=parse_scales(opts["scales"]), flip=opts["flip"],
-        codec=parse_codec(opts["codec"]), batch_size=opts["batch_size"], device=opts["device"],
-        scheduler=opts["scheduler"], tiles_per_shard=opts["tiles_per_shard"],
-        store_pixels=not opts["no_pixels"], overwrite=opts["overwrite"],
+        teachers=tuple(opts["teacher"]),
+        weights=parse_weights(opts["weights"]),
+        tiny=opts["tiny"],
+        random_weights=opts["random_weights"],
+        scales=parse_scales(opts["scales"]),
+        flip=opts["flip"],
+        codec=parse_codec(opts["codec"]),
+        batch_size=opts["batch_size"],
+        device=opts["device"],
+        scheduler=opts["scheduler"],
+        tiles_per_shard=opts["tiles_per_shard"],
+        store_pixels=not opts["no_pixels"],
+        overwrite=opts["overwrite"],
         break_lock=opts["break_lock"],
-        threads=opts["threads"], base_size=opts["base_size"], limit=opts["limit"],
-        classes=opts["classes"], reduce_zero_label=opts["reduce_zero_label"],
-        ignore_index=opts["ignore_index"], palette=opts["palette"],
+        threads=opts["threads"],
+        base_size=opts["base_size"],
+        limit=opts["limit"],
+        classes=opts["classes"],
+        reduce_zero_label=opts["reduce_zero_label"],
+        ignore_index=opts["ignore_index"],
+        palette=opts["palette"],
     ).validate()
 
 
 EDGE_RULE_CHOICES = ("exact", "overlap_last", "pad")  # pipelines.sources.EDGE_RULES
 # pipelines.sources.LAYOUTS, spelled out so `--help` does not import numpy/PIL (a test keeps
 # the two equal).
-LAYOUT_CHOICES = ("auto", "loveda", "loveda-folder", "potsdam", "deepglobe", "folder", "geotiff",
-                  "potsdam-mmseg", "vaihingen-mmseg", "loveda-mmseg", "mmseg")
+LAYOUT_CHOICES = (
+    "auto",
+    "loveda",
+    "loveda-folder",
+    "potsdam",
+    "deepglobe",
+    "folder",
+    "geotiff",
+    "potsdam-mmseg",
+    "vaihingen-mmseg",
+    "loveda-mmseg",
+    "mmseg",
+)
 
 
 @contextlib.contextmanager
@@ -73,65 +99,149 @@ def _echo_label_warnings() -> Iterator[None]:
 @click.command("extract")
 @click.argument("source", type=click.Path())
 @click.argument("store")
-@click.option("--teacher", "-t", multiple=True, required=True,
-              help="Teacher registry name (repeatable), e.g. dinov2_vitb14, clip_vitl14.")
-@click.option("--weights", multiple=True, metavar="NAME=PATH",
-              help="Weights of a teacher: a local checkpoint file, or a pretrained tag where the "
-                   "model hub is reachable (repeatable).")
+@click.option(
+    "--teacher",
+    "-t",
+    multiple=True,
+    required=True,
+    help="Teacher registry name (repeatable), e.g. dinov2_vitb14, clip_vitl14.",
+)
+@click.option(
+    "--weights",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Weights of a teacher: a local checkpoint file, or a pretrained tag where the "
+    "model hub is reachable (repeatable).",
+)
 @click.option("--tiny", is_flag=True, help="Tiny random-init teachers (smoke runs, tests).")
-@click.option("--random-weights", is_flag=True,
-              help="Accept random init for full-size teachers given no --weights (refused "
-                   "otherwise; efficientnet_lite0 still loads its shipped weights).")
-@click.option("--scales", default=",".join(f"{s:g}" for s in MULTI_SCALES), show_default=True,
-              help="Cached scales, e.g. 1 or 1,2 (default covers the 0.5-2.0 rescale range).")
-@click.option("--flip/--no-flip", default=True, show_default=True,
-              help="Also cache an h-flipped copy of every scale.")
-@click.option("--codec", default="fp16", show_default=True,
-              help="fp16 | int8 | pca:K, or any codec registered in featstore.codecs.")
-@click.option("--batch-size", default=8, show_default=True, type=int,
-              help="Tiles per teacher forward.")
+@click.option(
+    "--random-weights",
+    is_flag=True,
+    help="Accept random init for full-size teachers given no --weights (refused "
+    "otherwise; efficientnet_lite0 still loads its shipped weights).",
+)
+@click.option(
+    "--scales",
+    default=",".join(f"{s:g}" for s in MULTI_SCALES),
+    show_default=True,
+    help="Cached scales, e.g. 1 or 1,2 (default covers the 0.5-2.0 rescale range).",
+)
+@click.option(
+    "--flip/--no-flip",
+    default=True,
+    show_default=True,
+    help="Also cache an h-flipped copy of every scale.",
+)
+@click.option(
+    "--codec",
+    default="fp16",
+    show_default=True,
+    help="fp16 | int8 | pca:K, or any codec registered in featstore.codecs.",
+)
+@click.option(
+    "--batch-size", default=8, show_default=True, type=int, help="Tiles per teacher forward."
+)
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
-@click.option("--scheduler", default="local", show_default=True,
-              help="local | local:N (N worker processes) | tcp://host:port.")
-@click.option("--tiles-per-shard", default=16, show_default=True, type=int,
-              help="Tiles per storage chunk (and per resumable unit of work).")
-@click.option("--tile-size", default=512, show_default=True, type=int,
-              help="Side in px of the tiles cut from each source image.")
-@click.option("--edge-rule", default=None, type=click.Choice(EDGE_RULE_CHOICES),
-              help="How scene edges are tiled: exact (side a multiple of the tile), "
-                   "overlap_last (last tile shifted inside), pad (last tile zero-padded with the "
-                   "dataset's pad label: DWL's cut of the official Potsdam/DeepGlobe data). "
-                   "Default: the layout's (LoveDA exact, Potsdam overlap_last, others pad).")
-@click.option("--base-size", default=DEFAULT_CROP, show_default=True, type=int,
-              help="Canvas px of a scale-1 tile (the trainer's crop size).")
-@click.option("--layout", default="auto", show_default=True, type=click.Choice(LAYOUT_CHOICES),
-              help="Source layout; dataset layouts fix the label convention (potsdam-mmseg, "
-                   "vaihingen-mmseg: mmseg's ISPRS tiles, 0 = ignore; loveda*: 0 = no-data), "
-                   "folder/mmseg take it from --classes etc.")
-@click.option("--classes", default=None, metavar="NAMES|FILE",
-              help="Class names in id order, comma-separated or a file with one per line "
-                   "(generic layouts; default: classes.txt beside the data).")
-@click.option("--reduce-zero-label/--no-reduce-zero-label", default=None,
-              help="Index masks: 0 means ignore and value v is class v-1 (mmseg's "
-                   "reduce_zero_label) / values are class ids. Not given: ambiguous masks warn.")
-@click.option("--ignore-index", default=None, type=click.IntRange(0, IGNORE_INDEX), metavar="N",
-              help="A source mask value that means ignore (255 always does).")
-@click.option("--palette", default=None, type=click.Path(dir_okay=False),
-              help="Colour-coded RGB masks: file with one 'NAME R G B' line per class in id "
-                   "order ('ignore R G B' for ignored colours), or JSON {NAME: [R, G, B]}.")
-@click.option("--split-file", type=click.Path(), default=None,
-              help="RS-MTDF/DWL split file ('<image> <mask>' per line) instead of the folder walk; "
-                   "--layout still sets the label convention.")
+@click.option(
+    "--scheduler",
+    default="local",
+    show_default=True,
+    help="local | local:N (N worker processes) | tcp://host:port.",
+)
+@click.option(
+    "--tiles-per-shard",
+    default=16,
+    show_default=True,
+    type=int,
+    help="Tiles per storage chunk (and per resumable unit of work).",
+)
+@click.option(
+    "--tile-size",
+    default=512,
+    show_default=True,
+    type=int,
+    help="Side in px of the tiles cut from each source image.",
+)
+@click.option(
+    "--edge-rule",
+    default=None,
+    type=click.Choice(EDGE_RULE_CHOICES),
+    help="How scene edges are tiled: exact (side a multiple of the tile), "
+    "overlap_last (last tile shifted inside), pad (last tile zero-padded with the "
+    "dataset's pad label: DWL's cut of the official Potsdam/DeepGlobe data). "
+    "Default: the layout's (LoveDA exact, Potsdam overlap_last, others pad).",
+)
+@click.option(
+    "--base-size",
+    default=DEFAULT_CROP,
+    show_default=True,
+    type=int,
+    help="Canvas px of a scale-1 tile (the trainer's crop size).",
+)
+@click.option(
+    "--layout",
+    default="auto",
+    show_default=True,
+    type=click.Choice(LAYOUT_CHOICES),
+    help="Source layout; dataset layouts fix the label convention (potsdam-mmseg, "
+    "vaihingen-mmseg: mmseg's ISPRS tiles, 0 = ignore; loveda*: 0 = no-data), "
+    "folder/mmseg take it from --classes etc.",
+)
+@click.option(
+    "--classes",
+    default=None,
+    metavar="NAMES|FILE",
+    help="Class names in id order, comma-separated or a file with one per line "
+    "(generic layouts; default: classes.txt beside the data).",
+)
+@click.option(
+    "--reduce-zero-label/--no-reduce-zero-label",
+    default=None,
+    help="Index masks: 0 means ignore and value v is class v-1 (mmseg's "
+    "reduce_zero_label) / values are class ids. Not given: ambiguous masks warn.",
+)
+@click.option(
+    "--ignore-index",
+    default=None,
+    type=click.IntRange(0, IGNORE_INDEX),
+    metavar="N",
+    help="A source mask value that means ignore (255 always does).",
+)
+@click.option(
+    "--palette",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Colour-coded RGB masks: file with one 'NAME R G B' line per class in id "
+    "order ('ignore R G B' for ignored colours), or JSON {NAME: [R, G, B]}.",
+)
+@click.option(
+    "--split-file",
+    type=click.Path(),
+    default=None,
+    help="RS-MTDF/DWL split file ('<image> <mask>' per line) instead of the folder walk; "
+    "--layout still sets the label convention.",
+)
 @click.option("--bands", default=None, help="1-based source bands used as RGB, e.g. 3,2,1.")
 @click.option("--no-pixels", is_flag=True, help="Do not store images and masks.")
-@click.option("--overwrite", is_flag=True,
-              help="Delete an existing featcache store at STORE and start over (anything else "
-                   "at STORE is refused, never deleted).")
-@click.option("--break-lock", is_flag=True,
-              help="Remove another writer's lock on STORE (featcache.lock) first: only when "
-                   "that writer is dead, e.g. killed on another host.")
-@click.option("--threads", default=1, show_default=True, type=int,
-              help="Torch threads per process (fixed for reproducible numerics).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Delete an existing featcache store at STORE and start over (anything else "
+    "at STORE is refused, never deleted).",
+)
+@click.option(
+    "--break-lock",
+    is_flag=True,
+    help="Remove another writer's lock on STORE (featcache.lock) first: only when "
+    "that writer is dead, e.g. killed on another host.",
+)
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Torch threads per process (fixed for reproducible numerics).",
+)
 @click.option("--limit", default=None, type=int, help="Only the first N tiles (smoke runs).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract_command(source: str, store: str, quiet: bool, **opts: Any) -> None:
@@ -160,8 +270,9 @@ def _class_table(url: str) -> list[str]:
     return class_table_lines(open_store(url).schema)
 
 
-def _random_note(names: tuple[str, ...], weights: dict[str, str], tiny: bool,
-                 accepted: bool) -> str | None:
+def _random_note(
+    names: tuple[str, ...], weights: dict[str, str], tiny: bool, accepted: bool
+) -> str | None:
     """First line of a run whose full-size teachers run with random weights (--random-weights)."""
     from pipelines.teachers import plan_weights
 
@@ -170,8 +281,10 @@ def _random_note(names: tuple[str, ...], weights: dict[str, str], tiny: bool,
     rand = [n for n in names if plan_weights(n, weights.get(n)) in (None, "random")]
     if not rand:
         return None
-    return (f"random weights (--random-weights): {', '.join(rand)}; their features carry no "
-            "pretrained knowledge (smoke runs only)")
+    return (
+        f"random weights (--random-weights): {', '.join(rand)}; their features carry no "
+        "pretrained knowledge (smoke runs only)"
+    )
 
 
 def _level_bytes(url: str, teacher: str, key: str) -> int:
@@ -218,16 +331,20 @@ def _info_lines(url: str) -> list[str]:
     ]
     for entry in schema.teachers:
         spec, codec = entry.spec, get_codec(entry.codec)
-        lines.append(f"teacher {spec.name}: {spec.family} {spec.arch}, weights "
-                     f"{spec.weights or 'random'}, input {spec.input_size} px, stride "
-                     f"{spec.stride}, {spec.channels} ch, layer {spec.layer}; codec "
-                     f"{codec.to_dict()}")
+        lines.append(
+            f"teacher {spec.name}: {spec.family} {spec.arch}, weights "
+            f"{spec.weights or 'random'}, input {spec.input_size} px, stride "
+            f"{spec.stride}, {spec.channels} ch, layer {spec.layer}; codec "
+            f"{codec.to_dict()}"
+        )
         for level in entry.levels:
             g = spec.grid_size(level.canvas_px(schema.base_size), schema.base_size)
             size = _human(_level_bytes(url, spec.name, level.key))
-            lines.append(f"  level {level.key}: scale {level.scale:g}"
-                         f"{' flipped' if level.flipped else ''}, grid {g}x{g} x "
-                         f"{codec.stored_channels(spec.channels)} ch, {size} on disk")
+            lines.append(
+                f"  level {level.key}: scale {level.scale:g}"
+                f"{' flipped' if level.flipped else ''}, grid {g}x{g} x "
+                f"{codec.stored_channels(spec.channels)} ch, {size} on disk"
+            )
     return lines
 
 
@@ -255,44 +372,76 @@ def verify_command(store: str) -> None:
 
 @click.command("synth")
 @click.argument("out", type=click.Path())
-@click.option("--n-images", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Number of synthetic scenes.")
-@click.option("--size", default=256, show_default=True, type=click.IntRange(min=32),
-              help="Image edge in px.")
-@click.option("--seed", default=0, show_default=True, type=int,
-              help="Random seed (same seed, same bytes).")
+@click.option(
+    "--n-images",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Number of synthetic scenes.",
+)
+@click.option(
+    "--size", default=256, show_default=True, type=click.IntRange(min=32), help="Image edge in px."
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same bytes)."
+)
 def synth_command(out: str, n_images: int, size: int, seed: int) -> None:
     """Write a small synthetic dataset (images/ + masks/) into OUT."""
     from pipelines.synthetic import generate_synthetic
 
     if Path(out).exists() and not Path(out).is_dir():
-        raise click.BadParameter(f"{out} is a file; pass a folder for the dataset",
-                                 param_hint="OUT")
+        raise click.BadParameter(
+            f"{out} is a file; pass a folder for the dataset", param_hint="OUT"
+        )
     generate_synthetic(out, n_images=n_images, size=size, seed=seed)
     click.echo(f"wrote {n_images} synthetic images of {size} px to {out}")
 
 
 @click.command("bank")
 @click.argument("store")
-@click.option("--teacher", "-t", multiple=True,
-              help="Teacher in the store to bank (repeatable; default: all of them).")
-@click.option("--weights", multiple=True, metavar="NAME=PATH",
-              help="Weights the store was extracted with (repeatable).")
+@click.option(
+    "--teacher",
+    "-t",
+    multiple=True,
+    help="Teacher in the store to bank (repeatable; default: all of them).",
+)
+@click.option(
+    "--weights",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Weights the store was extracted with (repeatable).",
+)
 @click.option("--tiny", is_flag=True, help="The store was extracted with --tiny teachers.")
-@click.option("--random-weights", is_flag=True,
-              help="The store was extracted with --random-weights (accept random init).")
-@click.option("--k", "k", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Views per tile.")
-@click.option("--seed", default=0, show_default=True, type=int,
-              help="Seed of the recorded view draws.")
-@click.option("--batch-size", default=16, show_default=True, type=int,
-              help="Views per teacher forward.")
+@click.option(
+    "--random-weights",
+    is_flag=True,
+    help="The store was extracted with --random-weights (accept random init).",
+)
+@click.option(
+    "--k", "k", default=8, show_default=True, type=click.IntRange(min=1), help="Views per tile."
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Seed of the recorded view draws."
+)
+@click.option(
+    "--batch-size", default=16, show_default=True, type=int, help="Views per teacher forward."
+)
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
 @click.option("--overwrite", is_flag=True, help="Replace a bank drawn with other parameters.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def bank_command(store: str, teacher: tuple[str, ...], weights: tuple[str, ...], tiny: bool,
-                 random_weights: bool, k: int, seed: int, batch_size: int, device: str,
-                 overwrite: bool, quiet: bool) -> None:
+def bank_command(
+    store: str,
+    teacher: tuple[str, ...],
+    weights: tuple[str, ...],
+    tiny: bool,
+    random_weights: bool,
+    k: int,
+    seed: int,
+    batch_size: int,
+    device: str,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
     """Add an exact view bank to STORE: K recorded views per tile with the teacher run on each.
 
     Training with `target_mode: view_bank` then draws views whose targets equal the online
@@ -301,9 +450,19 @@ def bank_command(store: str, teacher: tuple[str, ...], weights: tuple[str, ...],
     from pipelines.config import parse_weights
     from pipelines.viewbank import build_view_bank
 
-    build_view_bank(store, teacher_names=teacher or None, weights=parse_weights(weights),
-                    tiny=tiny, k=k, seed=seed, batch_size=batch_size, device=device,
-                    overwrite=overwrite, progress=not quiet, random_weights=random_weights)
+    build_view_bank(
+        store,
+        teacher_names=teacher or None,
+        weights=parse_weights(weights),
+        tiny=tiny,
+        k=k,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        overwrite=overwrite,
+        progress=not quiet,
+        random_weights=random_weights,
+    )
     click.echo(f"view bank of {k} views per tile written to {store}")
 
 

@@ -25,8 +25,10 @@ def parse_batch(text: str) -> tuple[int, int]:
     if len(values) == 1:
         values *= 2
     if len(values) != 2 or values[0] < 1 or values[1] < 0:
-        raise click.BadParameter(f"--batch {text!r}: write LABELED+UNLABELED with LABELED >= 1 "
-                                 "and UNLABELED >= 0, e.g. 8+8")
+        raise click.BadParameter(
+            f"--batch {text!r}: write LABELED+UNLABELED with LABELED >= 1 "
+            "and UNLABELED >= 0, e.g. 8+8"
+        )
     return values[0], values[1]
 
 
@@ -61,20 +63,33 @@ def build_config(opts: dict[str, Any]) -> Any:
     else:
         cfg = TrainConfig.from_dict({"preset": preset} if preset else {})
     set_if = {  # option -> (section, attribute)
-        "store": ("data", "store"), "source": ("data", "source"), "labeled": ("data", "labeled"),
-        "unlabeled": ("data", "unlabeled"), "val": ("data", "val"),
-        "tile_size": ("data", "tile_size"), "workers": ("data", "num_workers"),
+        "store": ("data", "store"),
+        "source": ("data", "source"),
+        "labeled": ("data", "labeled"),
+        "unlabeled": ("data", "unlabeled"),
+        "val": ("data", "val"),
+        "tile_size": ("data", "tile_size"),
+        "workers": ("data", "num_workers"),
         "edge_rule": ("data", "edge_rule"),
-        "iters": ("schedule", "iters"), "epochs": ("schedule", "epochs"),
+        "iters": ("schedule", "iters"),
+        "epochs": ("schedule", "epochs"),
         "eval_interval": ("schedule", "eval_interval"),
-        "stop_after": ("schedule", "stop_after"), "log_interval": ("schedule", "log_interval"),
-        "out": ("runtime", "out_dir"), "device": ("runtime", "device"),
-        "seed": ("runtime", "seed"), "resume": ("runtime", "resume"),
-        "eval_mode": ("eval", "mode"), "num_classes": ("model", "num_classes"),
-        "pretrained": ("model", "pretrained"), "lr": ("optim", "lr"),
-        "standardize": ("distill", "standardize"), "masked": ("distill", "masked"),
-        "target_mode": ("distill", "target_mode"), "p_bank": ("distill", "p_bank"),
-        "scale_blend": ("distill", "scale_blend"), "partition": ("data", "partition"),
+        "stop_after": ("schedule", "stop_after"),
+        "log_interval": ("schedule", "log_interval"),
+        "out": ("runtime", "out_dir"),
+        "device": ("runtime", "device"),
+        "seed": ("runtime", "seed"),
+        "resume": ("runtime", "resume"),
+        "eval_mode": ("eval", "mode"),
+        "num_classes": ("model", "num_classes"),
+        "pretrained": ("model", "pretrained"),
+        "lr": ("optim", "lr"),
+        "standardize": ("distill", "standardize"),
+        "masked": ("distill", "masked"),
+        "target_mode": ("distill", "target_mode"),
+        "p_bank": ("distill", "p_bank"),
+        "scale_blend": ("distill", "scale_blend"),
+        "partition": ("data", "partition"),
         "exclude_classes": ("eval", "exclude_classes"),
     }
     for key, (section, attr) in set_if.items():
@@ -91,10 +106,13 @@ def build_config(opts: dict[str, Any]) -> Any:
         cfg.model.teachers, cfg.distill.enabled = None, False
     if opts.get("batch"):
         cfg.schedule.batch_labeled, cfg.schedule.batch_unlabeled = parse_batch(opts["batch"])
-    for flag, (section, attr) in (("tiny", ("model", "tiny")), ("bf16", ("runtime", "bf16")),
-                                  ("random_weights", ("model", "random_weights")),
-                                  ("grad_ckpt", ("runtime", "grad_checkpointing")),
-                                  ("skip_bad_tiles", ("data", "skip_bad_tiles"))):
+    for flag, (section, attr) in (
+        ("tiny", ("model", "tiny")),
+        ("bf16", ("runtime", "bf16")),
+        ("random_weights", ("model", "random_weights")),
+        ("grad_ckpt", ("runtime", "grad_checkpointing")),
+        ("skip_bad_tiles", ("data", "skip_bad_tiles")),
+    ):
         if opts.get(flag):
             setattr(getattr(cfg, section), attr, True)
     if opts.get("no_progress"):
@@ -102,87 +120,146 @@ def build_config(opts: dict[str, Any]) -> Any:
     return cfg.validate()
 
 
-EXCLUDE_HELP = ("Classes the protocol means leave out, e.g. 0 or clutter,car or none (metrics "
-                "over all classes are reported too). Default: the dataset's protocol recorded "
-                "in the store (Potsdam/Vaihingen: 0 impervious_surface; DeepGlobe: 6 unknown).")
+EXCLUDE_HELP = (
+    "Classes the protocol means leave out, e.g. 0 or clutter,car or none (metrics "
+    "over all classes are reported too). Default: the dataset's protocol recorded "
+    "in the store (Potsdam/Vaihingen: 0 impervious_surface; DeepGlobe: 6 unknown)."
+)
 
 
 @click.command("train")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False),
-              help="YAML config (options below override it).")
-@click.option("--preset", type=click.Choice(PRESETS),
-              help="official: start from the official RS-MTDF recipe everywhere it differs from "
-                   "our defaults (then --config, then these options). Every run prints its "
-                   "departures from the official recipe.")
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False),
+    help="YAML config (options below override it).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(PRESETS),
+    help="official: start from the official RS-MTDF recipe everywhere it differs from "
+    "our defaults (then --config, then these options). Every run prints its "
+    "departures from the official recipe.",
+)
 @click.option("--store", help="Feature store URL (cached mode; also pixels for online mode).")
 @click.option("--source", help="Image dataset folder (online mode without a store).")
-@click.option("--teacher", multiple=True,
-              help="Distil from teacher NAME[@full|@clip224] only (repeat). Default: every "
-                   "teacher the store holds, CLIP on @clip224, others on @full.")
-@click.option("--no-distill", is_flag=True,
-              help="Plain FixMatch: train without any teacher (no distillation).")
-@click.option("--weights", multiple=True, metavar="NAME=PATH",
-              help="Online-mode teacher weights: a local file or a pretrained tag (repeat).")
-@click.option("--mode", type=click.Choice(["cached", "online"]),
-              help="Distillation targets from the store's cache, or teachers run on each view.")
+@click.option(
+    "--teacher",
+    multiple=True,
+    help="Distil from teacher NAME[@full|@clip224] only (repeat). Default: every "
+    "teacher the store holds, CLIP on @clip224, others on @full.",
+)
+@click.option(
+    "--no-distill",
+    is_flag=True,
+    help="Plain FixMatch: train without any teacher (no distillation).",
+)
+@click.option(
+    "--weights",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Online-mode teacher weights: a local file or a pretrained tag (repeat).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["cached", "online"]),
+    help="Distillation targets from the store's cache, or teachers run on each view.",
+)
 @click.option("--out", help="Run folder (checkpoints, logs, config.yaml).")
 @click.option("--iters", type=int, help="Total iterations (overrides --epochs).")
-@click.option("--epochs", type=int,
-              help="Training length in passes over the unlabeled set (as the official code).")
+@click.option(
+    "--epochs",
+    type=int,
+    help="Training length in passes over the unlabeled set (as the official code).",
+)
 @click.option("--batch", help="Per-process batch LABELED+UNLABELED, e.g. 8+8.")
 @click.option("--crop", type=int, help="Crop size (multiple of 14).")
 @click.option("--labeled", help="Labeled split name(s) or tile-id file.")
 @click.option("--unlabeled", help="Unlabeled split name(s) or tile-id file.")
 @click.option("--val", help="Validation split name(s) or tile-id file.")
-@click.option("--partition",
-              help="A labeled/unlabeled/val partition saved by `featcache splits` (default: the "
-                   "store's partition 'default' when no --labeled/--unlabeled/--val is given).")
+@click.option(
+    "--partition",
+    help="A labeled/unlabeled/val partition saved by `featcache splits` (default: the "
+    "store's partition 'default' when no --labeled/--unlabeled/--val is given).",
+)
 @click.option("--tile-size", type=int, help="Tile size for --source.")
-@click.option("--edge-rule", type=click.Choice(("exact", "overlap_last", "pad")),
-              help="Scene edges for --source: pad = DWL's cut of the official Potsdam/DeepGlobe "
-                   "tiles (default: the layout's; a store keeps its extraction's rule).")
-@click.option("--num-classes", type=int,
-              help="Expected class count (checked against the data's class list).")
-@click.option("--pretrained",
-              help="Student backbone weights: a DINOv2 .pth/.safetensors file, or timm[:tag] "
-                   "where the model hub is reachable. Required unless --tiny/--random-weights.")
-@click.option("--random-weights", is_flag=True,
-              help="Accept random init for a full-size student without --pretrained and for "
-                   "online teachers without --weights (refused otherwise).")
+@click.option(
+    "--edge-rule",
+    type=click.Choice(("exact", "overlap_last", "pad")),
+    help="Scene edges for --source: pad = DWL's cut of the official Potsdam/DeepGlobe "
+    "tiles (default: the layout's; a store keeps its extraction's rule).",
+)
+@click.option(
+    "--num-classes", type=int, help="Expected class count (checked against the data's class list)."
+)
+@click.option(
+    "--pretrained",
+    help="Student backbone weights: a DINOv2 .pth/.safetensors file, or timm[:tag] "
+    "where the model hub is reachable. Required unless --tiny/--random-weights.",
+)
+@click.option(
+    "--random-weights",
+    is_flag=True,
+    help="Accept random init for a full-size student without --pretrained and for "
+    "online teachers without --weights (refused otherwise).",
+)
 @click.option("--lr", type=float, help="Backbone learning rate (the head's is lr_multi times).")
-@click.option("--standardize/--no-standardize", default=None,
-              help="Standardise targets with the store's statistics.")
-@click.option("--target-mode", type=click.Choice(["warp", "grid_aligned", "view_bank"]),
-              help="Cached targets: warp the cached levels (default), grid-aligned views, or "
-                   "views from the store's exact view bank (see `featcache bank`).")
+@click.option(
+    "--standardize/--no-standardize",
+    default=None,
+    help="Standardise targets with the store's statistics.",
+)
+@click.option(
+    "--target-mode",
+    type=click.Choice(["warp", "grid_aligned", "view_bank"]),
+    help="Cached targets: warp the cached levels (default), grid-aligned views, or "
+    "views from the store's exact view bank (see `featcache bank`).",
+)
 @click.option("--p-bank", type=float, help="view_bank: probability a view comes from the bank.")
-@click.option("--scale-blend", type=float,
-              help="Warped targets: kernel width (octaves of zoom, default 0.25) over which "
-                   "neighbouring cached levels are mixed; 0: nearest level only.")
-@click.option("--masked/--unmasked", default=None,
-              help="Weight distillation by validity (default) or the official plain mean.")
-@click.option("--eval-mode", type=click.Choice(["whole", "sliding"]),
-              help="Validation: resize each tile to a multiple of 14, or crop-size windows.")
+@click.option(
+    "--scale-blend",
+    type=float,
+    help="Warped targets: kernel width (octaves of zoom, default 0.25) over which "
+    "neighbouring cached levels are mixed; 0: nearest level only.",
+)
+@click.option(
+    "--masked/--unmasked",
+    default=None,
+    help="Weight distillation by validity (default) or the official plain mean.",
+)
+@click.option(
+    "--eval-mode",
+    type=click.Choice(["whole", "sliding"]),
+    help="Validation: resize each tile to a multiple of 14, or crop-size windows.",
+)
 @click.option("--eval-interval", type=int, help="Validate every N iterations.")
 @click.option("--exclude-classes", metavar="IDS|NAMES|none", help=EXCLUDE_HELP)
 @click.option("--log-interval", type=int, help="Log losses every N iterations.")
 @click.option("--stop-after", type=int, help="Leave after N iterations (resume later).")
 @click.option("--resume", help="Checkpoint to resume, or 'auto' (OUT/latest.pt if present).")
-@click.option("--overwrite", is_flag=True,
-              help="Delete the training run already in --out and start over (only a folder "
-                   "that is recognisably a featcache run).")
-@click.option("--tiny", is_flag=True,
-              help="Tiny random student for smoke runs; online teachers a store does not hold "
-                   "are tiny too (a stored teacher is rebuilt as the store records it).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Delete the training run already in --out and start over (only a folder "
+    "that is recognisably a featcache run).",
+)
+@click.option(
+    "--tiny",
+    is_flag=True,
+    help="Tiny random student for smoke runs; online teachers a store does not hold "
+    "are tiny too (a stored teacher is rebuilt as the store records it).",
+)
 @click.option("--device", help="auto | cpu | cuda | cuda:N")
 @click.option("--seed", type=int, help="Seed of the run (views, init, sampling).")
 @click.option("--workers", type=int, help="DataLoader workers.")
 @click.option("--bf16", is_flag=True, help="bf16 autocast.")
 @click.option("--grad-ckpt", is_flag=True, help="Activation checkpointing of the backbone.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--skip-bad-tiles", is_flag=True,
-              help="Leave out (and log) tiles that fail their checksum instead of stopping; "
-                   "see `featcache verify STORE`.")
+@click.option(
+    "--skip-bad-tiles",
+    is_flag=True,
+    help="Leave out (and log) tiles that fail their checksum instead of stopping; "
+    "see `featcache verify STORE`.",
+)
 def train_cmd(**opts: Any) -> None:
     """Train the student (FixMatch + EMA + distillation) from a store or online teachers."""
     import os
@@ -191,8 +268,9 @@ def train_cmd(**opts: Any) -> None:
 
     result = train(build_config(opts), echo=click.echo, overwrite=opts["overwrite"])
     if int(os.environ.get("RANK", "0")) == 0:
-            click.echo(json.dumps({"step": result.step, "best": result.best,
-                               "out_dir": str(result.out_dir)}))
+        click.echo(
+            json.dumps({"step": result.step, "best": result.best, "out_dir": str(result.out_dir)})
+        )
 
 
 def _eval_reader(store: str | None, source: str | None, tile_size: int) -> Any:
@@ -219,22 +297,50 @@ def _ignore_index(reader: Any) -> int:
 @click.option("--store", help="Store with pixels and masks to evaluate on.")
 @click.option("--source", help="Image dataset folder to evaluate on (instead of --store).")
 @click.option("--split", help="Split name(s) or tile-id file (default: the run's val).")
-@click.option("--tile-size", type=int, default=512, show_default=True,
-              help="Tile size for --source.")
-@click.option("--use", type=click.Choice(["ema", "student", "both"]), default="both",
-              show_default=True, help="Which weights of the checkpoint to evaluate.")
-@click.option("--mode", type=click.Choice(["whole", "sliding"]), default="whole",
-              show_default=True,
-              help="whole: resize the tile to a multiple of 14; sliding: crop-size windows.")
+@click.option(
+    "--tile-size", type=int, default=512, show_default=True, help="Tile size for --source."
+)
+@click.option(
+    "--use",
+    type=click.Choice(["ema", "student", "both"]),
+    default="both",
+    show_default=True,
+    help="Which weights of the checkpoint to evaluate.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["whole", "sliding"]),
+    default="whole",
+    show_default=True,
+    help="whole: resize the tile to a multiple of 14; sliding: crop-size windows.",
+)
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
-@click.option("--out", "json_out", type=click.Path(dir_okay=False), default=None,
-              help="Also write the metrics JSON to this file.")
-@click.option("--exclude-classes", metavar="IDS|NAMES|none",
-              help=EXCLUDE_HELP + " A run trained with --exclude-classes keeps its choice.")
+@click.option(
+    "--out",
+    "json_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the metrics JSON to this file.",
+)
+@click.option(
+    "--exclude-classes",
+    metavar="IDS|NAMES|none",
+    help=EXCLUDE_HELP + " A run trained with --exclude-classes keeps its choice.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def evaluate_cmd(checkpoint: str, store: str | None, source: str | None, split: str | None,
-                 tile_size: int, use: str, mode: str, device: str, json_out: str | None,
-                 exclude_classes: str | None, no_progress: bool) -> None:
+def evaluate_cmd(
+    checkpoint: str,
+    store: str | None,
+    source: str | None,
+    split: str | None,
+    tile_size: int,
+    use: str,
+    mode: str,
+    device: str,
+    json_out: str | None,
+    exclude_classes: str | None,
+    no_progress: bool,
+) -> None:
     """Print validation metrics (strict JSON, classes by name) of a checkpoint's student/EMA."""
     from pathlib import Path
 
@@ -250,8 +356,10 @@ def evaluate_cmd(checkpoint: str, store: str | None, source: str | None, split: 
         models[name], ckpt = load_student(checkpoint, name, device)
     reader = _eval_reader(store, source, tile_size)
     if not split and "data" not in ckpt["config"]:
-        raise click.UsageError(f"{checkpoint} is an export and records no val split; pass "
-                               "--split NAME (see `featcache splits STORE`)")
+        raise click.UsageError(
+            f"{checkpoint} is an export and records no val split; pass "
+            "--split NAME (see `featcache splits STORE`)"
+        )
     if split:
         spec, indices = f"--split {split!r}", select_tiles(reader.tiles, split, "--split")
     else:  # the run's val: its partition's val set, or its val selection
@@ -262,10 +370,18 @@ def evaluate_cmd(checkpoint: str, store: str | None, source: str | None, split: 
     if exclude_classes is None:  # the run's own choice, else the data's protocol
         exclude_classes = ckpt["config"].get("eval", {}).get("exclude_classes")
     protocol = resolve_protocol(reader, class_names(ckpt), exclude_classes)
-    metrics = evaluate(models, reader, indices, int(ckpt["student_config"]["num_classes"]),
-                       mode, int(ckpt["config"]["crop_size"]), device=device,
-                       ignore_index=_ignore_index(reader), progress=not no_progress,
-                       exclude_classes=protocol.exclude)
+    metrics = evaluate(
+        models,
+        reader,
+        indices,
+        int(ckpt["student_config"]["num_classes"]),
+        mode,
+        int(ckpt["config"]["crop_size"]),
+        device=device,
+        ignore_index=_ignore_index(reader),
+        progress=not no_progress,
+        exclude_classes=protocol.exclude,
+    )
     text = metrics_json(metrics, class_names(ckpt), protocol)
     click.echo(text)
     if json_out:
@@ -277,16 +393,33 @@ def evaluate_cmd(checkpoint: str, store: str | None, source: str | None, split: 
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", required=True, help="Output folder (masks, GeoTIFFs, legend).")
-@click.option("--use", type=click.Choice(["ema", "student"]), default="ema", show_default=True,
-              help="Which weights of the checkpoint to use (an export holds one set).")
-@click.option("--mode", type=click.Choice(["whole", "sliding"]), default="whole",
-              show_default=True,
-              help="whole: resize the image to a multiple of 14; sliding: crop-size windows.")
+@click.option(
+    "--use",
+    type=click.Choice(["ema", "student"]),
+    default="ema",
+    show_default=True,
+    help="Which weights of the checkpoint to use (an export holds one set).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["whole", "sliding"]),
+    default="whole",
+    show_default=True,
+    help="whole: resize the image to a multiple of 14; sliding: crop-size windows.",
+)
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
 @click.option("--no-geotiff", is_flag=True, help="Only PNG masks.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, use: str, mode: str,
-                device: str, no_geotiff: bool, no_progress: bool) -> None:
+def predict_cmd(
+    checkpoint: str,
+    inputs: tuple[str, ...],
+    out: str,
+    use: str,
+    mode: str,
+    device: str,
+    no_geotiff: bool,
+    no_progress: bool,
+) -> None:
     """Segment images / folders / stores with a checkpoint or export (no teacher needed).
 
     CHECKPOINT is a run's best.pt / latest.pt or a `featcache export` .safetensors file.
@@ -299,8 +432,9 @@ def predict_cmd(checkpoint: str, inputs: tuple[str, ...], out: str, use: str, mo
     if Path(out).exists() and not Path(out).is_dir():
         raise click.UsageError(f"--out {out} is a file; pass a folder for the masks")
     check_device(device)
-    files = predict(checkpoint, inputs, out, device, use, mode, geotiff=not no_geotiff,
-                    progress=not no_progress)
+    files = predict(
+        checkpoint, inputs, out, device, use, mode, geotiff=not no_geotiff, progress=not no_progress
+    )
     click.echo(f"wrote {len(files)} files to {out}")
 
 

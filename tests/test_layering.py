@@ -34,8 +34,14 @@ def _files(package: str) -> list[Path]:
 
 @pytest.mark.parametrize("path", _files("featstore"), ids=lambda p: p.name)
 def test_featstore_imports_no_torch_and_no_upper_layer(path: Path) -> None:
-    bad = {m for m, _ in _imports(path)} & {"torch", "timm", "open_clip", "pipelines", "trainer",
-                                              "featcache"}
+    bad = {m for m, _ in _imports(path)} & {
+        "torch",
+        "timm",
+        "open_clip",
+        "pipelines",
+        "trainer",
+        "featcache",
+    }
     assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
 
 

@@ -77,5 +77,4 @@ def barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["DistInfo", "barrier", "init_distributed", "mean_over_ranks", "pick_device",
-           "shutdown"]
+__all__ = ["DistInfo", "barrier", "init_distributed", "mean_over_ranks", "pick_device", "shutdown"]

@@ -297,8 +297,16 @@ class Trainer:
         # Per-step seed: the on-device augmentation replays exactly after a resume.
         gen.manual_seed(self.cfg.runtime.seed * 1_000_003 + step * 7 + self.info.rank)
         fm = self.cfg.fixmatch
-        views = render_batch(batch_l, batch_u, self.device, gen, fm.cutmix_p, fm.photometric,
-                             fm.jitter_order, fm.blur)
+        views = render_batch(
+            batch_l,
+            batch_u,
+            self.device,
+            gen,
+            fm.cutmix_p,
+            fm.photometric,
+            fm.jitter_order,
+            fm.blur,
+        )
         teachers = [t.name for t in self.cfg.model.teachers]
         terms = train_step(
             self.ddp,

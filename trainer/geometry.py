@@ -54,7 +54,13 @@ class ViewParams:
     ) -> ViewParams:
         """Copy with the per-teacher level choice (and the levels mixed in) set."""
         return ViewParams(
-            self.size, self.oy, self.ox, self.flip, self.tile, self.crop, dict(levels),
+            self.size,
+            self.oy,
+            self.ox,
+            self.flip,
+            self.tile,
+            self.crop,
+            dict(levels),
             dict(blend or {}),
         )
 
@@ -255,6 +261,7 @@ def blend_levels(
     r_near = nearest.render_px(base_size)
     if width <= 0 or r_near == size:
         return ((nearest, 1.0),)
+
     def kernel(render: int) -> float:
         return math.exp(-((math.log2(size / render) / width) ** 2))
 
@@ -320,8 +327,9 @@ class ViewGeometry:
     def select(self, index: Sequence[int] | torch.Tensor) -> ViewGeometry:
         """The views at ``index`` (a sub-batch)."""
         idx = torch.as_tensor(index, dtype=torch.int64, device=self.device)
-        return ViewGeometry(self.size[idx], self.oy[idx], self.ox[idx], self.flip[idx],
-                            self.tile, self.crop)
+        return ViewGeometry(
+            self.size[idx], self.oy[idx], self.ox[idx], self.flip[idx], self.tile, self.crop
+        )
 
     def per_sample(self, ndim: int) -> tuple[torch.Tensor, ...]:
         """``(S, oy, ox, flip)`` viewed as ``[B, 1, ..., 1]`` with ``ndim`` trailing dims."""

@@ -22,9 +22,14 @@ from trainer.step import Views, view_validity
 from trainer.targets import resample_to_student
 
 
-def load_teachers(teachers: Sequence[TeacherConfig], tiny: bool, device: torch.device,
-                  base_size: int, random_weights: bool = False,
-                  store: Any = None) -> dict[str, torch.nn.Module]:
+def load_teachers(
+    teachers: Sequence[TeacherConfig],
+    tiny: bool,
+    device: torch.device,
+    base_size: int,
+    random_weights: bool = False,
+    store: Any = None,
+) -> dict[str, torch.nn.Module]:
     """Build the frozen teachers named in the config (registry names).
 
     A full-size teacher without weights is refused unless ``random_weights``
@@ -48,12 +53,23 @@ def load_teachers(teachers: Sequence[TeacherConfig], tiny: bool, device: torch.d
         if stored is not None:
             # the store records whether its teacher was the tiny test network; `--tiny` of the
             # run sizes the student (and teachers a store does not hold), never a stored teacher
-            out[t.name] = teacher_for_store(store, stored, weights=t.weights,
-                                            tiny=_stored_tiny(store, stored),
-                                            random_weights=random_weights, device=str(device))
+            out[t.name] = teacher_for_store(
+                store,
+                stored,
+                weights=t.weights,
+                tiny=_stored_tiny(store, stored),
+                random_weights=random_weights,
+                device=str(device),
+            )
             continue
-        out[t.name] = create_teacher(t.name, weights=t.weights, tiny=tiny, device=str(device),
-                                     base_size=base_size, random_weights=random_weights)
+        out[t.name] = create_teacher(
+            t.name,
+            weights=t.weights,
+            tiny=tiny,
+            device=str(device),
+            base_size=base_size,
+            random_weights=random_weights,
+        )
     return out
 
 
@@ -88,8 +104,14 @@ class OnlineTargets:
         """Teacher tokens ``[B, g, g, C]`` on ``cat(labeled, strong)``."""
         return self.teachers[name](views.student_input.float())
 
-    def __call__(self, name: str, n: int, views: Views, batch_l: Mapping[str, Any],
-                 batch_u: Mapping[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        name: str,
+        n: int,
+        views: Views,
+        batch_l: Mapping[str, Any],
+        batch_u: Mapping[str, Any] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         teacher = self.teachers[name]
         crop = views.x_l.shape[-1]
         grid = self.grid(name, views)

@@ -69,14 +69,26 @@ class Views:
 class TargetProvider(Protocol):
     """Distillation targets on an ``n x n`` student grid for ``cat(labeled, strong)``."""
 
-    def __call__(self, name: str, n: int, views: Views, batch_l: Mapping[str, Any],
-                 batch_u: Mapping[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def __call__(
+        self,
+        name: str,
+        n: int,
+        views: Views,
+        batch_l: Mapping[str, Any],
+        batch_u: Mapping[str, Any] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def render_batch(batch_l: Mapping[str, Any], batch_u: Mapping[str, Any] | None,
-                 device: torch.device, generator: torch.Generator, cutmix_p: float,
-                 photometric: bool = True, jitter_order: str = "batch",
-                 blur: str = "gaussian") -> Views:
+def render_batch(
+    batch_l: Mapping[str, Any],
+    batch_u: Mapping[str, Any] | None,
+    device: torch.device,
+    generator: torch.Generator,
+    cutmix_p: float,
+    photometric: bool = True,
+    jitter_order: str = "batch",
+    blur: str = "gaussian",
+) -> Views:
     """Move a batch to ``device`` and render every view there (batched pixel work).
 
     ``jitter_order`` / ``blur``: the strong views' colour-jitter order and blur kind
@@ -112,24 +124,37 @@ class CachedTargets:
     def __init__(self, level_geoms: Mapping[tuple[str, str], LevelGeometry]) -> None:
         self.level_geoms = dict(level_geoms)
 
-    def _sample(self, name: str, n: int, batch: Mapping[str, Any],
-                geom: ViewGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(
+        self, name: str, n: int, batch: Mapping[str, Any], geom: ViewGeometry
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         views = batch["view"]
         geoms = [self.level_geoms[(name, v.levels[name].key)] for v in views]
         grids = [g.to(geom.device, non_blocking=True) for g in batch["grids"][name]]
         targets, valid = sample_targets(grids, geoms, geom, n)
         if any(name in v.blend for v in views):  # scale blend: mix in the other levels
             extra = batch["blend_grids"][name]
-            extras = [[(extra[b][k].to(geom.device, non_blocking=True),
-                        self.level_geoms[(name, lv.key)], w)
-                       for k, (lv, w) in enumerate(v.blend.get(name, ()))]
-                      for b, v in enumerate(views)]
-            mix_levels(targets, extras,
-                       lambda g, lg, sub: sample_targets(g, lg, sub, n)[0], geom)
+            extras = [
+                [
+                    (
+                        extra[b][k].to(geom.device, non_blocking=True),
+                        self.level_geoms[(name, lv.key)],
+                        w,
+                    )
+                    for k, (lv, w) in enumerate(v.blend.get(name, ()))
+                ]
+                for b, v in enumerate(views)
+            ]
+            mix_levels(targets, extras, lambda g, lg, sub: sample_targets(g, lg, sub, n)[0], geom)
         return targets, valid
 
-    def __call__(self, name: str, n: int, views: Views, batch_l: Mapping[str, Any],
-                 batch_u: Mapping[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        name: str,
+        n: int,
+        views: Views,
+        batch_l: Mapping[str, Any],
+        batch_u: Mapping[str, Any] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         t_l, v_l = self._sample(name, n, batch_l, views.geom_l)
         if batch_u is None or views.geom_u is None or views.boxes is None:
             return t_l, v_l
@@ -159,8 +184,9 @@ class LossSettings:
 
 
 @torch.no_grad()
-def pseudo_labels(ema_model: torch.nn.Module, views: Views, bf16: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pseudo_labels(
+    ema_model: torch.nn.Module, views: Views, bf16: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EMA on the weak views, mixed with the CutMix boxes: ``(pseudo, conf, ignore)``."""
     assert views.x_w is not None and views.pad_u is not None and views.boxes is not None
     with _autocast(views.x_w.device, bf16):
@@ -177,10 +203,16 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def compute_losses(model: torch.nn.Module, ema_model: torch.nn.Module | None, views: Views,
-                   targets: TargetProvider | None, batch_l: Mapping[str, Any],
-                   batch_u: Mapping[str, Any] | None, teachers: list[str],
-                   settings: LossSettings) -> dict[str, torch.Tensor]:
+def compute_losses(
+    model: torch.nn.Module,
+    ema_model: torch.nn.Module | None,
+    views: Views,
+    targets: TargetProvider | None,
+    batch_l: Mapping[str, Any],
+    batch_u: Mapping[str, Any] | None,
+    teachers: list[str],
+    settings: LossSettings,
+) -> dict[str, torch.Tensor]:
     """Forward the student on ``cat(labeled, strong)`` and return every loss term.
 
     Returns:
@@ -197,8 +229,9 @@ def compute_losses(model: torch.nn.Module, ema_model: torch.nn.Module | None, vi
     if pseudo is None:
         loss_u = logits.sum() * 0.0
     else:
-        loss_u = unsupervised_loss(logits[b_l:], pseudo[0], pseudo[1], pseudo[2],
-                                   settings.conf_thresh)
+        loss_u = unsupervised_loss(
+            logits[b_l:], pseudo[0], pseudo[1], pseudo[2], settings.conf_thresh
+        )
     distill: dict[str, torch.Tensor] = {}
     for name in teachers:
         pred = out.translated[name].float()
@@ -209,13 +242,20 @@ def compute_losses(model: torch.nn.Module, ema_model: torch.nn.Module | None, vi
     return total_loss(loss_x, loss_u, distill, distill_scale=scale)
 
 
-def train_step(model: torch.nn.Module, ema_model: torch.nn.Module, optimizer: Any,
-               views: Views, targets: TargetProvider | None, batch_l: Mapping[str, Any],
-               batch_u: Mapping[str, Any] | None, teachers: list[str],
-               settings: LossSettings, step: int) -> dict[str, torch.Tensor]:
+def train_step(
+    model: torch.nn.Module,
+    ema_model: torch.nn.Module,
+    optimizer: Any,
+    views: Views,
+    targets: TargetProvider | None,
+    batch_l: Mapping[str, Any],
+    batch_u: Mapping[str, Any] | None,
+    teachers: list[str],
+    settings: LossSettings,
+    step: int,
+) -> dict[str, torch.Tensor]:
     """Losses, backward, optimizer step; raises NonFiniteLossError before any update."""
-    terms = compute_losses(model, ema_model, views, targets, batch_l, batch_u, teachers,
-                           settings)
+    terms = compute_losses(model, ema_model, views, targets, batch_l, batch_u, teachers, settings)
     ids = batch_l["index"].tolist() + ([] if batch_u is None else batch_u["index"].tolist())
     check_finite(terms, step, ids)
     optimizer.zero_grad(set_to_none=True)
@@ -231,6 +271,16 @@ def poly_lr(optimizer: Any, step: int, total: int, power: float) -> None:
         group["lr"] = group["base_lr"] * factor
 
 
-__all__ = ["CachedTargets", "LossSettings", "TargetProvider", "Views", "compute_losses",
-           "normalize", "poly_lr", "pseudo_labels", "render_batch", "train_step",
-           "view_validity"]
+__all__ = [
+    "CachedTargets",
+    "LossSettings",
+    "TargetProvider",
+    "Views",
+    "compute_losses",
+    "normalize",
+    "poly_lr",
+    "pseudo_labels",
+    "render_batch",
+    "train_step",
+    "view_validity",
+]

@@ -178,10 +178,12 @@ def mix_levels(
     targets.mul_(torch.tensor(own, dtype=targets.dtype, device=targets.device).view(-1, 1, 1, 1))
     for r in range(rounds):  # one batched read per rank of extra level, not per sample
         sel = [b for b, e in enumerate(extras) if len(e) > r]
-        got = sample([extras[b][r][0] for b in sel], [extras[b][r][1] for b in sel],
-                     geom.select(sel))
-        w = torch.tensor([extras[b][r][2] for b in sel], dtype=targets.dtype,
-                         device=targets.device).view(-1, 1, 1, 1)
+        got = sample(
+            [extras[b][r][0] for b in sel], [extras[b][r][1] for b in sel], geom.select(sel)
+        )
+        w = torch.tensor(
+            [extras[b][r][2] for b in sel], dtype=targets.dtype, device=targets.device
+        ).view(-1, 1, 1, 1)
         idx = torch.tensor(sel, dtype=torch.int64, device=targets.device)
         targets.index_add_(0, idx, got.to(targets.dtype) * w)
     return targets

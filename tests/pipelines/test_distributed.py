@@ -29,12 +29,22 @@ def _arrays(url: Path) -> dict[str, np.ndarray]:
 @pytest.mark.dask
 def test_local_cluster_matches_single_process(tmp_path: Path) -> None:
     source = generate_synthetic(tmp_path / "src", n_images=2, size=128, seed=5)
-    common = dict(source=str(source), tile_size=64, teachers=("dinov2_vitb14",), tiny=True,
-                  base_size=70, scales=(1.0, 2.0), flip=True, tiles_per_shard=2, batch_size=2,
-                  limit=7)
+    common = dict(
+        source=str(source),
+        tile_size=64,
+        teachers=("dinov2_vitb14",),
+        tiny=True,
+        base_size=70,
+        scales=(1.0, 2.0),
+        flip=True,
+        tiles_per_shard=2,
+        batch_size=2,
+        limit=7,
+    )
     local = run_extraction(ExtractConfig(out=str(tmp_path / "a.zarr"), **common), progress=False)
-    dist = run_extraction(ExtractConfig(out=str(tmp_path / "b.zarr"), scheduler="local:2",
-                                        **common), progress=False)
+    dist = run_extraction(
+        ExtractConfig(out=str(tmp_path / "b.zarr"), scheduler="local:2", **common), progress=False
+    )
     a, b = _arrays(Path(local)), _arrays(Path(dist))
     assert sorted(a) == sorted(b) and "done" in a and "teachers/dinov2_vitb14/s2.00f" in a
     for path in a:

@@ -151,8 +151,10 @@ def test_grid_aligned_draws_follow_the_rule() -> None:
 def test_count_views_matches_the_views_draw_view_produces(align: GridAlign | None) -> None:
     """Brute force: collect every distinct (S, oy, ox, flip) over many draws on a tiny tile."""
     rng = np.random.default_rng(0)
-    seen = {(p.size, p.oy, p.ox, p.flip)
-            for p in (draw_view(rng, 8, 7, (0.5, 2.0), 0.5, align) for _ in range(60_000))}
+    seen = {
+        (p.size, p.oy, p.ox, p.flip)
+        for p in (draw_view(rng, 8, 7, (0.5, 2.0), 0.5, align) for _ in range(60_000))
+    }
     assert count_views(8, 7, (0.5, 2.0), align) == len(seen)
     # by hand: official 2 * (4 sizes <= 7 with one offset + sum_{k=2..10} k^2); aligned
     # spans 1 / 5 / 9 at pitch 2 / 3 / 2.5 give 1 / 2 / 4 offsets per axis
