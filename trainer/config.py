@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from featstore.constants import DEFAULT_CROP, SCALE_RANGE
-from featstore.errors import FeatcacheError
+from trainer.errors import TrainConfigError
 
 MODES = ("cached", "online")
 BRANCHES = ("full", "clip224")
@@ -56,10 +56,6 @@ TINY_STUDENT: dict[str, Any] = {
     "translator_hidden": 32,
     "model_kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2},
 }
-
-
-class TrainConfigError(FeatcacheError, ValueError):
-    """A training option is invalid; the message names the option and how to fix it."""
 
 
 def default_branch(family: str) -> str:

@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from trainer.errors import TrainConfigError
+
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
 
@@ -125,8 +127,6 @@ class Departure:
 
 def check_preset(name: str | None) -> None:
     """Refuse an unknown preset name, in option words."""
-    from trainer.config import TrainConfigError
-
     if name is not None and name not in PRESETS:
         raise TrainConfigError(
             f"--preset {name!r} is not one of {list(PRESETS)} (config: preset); "
