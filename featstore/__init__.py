@@ -2,86 +2,68 @@
 
 Public API (see docs/architecture.md): schema dataclasses, codecs, ``create_store`` /
 ``StoreWriter`` to write, ``open_store`` / ``FeatureStore`` to read, ``verify_store``.
+
+Names are imported on first use (as in ``trainer``): ``featstore.errors`` or
+``featstore.constants`` alone, which the CLI needs at start-up, must not pull in zarr and xarray.
 """
 
 from __future__ import annotations
 
-from featstore.bank import BankReader, BankWriter, add_bank
-from featstore.codecs import (
-    CODECS,
-    FeatureCodec,
-    Float16Codec,
-    Int8Codec,
-    PCACodec,
-    get_codec,
-    register_codec,
-)
-from featstore.errors import (
-    CodecError,
-    FeatcacheError,
-    FingerprintMismatchError,
-    IncompleteStoreError,
-    MissingTeacherError,
-    ShardDataError,
-    ShardDoneError,
-    StoreError,
-    StoreFormatError,
-    StoreWriteError,
-    TileNotDoneError,
-)
-from featstore.geometry import LevelGeometry
-from featstore.reader import FeatureStore, open_store
-from featstore.schema import (
-    FORMAT_VERSION,
-    BankSpec,
-    LevelSpec,
-    ResizeSpec,
-    StoreSchema,
-    TeacherEntry,
-    TeacherSpec,
-    TileRecord,
-    fingerprint,
-)
-from featstore.verify import verify_store
-from featstore.writer import StoreWriter, create_store
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CODECS",
-    "FORMAT_VERSION",
-    "BankReader",
-    "BankSpec",
-    "BankWriter",
-    "CodecError",
-    "FeatcacheError",
-    "FeatureCodec",
-    "FeatureStore",
-    "FingerprintMismatchError",
-    "Float16Codec",
-    "IncompleteStoreError",
-    "Int8Codec",
-    "LevelGeometry",
-    "LevelSpec",
-    "MissingTeacherError",
-    "PCACodec",
-    "ResizeSpec",
-    "ShardDataError",
-    "ShardDoneError",
-    "StoreError",
-    "StoreFormatError",
-    "StoreSchema",
-    "StoreWriteError",
-    "StoreWriter",
-    "TeacherEntry",
-    "TeacherSpec",
-    "TileNotDoneError",
-    "TileRecord",
-    "add_bank",
-    "create_store",
-    "fingerprint",
-    "get_codec",
-    "open_store",
-    "register_codec",
-    "verify_store",
-]
+_EXPORTS = {
+    "BankReader": "featstore.bank",
+    "BankSpec": "featstore.schema",
+    "BankWriter": "featstore.bank",
+    "CODECS": "featstore.codecs",
+    "CodecError": "featstore.errors",
+    "FORMAT_VERSION": "featstore.schema",
+    "FeatcacheError": "featstore.errors",
+    "FeatureCodec": "featstore.codecs",
+    "FeatureStore": "featstore.reader",
+    "FingerprintMismatchError": "featstore.errors",
+    "Float16Codec": "featstore.codecs",
+    "IncompleteStoreError": "featstore.errors",
+    "Int8Codec": "featstore.codecs",
+    "LevelGeometry": "featstore.geometry",
+    "LevelSpec": "featstore.schema",
+    "MissingTeacherError": "featstore.errors",
+    "PCACodec": "featstore.codecs",
+    "ResizeSpec": "featstore.schema",
+    "ShardDataError": "featstore.errors",
+    "ShardDoneError": "featstore.errors",
+    "StoreError": "featstore.errors",
+    "StoreFormatError": "featstore.errors",
+    "StoreSchema": "featstore.schema",
+    "StoreWriteError": "featstore.errors",
+    "StoreWriter": "featstore.writer",
+    "TeacherEntry": "featstore.schema",
+    "TeacherSpec": "featstore.schema",
+    "TileNotDoneError": "featstore.errors",
+    "TileRecord": "featstore.schema",
+    "add_bank": "featstore.bank",
+    "create_store": "featstore.writer",
+    "fingerprint": "featstore.schema",
+    "get_codec": "featstore.codecs",
+    "open_store": "featstore.reader",
+    "register_codec": "featstore.codecs",
+    "verify_store": "featstore.verify",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    raise AttributeError(f"module 'featstore' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)
