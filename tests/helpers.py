@@ -57,6 +57,18 @@ def write_ids(path: Path, ids: list[str]) -> str:
     return str(path)
 
 
+def tiny_run_args(root: Path) -> list[str]:
+    """``featcache train`` options of a tiny CPU run: the tiny student at ``CROP``, batch 2+2, the
+    sets ``root/{l,u,v}.txt`` (written with `write_ids`), no workers, no progress bar. The caller
+    adds ``train``, the store, ``--out`` and whatever the test is about."""
+    return [
+        "--tiny", "--crop", str(CROP), "--batch", "2+2",
+        "--labeled", str(root / "l.txt"), "--unlabeled", str(root / "u.txt"),
+        "--val", str(root / "v.txt"),
+        "--device", "cpu", "--workers", "0", "--no-progress",
+    ]  # fmt: skip
+
+
 def tiny_config(
     root: Path,
     store: str,

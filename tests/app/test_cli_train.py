@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from featcache.cli import main
 from featcache.cli_train import build_config, parse_batch
 from featstore import open_store
-from tests.helpers import DINO, build_store, write_ids
+from tests.helpers import DINO, build_store, tiny_run_args, write_ids
 
 
 @pytest.fixture(scope="module")
@@ -33,24 +33,9 @@ def _train_args(url: str, root: Path, out: Path, *extra: str) -> list[str]:
         url,
         "--teacher",
         DINO,
-        "--tiny",
-        "--crop",
-        "70",
+        *tiny_run_args(root),
         "--iters",
         "2",
-        "--batch",
-        "2+2",
-        "--labeled",
-        str(root / "l.txt"),
-        "--unlabeled",
-        str(root / "u.txt"),
-        "--val",
-        str(root / "v.txt"),
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "--no-progress",
         "--out",
         str(out),
         *extra,

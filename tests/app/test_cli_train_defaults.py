@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from featcache.cli import main
 from featcache.cli_train import build_config
 from featstore import open_store
-from tests.helpers import CLIP, DINO, build_store, write_ids
+from tests.helpers import CLIP, DINO, build_store, tiny_run_args, write_ids
 from trainer.config import TrainConfig, TrainConfigError
 from trainer.prepare import open_data, resolve_branches
 
@@ -45,24 +45,9 @@ def _args(url: str, root: Path, out: Path, *extra: str) -> list[str]:
         url,
         "--out",
         str(out),
-        "--tiny",
-        "--crop",
-        "70",
+        *tiny_run_args(root),
         "--iters",
         "1",
-        "--batch",
-        "2+2",
-        "--labeled",
-        str(root / "l.txt"),
-        "--unlabeled",
-        str(root / "u.txt"),
-        "--val",
-        str(root / "v.txt"),
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "--no-progress",
         "--log-interval",
         "1",
         *extra,

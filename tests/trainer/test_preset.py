@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from featcache.cli import main
 from featcache.cli_train import build_config, train_cmd
 from featstore import open_store
-from tests.helpers import CLIP, DINO, build_store, write_ids
+from tests.helpers import CLIP, DINO, build_store, tiny_run_args, write_ids
 from trainer.config import TINY_STUDENT, TeacherConfig, TrainConfig, TrainConfigError
 from trainer.prepare import student_config
 from trainer.presets import OFFICIAL, departure_lines, departures
@@ -261,24 +261,9 @@ def test_train_prints_and_records_the_departures(store, tmp_path: Path) -> None:
         url,
         "--out",
         str(out),
-        "--tiny",
-        "--crop",
-        "70",
+        *tiny_run_args(root),
         "--iters",
         "1",
-        "--batch",
-        "2+2",
-        "--labeled",
-        str(root / "l.txt"),
-        "--unlabeled",
-        str(root / "u.txt"),
-        "--val",
-        str(root / "v.txt"),
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "--no-progress",
     ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output

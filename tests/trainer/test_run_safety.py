@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 
 from featcache.cli import main
 from featstore import open_store
-from tests.helpers import DINO, build_store, write_ids
+from tests.helpers import DINO, build_store, tiny_run_args, write_ids
 from trainer.checkpoint import read_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, TrainConfigError
 
@@ -46,22 +46,7 @@ def _train(url: str, root: Path, out: Path, *extra: str) -> list[str]:
         url,
         "--teacher",
         DINO,
-        "--tiny",
-        "--crop",
-        "70",
-        "--batch",
-        "2+2",
-        "--labeled",
-        str(root / "l.txt"),
-        "--unlabeled",
-        str(root / "u.txt"),
-        "--val",
-        str(root / "v.txt"),
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "--no-progress",
+        *tiny_run_args(root),
         "--log-interval",
         "1",
         "--eval-interval",

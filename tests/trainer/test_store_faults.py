@@ -21,7 +21,7 @@ from click.testing import CliRunner, Result
 from featcache.cli import main
 from featstore import open_store
 from featstore.errors import TileDataError
-from tests.helpers import DINO, build_store, write_ids
+from tests.helpers import DINO, build_store, tiny_run_args, write_ids
 
 LEVEL = f"teachers/{DINO}/s1.00"
 # tiles_per_shard 2: tile 2 (the first unlabeled tile) is inner chunk 0 of shard file 1
@@ -57,24 +57,9 @@ def _train(store: Path, *extra: str) -> Result:
         str(store),
         "--teacher",
         DINO,
-        "--tiny",
-        "--crop",
-        "70",
+        *tiny_run_args(root),
         "--iters",
         "2",
-        "--batch",
-        "2+2",
-        "--labeled",
-        str(root / "l.txt"),
-        "--unlabeled",
-        str(root / "u.txt"),
-        "--val",
-        str(root / "v.txt"),
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "--no-progress",
         "--eval-interval",
         "100",
         "--out",
