@@ -14,12 +14,6 @@ from typing import Any
 import click
 
 
-def _counts(tiles: list[Any], indices: list[int]) -> str:
-    from featstore.partitions import scenes_of
-
-    return f"{len(indices)} tiles ({len(scenes_of(tiles, indices))} images)"
-
-
 def _recipe(recipe: dict[str, Any]) -> str:
     return " ".join(
         f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in recipe.items()
@@ -28,7 +22,7 @@ def _recipe(recipe: dict[str, Any]) -> str:
 
 def list_lines(store: Any) -> list[str]:
     """The report of ``featcache splits STORE``: splits, then saved partitions."""
-    from featstore.partitions import list_partitions, read_partition, scenes_of
+    from featstore.partitions import count_line, list_partitions, read_partition, scenes_of
 
     tiles = store.tiles
     lines = [
@@ -50,7 +44,7 @@ def list_lines(store: Any) -> list[str]:
         sets = part.indices(tiles, store.url)
         lines.append(
             f"partition {name}: "
-            + ", ".join(f"{k} {_counts(tiles, v)}" for k, v in sets.items())
+            + ", ".join(f"{k} {count_line(tiles, v)}" for k, v in sets.items())
             + f"  [{_recipe(part.recipe)}]"
         )
     return lines

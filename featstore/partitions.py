@@ -137,6 +137,11 @@ def scenes_of(tiles: Sequence[TileRecord], indices: Sequence[int]) -> dict[str, 
     return out
 
 
+def count_line(tiles: Sequence[TileRecord], indices: Sequence[int]) -> str:
+    """``"N tiles (M images)"``: a set's size in tiles and in source images (CLI and train log)."""
+    return f"{len(indices)} tiles ({len(scenes_of(tiles, indices))} images)"
+
+
 def _pool(tiles: Sequence[TileRecord], pool: Sequence[str]) -> list[int]:
     have = sorted({t.split for t in tiles})
     unknown = sorted(set(pool) - set(have))
@@ -426,6 +431,7 @@ __all__ = [
     "PartitionError",
     "SplitFileResult",
     "check_name",
+    "count_line",
     "draw_partition",
     "list_partitions",
     "match_lines",

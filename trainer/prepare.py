@@ -14,7 +14,13 @@ from torch.utils.data import DataLoader
 
 from featstore.errors import MissingTeacherError, TileDataError
 from featstore.geometry import LevelGeometry
-from featstore.partitions import DEFAULT_NAME, SETS, list_partitions, read_partition, scenes_of
+from featstore.partitions import (
+    DEFAULT_NAME,
+    SETS,
+    count_line,
+    list_partitions,
+    read_partition,
+)
 from featstore.protocols import edge_rule_departure
 from featstore.schema import LevelSpec, TileRecord
 from featstore.teacher_names import resolve_teacher_name
@@ -104,9 +110,7 @@ def splits_fix(url: str | None) -> str:
 
 
 def _sets_line(sets: dict[str, list[int]], tiles: list[TileRecord]) -> str:
-    return ", ".join(
-        f"{k} {len(sets[k])} tiles ({len(scenes_of(tiles, sets[k]))} images)" for k in SETS
-    )
+    return ", ".join(f"{k} {count_line(tiles, sets[k])}" for k in SETS)
 
 
 def select_run_sets(
