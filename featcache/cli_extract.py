@@ -257,17 +257,32 @@ def extract_command(source: str, store: str, quiet: bool, **opts: Any) -> None:
         click.echo(note)
     with _echo_label_warnings():
         url = run_extraction(cfg, progress=not quiet)
-    table = _class_table(url)
+    summary = _summary(url)
     click.echo(f"wrote {url}")
-    click.echo("\n".join(table))
+    click.echo("\n".join(summary))
 
 
-def _class_table(url: str) -> list[str]:
-    """The class table as the store recorded it (so it matches `info`)."""
+def _summary(url: str) -> list[str]:
+    """What `extract` wrote, as the store recorded it (so it matches `info`): the teachers with
+    the weights each ran with, then the class table."""
     from featstore import open_store
     from pipelines.sources.classtable import class_table_lines
 
-    return class_table_lines(open_store(url).schema)
+    schema = open_store(url).schema
+    return [*(_teacher_line(entry) for entry in schema.teachers), *class_table_lines(schema)]
+
+
+def _teacher_line(entry: Any) -> str:
+    """One stored teacher: architecture, the weights it ran with, input, grid, codec."""
+    from featstore import get_codec
+
+    spec = entry.spec
+    return (
+        f"teacher {spec.name}: {spec.family} {spec.arch}, weights "
+        f"{spec.weights or 'random'}, input {spec.input_size} px, stride "
+        f"{spec.stride}, {spec.channels} ch, layer {spec.layer}; codec "
+        f"{get_codec(entry.codec).to_dict()}"
+    )
 
 
 def _random_note(
@@ -331,12 +346,7 @@ def _info_lines(url: str) -> list[str]:
     ]
     for entry in schema.teachers:
         spec, codec = entry.spec, get_codec(entry.codec)
-        lines.append(
-            f"teacher {spec.name}: {spec.family} {spec.arch}, weights "
-            f"{spec.weights or 'random'}, input {spec.input_size} px, stride "
-            f"{spec.stride}, {spec.channels} ch, layer {spec.layer}; codec "
-            f"{codec.to_dict()}"
-        )
+        lines.append(_teacher_line(entry))
         for level in entry.levels:
             g = spec.grid_size(level.canvas_px(schema.base_size), schema.base_size)
             size = _human(_level_bytes(url, spec.name, level.key))

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from click.testing import CliRunner, Result
 
@@ -250,6 +251,21 @@ def test_extract_with_random_weights_says_so_first(random_store: tuple[Path, Res
     info = _run("info", store)
     assert info.exit_code == 0, info.output
     assert f"teacher {STORED}: timm resnet10t, weights random" in info.output
+
+
+def test_extract_names_the_weights_each_teacher_ran_with(
+    synth: Path, random_store: tuple[Path, Result], tmp_path: Path
+) -> None:
+    _, random_result = random_store
+    assert f"teacher {STORED}: timm resnet10t, weights random," in random_result.output
+    weights = tmp_path / "resnet10t.pth"
+    torch.save(timm.create_model("resnet10t").state_dict(), weights)
+    result = _run(
+        "extract", synth, tmp_path / "w.zarr", "--teacher", CNN, "--weights",
+        f"{CNN}={weights}", *SMALL, "--limit", "4",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"teacher {STORED}: timm resnet10t, weights {weights}," in result.output
 
 
 def test_tiny_extract_stays_quiet_about_random_init(synth: Path, tmp_path: Path) -> None:
