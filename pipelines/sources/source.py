@@ -321,7 +321,9 @@ def _generic_convention(
             f"no class names for the masks in {root}: the class count is never taken from the "
             f"largest mask value. Value histogram: {format_histogram(hist)}. Pass --classes "
             "NAME,NAME,... (or --classes FILE, one name per line; or write classes.txt beside "
-            "images/) in id order, and --reduce-zero-label if 0 means ignore"
+            "images/) in id order, and --reduce-zero-label if 0 means ignore; or name the "
+            "dataset's layout, which states its classes (e.g. --layout loveda-folder for "
+            "LoveDA's raw masks in images/ + masks/; see featcache extract --help)"
         )
     check_zero_reading(hist, found[0], found[1], opts, str(root))
     return conv.with_classes(found[0])
