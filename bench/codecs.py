@@ -50,7 +50,7 @@ def features(name: str, weights: str | None, images: Any, batch: int = 4) -> Any
     import torch
 
     from featstore import LevelSpec
-    from pipelines.extract import render_level
+    from featviews.render import render_level
     from pipelines.teachers import create_teacher
 
     # The DINOv2 set measures a random-init ViT on purpose (weights None).

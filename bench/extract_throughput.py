@@ -44,7 +44,7 @@ def bare(name: str, weights: str | None, source: str, threads: int) -> dict[str,
     import torch
 
     from featstore import LevelSpec
-    from pipelines.extract import render_level
+    from featviews.render import render_level
     from pipelines.sources import open_source
     from pipelines.teachers import create_teacher
 

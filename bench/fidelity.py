@@ -183,7 +183,7 @@ def main() -> None:
 def view_counts(store, name, sets):  # noqa: ANN001, ANN201
     """Augmentation diversity: distinct geometric views per tile of each draw rule."""
     from featcache.audit import OFFICIAL_SCALE_RANGE
-    from trainer.geometry import GridAlign, count_views
+    from featviews.draw import GridAlign, count_views
 
     tile, crop = store.schema.tile_size, store.schema.base_size
     align = GridAlign.from_levels([store.level_geometry(name, k) for k in list(sets.values())[-1]])

@@ -7,7 +7,7 @@ straight through featstore's writer) and 512 px tiles. Measured:
   reader's concurrent ``read_many``: tiles/s and MB/s of stored bytes;
 * the data path per 8+8 step, stage by stage: ``StoreDataset`` items (image + mask + chosen level)
   and ``collate``; view rendering + strong colour + CutMix (``render_batch``); target sampling
-  (``CachedTargets``: bilinear gather + CutMix mixing), all on this CPU;
+  (the ``warp`` target source: bilinear gather + CutMix mixing), all on this CPU;
 * the trainer's consumption: the cached training step at real size measured in the same run
   (``bench/train_step.py --child cached``, batch 1+1, scaled x8 to 8+8 as FLOPs scale);
 * the cost of the scale blend: the same data path on a store of the default levels
@@ -137,17 +137,18 @@ def data_path(url: str, n_steps: int, scale_blend: float = 0.0) -> dict[str, Any
     import torch
 
     from featstore import open_store
-    from trainer.data import StoreDataset, ViewSampling, collate
-    from trainer.step import CachedTargets, render_batch
+    from featviews.sources import SourceContext, ViewSampling, WarpSource
+    from trainer.data import StoreDataset, collate
+    from trainer.step import render_batch
 
     store = open_store(url)
     n = len(store)
     levels = {NAME: store.levels(NAME)}
     sampling = ViewSampling(TILE, CROP, CROP, scale_blend=scale_blend)
-    ds_l = StoreDataset(store, list(range(n)), levels, True, 0, sampling, stream=0)
-    ds_u = StoreDataset(store, list(range(n)), levels, False, 0, sampling, stream=1)
     geoms = {(NAME, lv.key): store.level_geometry(NAME, lv.key) for lv in store.levels(NAME)}
-    targets = CachedTargets(geoms)
+    targets = WarpSource(SourceContext(sampling, levels, geoms, store))
+    ds_l = StoreDataset(store, list(range(n)), targets, True, 0, stream=0)
+    ds_u = StoreDataset(store, list(range(n)), targets, False, 0, stream=1)
     rng = np.random.default_rng(2)
     dev = torch.device("cpu")
     t = {"items": 0.0, "render": 0.0, "targets": 0.0}

@@ -174,7 +174,7 @@ class CosineProbe:
 
     Args:
         inner: The run's own target provider (what the student is fed, unchanged).
-        online: ``trainer.online.OnlineTargets`` with the same teachers.
+        online: the ``online`` target source with the same teachers.
         every: Probe period in steps.
     """
 
@@ -232,16 +232,18 @@ def run_mode(
     import torch
 
     torch.set_num_threads(1)  # tiny models: one thread each, two runs share the two cores
+    from featviews.sources import OnlineSource, SourceContext
     from trainer.engine import Trainer
-    from trainer.online import OnlineTargets, load_teachers
+    from trainer.online import load_teachers
 
     cfg = config(mode, url, lists, Path(out), iters, seed)
     trainer = Trainer(cfg, overwrite=True)  # re-running the benchmark replaces its runs
     probe_obj = None
     if mode != "online" and probe > 0:
         teachers = load_teachers(cfg.model.teachers, True, trainer.device, trainer.data.base_size)
-        probe_obj = CosineProbe(trainer.targets, OnlineTargets(teachers), probe)
-        trainer.targets = probe_obj
+        online = OnlineSource(SourceContext(trainer.source.ctx.sampling, teachers=teachers))
+        probe_obj = CosineProbe(trainer.method.source, online, probe)
+        trainer.method.source = probe_obj
     load0 = os.getloadavg()
     w0, c0 = time.perf_counter(), time.process_time()
     result = trainer.run()

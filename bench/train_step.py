@@ -2,8 +2,8 @@
 
 Student DINOv2-S/14 + DPT (+ the 224 CLIP pass), teachers DINOv2-B/14 @518 and CLIP ViT-L/14
 @224, random init. Each (configuration, batch) runs in a fresh subprocess so peak RSS values do
-not mix. The step is the trainer's own: ``trainer.step.render_batch`` + ``train_step`` +
-``trainer.ema.update_ema`` (what ``Trainer._step`` runs), fed with batches shaped like
+not mix. The step is the trainer's own: ``trainer.step.render_batch`` + ``compute_losses`` +
+the update + ``trainer.ema.update_ema`` (what ``Trainer._step`` runs), fed with batches shaped like
 ``trainer.data.collate`` output.
 
 Rows: ``cached``; ``online`` (teachers resident, EMA over the student only); ``official``
@@ -63,7 +63,7 @@ def _batch(n: int, labeled: bool, seed: int, specs: dict[str, Any]) -> dict[str,
     import torch
 
     from featstore import LevelSpec
-    from trainer.geometry import draw_view
+    from featviews.draw import draw_view
 
     rng = np.random.default_rng(seed)
     lv = LevelSpec(1.0)
@@ -125,8 +125,9 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
     from torch import nn
 
     from featstore import LevelGeometry, LevelSpec
+    from featviews.sources import OnlineSource, SourceContext, ViewSampling, WarpSource
     from trainer.ema import create_ema, update_ema
-    from trainer.step import CachedTargets, LossSettings, render_batch, train_step
+    from trainer.step import LossSettings, compute_losses, render_batch
     from trainer.student import Student, StudentConfig, param_groups
 
     rss = C.PeakRSS()
@@ -150,13 +151,13 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
     ema_target: nn.Module = student
     if online:
         from pipelines.teachers import create_teacher
-        from trainer.online import OnlineTargets
 
         teachers = {
             t: create_teacher(t, device="cpu", base_size=CROP, random_weights=True)
             for t in (DINO, CLIP)
         }
-        targets: Any = OnlineTargets(teachers)
+        sampling = ViewSampling(TILE, CROP, CROP)
+        targets: Any = OnlineSource(SourceContext(sampling, teachers=teachers))
         for t, m in teachers.items():
             static[t] = _nbytes(m)
         if config == "official":
@@ -174,7 +175,7 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
             (t, "s1.00"): LevelGeometry.from_specs(TILE, CROP, LevelSpec(1.0), s)
             for t, s in specs.items()
         }
-        targets = CachedTargets(geoms)
+        targets = WarpSource(SourceContext(ViewSampling(TILE, CROP, CROP), level_geoms=geoms))
     ema = create_ema(ema_target)
     static["ema"] = _nbytes(ema.module)
     pseudo_model = ema.module.student if config == "official" else ema.module
@@ -201,7 +202,10 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
         bl, bu = batches[i]
         gen = torch.Generator(device=device).manual_seed(i)
         views = render_batch(bl, bu, device, gen, 0.5)
-        train_step(student, pseudo_model, opt, views, targets, bl, bu, names, settings, i)
+        terms = compute_losses(student, pseudo_model, views, targets, bl, bu, names, settings)
+        opt.zero_grad(set_to_none=True)  # as the engine's step
+        terms["loss"].backward()
+        opt.step()
         update_ema(ema, ema_target, i)
 
     saved = _SavedBytes(student.parameters())

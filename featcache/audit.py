@@ -39,15 +39,12 @@ from featstore import LevelGeometry, LevelSpec, open_store
 from featstore.constants import SCALE_RANGE
 from featstore.errors import FeatcacheError, MissingTeacherError
 from featstore.teacher_names import resolve_teacher_name
-from trainer.augment import cutmix_boxes, cutmix_pixels, render_views, strong_photometric
-from trainer.geometry import (
-    GridAlign,
-    ViewGeometry,
-    ViewParams,
-    blend_levels,
-    draw_view,
-)
-from trainer.targets import cutmix_targets, mix_levels
+from featviews.draw import GridAlign, ViewParams, draw_view
+from featviews.geometry import ViewGeometry
+from featviews.render import render_views
+from featviews.sample import cutmix_targets
+from featviews.sources import SourceContext, ViewSampling, WarpSource
+from trainer.augment import cutmix_boxes, cutmix_pixels, strong_photometric
 
 OFFICIAL_SCALE_RANGE = SCALE_RANGE  # the official draw's range (featstore.constants)
 STUDENT_PATCH = 14
@@ -174,48 +171,34 @@ def _images(ctx: _Ctx, idx: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(ctx.device)
 
 
-@dataclass
-class _Read:
-    """The cached grids of a batch of views: the nearest level and the levels mixed in."""
+class _BatchReads:
+    """The store as the audit's target sources see it: each (tile, level) grid decoded once per
+    batch (the configurations overlap: nested sets, each with and without the blend)."""
 
-    grids: list[torch.Tensor]
-    geoms: list[LevelGeometry]
-    extras: list[list[tuple[torch.Tensor, LevelGeometry, float]]]  # per view (grid, level, w)
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.cache: dict[tuple[str, int, str], np.ndarray] = {}
 
-    def on(self, grid: CompareGrid, geom: ViewGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-        """Targets on ``grid`` as the trainer builds them (``CachedTargets``)."""
-        target, valid = sample_on(grid, self.grids, self.geoms, geom)
-        mix_levels(target, self.extras, lambda g, lg, sub: sample_on(grid, g, lg, sub)[0], geom)
-        return target, valid
+    def read_half(self, name: str, tile_index: int, key: str) -> np.ndarray:
+        """``FeatureStore.read_half``, cached."""
+        k = (name, int(tile_index), key)
+        if k not in self.cache:
+            self.cache[k] = self.store.read_half(name, int(tile_index), key)
+        return self.cache[k]
 
 
-def _read_levels(
-    ctx: _Ctx,
-    idx: Sequence[int],
-    params: Sequence[ViewParams],
-    levels: Sequence[LevelSpec],
-    blend: float,
-    cache: dict[tuple[int, str], torch.Tensor],
-) -> _Read:
-    """Each view's nearest allowed level and the levels ``blend_levels`` mixes in.
+def _source(ctx: _Ctx, levels: Sequence[LevelSpec], blend: float, reads: _BatchReads) -> Any:
+    """The trainer's warp target source for one configuration (levels, blend width)."""
+    sampling = ViewSampling(ctx.tile, ctx.crop, ctx.base, scale_blend=blend)
+    geoms = {(ctx.name, lv.key): ctx.geom(lv.key) for lv in levels}
+    return WarpSource(SourceContext(sampling, {ctx.name: levels}, geoms, reads))
 
-    ``cache`` holds the batch's decoded grids by ``(tile, level key)``: the configurations
-    overlap (nested sets, each with and without the blend), so each grid is read once.
-    """
 
-    def read(i: int, lv: LevelSpec) -> torch.Tensor:
-        key = (int(i), lv.key)
-        if key not in cache:
-            cache[key] = torch.from_numpy(ctx.store.read(ctx.name, int(i), lv.key))
-        return cache[key]
-
-    out = _Read([], [], [])
-    for i, p in zip(idx, params, strict=True):
-        mix = blend_levels(levels, p.size, p.flip, ctx.tile, ctx.base, blend)
-        out.grids.append(read(i, mix[0][0]))
-        out.geoms.append(ctx.geom(mix[0][0].key))
-        out.extras.append([(read(i, lv), ctx.geom(lv.key), w) for lv, w in mix[1:]])
-    return out
+def _targets_on(
+    src: Any, ctx: _Ctx, batch: dict[str, Any], grid: CompareGrid, geom: ViewGeometry
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source's targets of the views, read at ``grid``'s points."""
+    return src.stream_targets(ctx.name, grid.n, batch, geom, grid.centres(geom.device))
 
 
 def _near_edge(boxes: torch.Tensor, grid: CompareGrid) -> torch.Tensor:
@@ -239,7 +222,7 @@ def _exact_scale(
     ctx: _Ctx, images: torch.Tensor, params: Sequence[ViewParams], geom: ViewGeometry
 ) -> torch.Tensor:
     """Targets from a cache rendered at exactly each view's scale (best one-level warp)."""
-    from pipelines.extract import render_level
+    from featviews.render import render_level
 
     grids, lgs = [], []
     nhwc = images.permute(0, 2, 3, 1)
@@ -281,17 +264,18 @@ def _audit_batch(
     def add(key: str, cos: torch.Tensor, w: torch.Tensor) -> None:
         acc.setdefault(key, []).append(torch.stack([(cos * w).sum((1, 2)), w.sum((1, 2))], 1))
 
-    grids: dict[tuple[int, str], torch.Tensor] = {}
+    reads = _BatchReads(ctx.store)
     for label, (levels, blend) in ctx.configs.items():
-        read = _read_levels(ctx, idx, params, levels, blend, grids)
-        target, tvalid = read.on(ctx.grid, geom)
+        src = _source(ctx, levels, blend, reads)
+        batch = src.read_batch(idx, params)
+        target, tvalid = _targets_on(src, ctx, batch, ctx.grid, geom)
         add(f"{label}|plain", cosine(target, online), valid * tvalid)
         add(f"{label}|colour", cosine(target, colour_online), valid * tvalid)
         mt, mv = cutmix_targets(target, tvalid * valid, boxes, extent)
         mixed_cos = cosine(mt, mixed_online)
         add(f"{label}|cutmix", mixed_cos, mv)
         add(f"{label}|cutmix_edge", mixed_cos, mv * edge)
-        t2, v2 = read.on(ctx.other, geom)
+        t2, v2 = _targets_on(src, ctx, batch, ctx.other, geom)
         add(f"{label}|other", cosine(t2, online_other), v2 * valid_other)
     add("ref|colour", cosine(colour_online, online), valid)
     mo, mv = cutmix_targets(online, valid, boxes, extent)

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from featstore import LevelGeometry
-from trainer.augment import render_views
-from trainer.geometry import ViewGeometry, ViewParams, token_centres, view_to_tile
-from trainer.targets import resample_to_student, sample_targets
-from trainer.viewbank import bank_targets_to_student
+from featviews.bank import bank_targets_to_student
+from featviews.draw import ViewParams
+from featviews.geometry import ViewGeometry, token_centres, view_to_tile
+from featviews.render import render_views
+from featviews.sample import resample_to_student, sample_targets
 
 GRIDS = ("teacher", "student")
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from trainer.config import METHOD_NAMES, MODES, TARGET_MODES  # cheap: no torch
 from trainer.presets import PRESETS  # cheap: no torch
 
 
@@ -95,7 +96,7 @@ def build_config(opts: dict[str, Any]) -> Any:
     for key, (section, attr) in set_if.items():
         if opts.get(key) is not None:
             setattr(getattr(cfg, section), attr, opts[key])
-    for key, attr in (("mode", "mode"), ("crop", "crop_size")):
+    for key, attr in (("method", "method"), ("mode", "mode"), ("crop", "crop_size")):
         if opts.get(key) is not None:
             setattr(cfg, attr, opts[key])
     if opts.get("teacher"):
@@ -160,8 +161,14 @@ EXCLUDE_HELP = (
     help="Online-mode teacher weights: a local file or a pretrained tag (repeat).",
 )
 @click.option(
+    "--method",
+    type=click.Choice(list(METHOD_NAMES)),
+    help="Training method: rs-mtdf (default; FixMatch + distillation, plain FixMatch with "
+    "--no-distill) or supervised (the supervised-only baseline: labeled views, CE).",
+)
+@click.option(
     "--mode",
-    type=click.Choice(["cached", "online"]),
+    type=click.Choice(list(MODES)),
     help="Distillation targets from the store's cache, or teachers run on each view.",
 )
 @click.option("--out", help="Run folder (checkpoints, logs, config.yaml).")
@@ -210,7 +217,7 @@ EXCLUDE_HELP = (
 )
 @click.option(
     "--target-mode",
-    type=click.Choice(["warp", "grid_aligned", "view_bank"]),
+    type=click.Choice(list(TARGET_MODES)),
     help="Cached targets: warp the cached levels (default), grid-aligned views, or "
     "views from the store's exact view bank (see `featcache bank`).",
 )

@@ -493,7 +493,7 @@ def run_training(
         result.metrics,
         _read_evals(out / "eval.jsonl"),
         _read_log(out / "metrics.csv"),
-        views if cfg.mode == "online" else 0,
+        0 if cfg.reads_cache else views,
         [preds[val.index(i)] for i in show],
         np.stack(conf),
     )

@@ -13,7 +13,6 @@ _LAZY = {
     "ExtractConfigError": "pipelines.config",
     "ExtractionError": "pipelines.extract",
     "run_extraction": "pipelines.extract",
-    "render_level": "pipelines.extract",
     "level_specs": "pipelines.extract",
 }
 

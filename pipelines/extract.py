@@ -32,7 +32,6 @@ from pipelines.shards import (
     load_tiles,
     make_context,
     process_shard,
-    render_level,
     torch_threads,
 )
 
@@ -272,7 +271,6 @@ __all__ = [
     "make_context",
     "open_tiles",
     "process_shard",
-    "render_level",
     "run_extraction",
     "torch_threads",
 ]

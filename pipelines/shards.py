@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from featstore import LevelSpec
 from featstore.errors import FeatcacheError
+from featviews.render import render_level
 from pipelines.config import ExtractConfig, ExtractConfigError
 
 # Hidden test hook: seconds to sleep after each written shard, so a test can kill a run mid-way.
@@ -50,27 +50,6 @@ def level_specs(scales: Sequence[float], flip: bool) -> tuple[LevelSpec, ...]:
         if flip:
             levels.append(LevelSpec(float(scale), True))
     return tuple(levels)
-
-
-def render_level(images: torch.Tensor, level: Any, base_size: int) -> torch.Tensor:
-    """Render uint8 tiles `[n, T, T, 3]` as the float canvases `[n, 3, c, c]` of one level.
-
-    The tile (h-flipped first for flipped levels) is resized to `round(scale * base_size)` with
-    bilinear antialias interpolation and placed top-left on a black `base_size` canvas when smaller.
-    """
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    if level.flipped:
-        x = torch.flip(x, dims=(3,))
-    render = round(level.scale * base_size)
-    if render != x.shape[-1]:
-        x = F.interpolate(
-            x, size=(render, render), mode="bilinear", align_corners=False, antialias=True
-        )
-    if render >= base_size:
-        return x.contiguous()
-    canvas = x.new_zeros((x.shape[0], 3, base_size, base_size))
-    canvas[:, :, :render, :render] = x
-    return canvas
 
 
 @contextlib.contextmanager

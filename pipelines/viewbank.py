@@ -20,67 +20,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from featstore import BankSpec, BankWriter, add_bank, open_store
 from featstore.constants import SCALE_RANGE
 from featstore.errors import FeatcacheError
+from featviews.bank import draw_bank_params
+from featviews.render import render_tile_views
 
 
 class ViewBankError(FeatcacheError):
     """A view bank cannot be built; the message names the store/option and the fix."""
-
-
-def draw_bank_params(tile_indices: Sequence[int], spec: BankSpec, tile_size: int) -> np.ndarray:
-    """Draw ``spec.k`` views per tile with the official RS-MTDF rule (numpy, torch-free).
-
-    Same rule as ``trainer.geometry.draw_view`` without grid alignment: ``S`` uniform integer in
-    ``[int(lo T), int(hi T)]`` inclusive, offsets uniform inclusive in ``[0, max(S, V) - V]``,
-    flip with ``flip_p``. Tile ``i`` uses ``np.random.default_rng([seed, i])``, so the draw does
-    not depend on shard layout, process or resume.
-
-    Returns:
-        int32 ``[n, K, 4]`` rows ``(S, oy, ox, flip)``.
-    """
-    lo, hi = spec.size_range(tile_size)
-    out = np.empty((len(tile_indices), spec.k, 4), np.int32)
-    for row, i in enumerate(tile_indices):
-        rng = np.random.default_rng([spec.seed, int(i)])
-        flip = rng.random(spec.k) < spec.flip_p
-        size = rng.integers(lo, hi + 1, size=spec.k)
-        span = np.maximum(size, spec.crop) - spec.crop
-        oy = rng.integers(0, span + 1)  # per-element inclusive upper bound
-        ox = rng.integers(0, span + 1)
-        out[row] = np.stack([size, oy, ox, flip.astype(np.int64)], axis=1)
-    return out
-
-
-def render_bank_views(tile: Any, params: Any, crop: int) -> torch.Tensor:
-    """Render views of one tile with the contract's rule.
-
-    Args:
-        tile: uint8 ``[T, T, 3]`` (numpy or torch; the device of a tensor is kept).
-        params: ``[K, 4]`` rows ``(S, oy, ox, flip)``.
-        crop: view side ``V``.
-
-    Returns:
-        float32 ``[K, 3, V, V]`` in ``[0, 1]``, black in padding.
-    """
-    t = torch.as_tensor(np.asarray(tile)) if not isinstance(tile, torch.Tensor) else tile
-    x = t.permute(2, 0, 1).unsqueeze(0).to(torch.float32).div_(255.0)
-    rows = np.asarray(params, np.int64).reshape(-1, 4)
-    out = x.new_zeros((len(rows), 3, crop, crop))
-    for j, (size, oy, ox, flip) in enumerate(rows.tolist()):
-        z = x
-        if size != x.shape[-1]:
-            z = F.interpolate(
-                x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-            )
-        h, w = min(size - oy, crop), min(size - ox, crop)  # the rest of the view is padding
-        out[j, :, :h, :w] = z[0, :, oy : oy + h, ox : ox + w]
-        if flip:
-            out[j] = out[j].flip(-1)
-    return out
 
 
 def _batches(n: int, k: int, batch_size: int) -> Iterator[list[tuple[int, int]]]:
@@ -109,7 +58,7 @@ def compute_bank_features(
     out: dict[str, np.ndarray] = {}
     for batch in _batches(n, k, max(1, int(batch_size))):
         views = torch.cat(
-            [render_bank_views(tiles[r], params[r, s : s + 1], crop) for r, s in batch]
+            [render_tile_views(tiles[r], params[r, s : s + 1], crop) for r, s in batch]
         )
         for name, teacher in teachers.items():
             grid = teacher(views).float().cpu().numpy()
@@ -309,7 +258,5 @@ __all__ = [
     "bank_shard_arrays",
     "build_view_bank",
     "compute_bank_features",
-    "draw_bank_params",
     "load_bank_teachers",
-    "render_bank_views",
 ]

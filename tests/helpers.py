@@ -153,3 +153,24 @@ def ref_resample(grid: np.ndarray, input_px: int, stride: int, n: int) -> np.nda
         for j in range(n):
             out[i, j] = ref_bilinear(grid, u[i], u[j])
     return out
+
+
+# Target sources built as the trainer builds them (featviews.sources), for tests that drive a
+# source by hand.
+
+
+def warp_source(level_geoms: Any = None, store: Any = None, levels: Any = None, **sampling: Any):
+    """A ``warp`` source over ``level_geoms`` (and ``store``/``levels`` to draw and read items)."""
+    from featviews.sources import SourceContext, ViewSampling, WarpSource
+
+    view = ViewSampling(sampling.pop("tile", TILE), CROP, CROP, **sampling)
+    return WarpSource(SourceContext(view, levels or {}, level_geoms or {}, store))
+
+
+def online_source(teachers: Any, masked: bool = True):
+    """An ``online`` source running ``teachers`` (by name) on the views."""
+    from featviews.sources import OnlineSource, SourceContext, ViewSampling
+
+    return OnlineSource(
+        SourceContext(ViewSampling(TILE, CROP, CROP), teachers=teachers, masked=masked)
+    )

@@ -22,7 +22,7 @@ from featstore.codecs import CODECS, Float16Codec
 from pipelines.config import ExtractConfig, ExtractConfigError, parse_codec
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("featstore", "pipelines", "trainer", "featcache")
+PACKAGES = ("featstore", "featviews", "pipelines", "trainer", "featcache")
 
 
 # --- (1) one constants module -------------------------------------------------------------------
@@ -306,6 +306,7 @@ def test_multi_scales_cover_the_rescale_range_at_quarter_octaves() -> None:
 # the defaults and to pass validation). A new option needs an entry here.
 TRAIN_EXAMPLES: dict[str, list[str]] = {
     "preset": ["--preset", "official"],
+    "method": ["--method", "supervised"],
     "source": ["--source", "x"],
     "teacher": ["--teacher", "t"],
     "no_distill": ["--no-distill"],

@@ -21,7 +21,7 @@ import pytest
 from featstore.errors import FeatcacheError, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("featstore", "pipelines", "trainer", "featcache")
+PACKAGES = ("featstore", "featviews", "pipelines", "trainer", "featcache")
 
 
 def _walked_exception_classes() -> dict[str, type[BaseException]]:

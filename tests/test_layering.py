@@ -1,4 +1,4 @@
-"""One-way dependencies: featstore <- pipelines, featstore <- trainer (docs/architecture.md).
+"""One-way dependencies: featstore <- featviews <- pipelines, trainer (docs/architecture.md).
 
 Imports are read from the source with `ast`, so the test sees lazy imports inside functions too.
 """
@@ -41,6 +41,18 @@ def test_featstore_imports_no_torch_and_no_upper_layer(path: Path) -> None:
         "pipelines",
         "trainer",
         "featcache",
+    }
+    assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", _files("featviews"), ids=lambda p: p.name)
+def test_featviews_imports_only_featstore_and_torch(path: Path) -> None:
+    bad = {m for m, _ in _imports(path)} & {
+        "pipelines",
+        "trainer",
+        "featcache",
+        "timm",
+        "open_clip",
     }
     assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
 

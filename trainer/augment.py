@@ -1,15 +1,6 @@
-"""Batched, on-device augmentation: view rendering, photometric ops, CutMix.
+"""Batched, on-device augmentation of rendered views: photometric ops and CutMix.
 
-Views are rendered with two batched matrix products per batch, ``out = Wy @ tile @ Wx^T``, where
-``Wy``/``Wx`` ``[B, V, T]`` hold the per-sample separable resampling weights of the contract's
-rendering rule (``F.interpolate(bilinear, align_corners=False, antialias=True)`` to ``S``)
-restricted to the crop rows/columns, zero in padding, with the flip folded into ``Wx``. This is
-the exact antialiased resize at every zoom (a triangle filter widened by ``T / S`` when
-shrinking, plain bilinear when enlarging), so a view never aliases and a view drawn at a cached
-render size shows exactly the pixels the teacher saw. It replaces the "grid_sample + 2x pooled
-level" idea: same cost class (a few GFLOP per batch of 16 at 518 px), no approximation. With
-TF32 matmuls enabled globally the render error grows to ~1e-3 (a quarter of a uint8 level).
-
+Views are rendered by ``featviews.render`` (the one renderer of extraction, bank and trainer).
 Photometric ops draw per-sample parameters and use plain tensor math (torchvision's batched
 functional ops share one parameter set across the batch). Hue is shifted in HSV space like
 torchvision. Two choices have an official variant (``fixmatch.jitter_order`` / ``fixmatch.blur``):
@@ -33,102 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from featstore.constants import IGNORE_INDEX
-from trainer.geometry import ViewGeometry
-
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 JITTER_ORDERS = ("batch", "sample")
 BLURS = ("gaussian", "pil")
 PIL_BLUR_PASSES = 3  # Pillow's ImageFilter.GaussianBlur always runs 3 box passes per axis
-
-
-def _zoomed_index(geom: ViewGeometry, columns: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zoomed px index ``[B, V]`` of each view row (or column) and whether it is not padding."""
-    v = geom.crop
-    r = torch.arange(v, device=geom.device)
-    if columns:
-        r = torch.where(geom.flip.view(-1, 1), v - 1 - r, r)
-        z = r + geom.ox.view(-1, 1)
-    else:
-        z = r.view(1, -1) + geom.oy.view(-1, 1)
-    return z, z < geom.size.view(-1, 1)
-
-
-def _resize_weights(geom: ViewGeometry, columns: bool) -> torch.Tensor:
-    """Float32 ``[B, V, T]`` antialiased-bilinear weights of the view rows (or columns).
-
-    Output index ``z`` of a resize ``T -> S`` has its centre at input px ``(z + 0.5) T / S``; the
-    triangle filter has half-width ``max(1, T / S)`` input px. The distance is formed from exact
-    integers, ``((2j + 1) S - (2z + 1) T) / (2 max(S, T))``, so float32 keeps it to one rounding.
-    """
-    t = geom.tile
-    z, inside = _zoomed_index(geom, columns)
-    size = geom.size.view(-1, 1, 1).to(torch.float32)
-    j2 = (2 * torch.arange(t, device=geom.device) + 1).to(torch.float32).view(1, 1, -1)
-    z2 = (2 * z + 1).to(torch.float32).unsqueeze(-1)
-    dist = (j2 * size - z2 * t) / (2 * torch.clamp(size, min=t))
-    w = (1 - dist.abs()).clamp_(min=0)
-    w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
-    return w * inside.unsqueeze(-1)
-
-
-def render_views(images: torch.Tensor, geom: ViewGeometry) -> torch.Tensor:
-    """Render the views of a batch of tiles.
-
-    Args:
-        images: uint8 ``[B, 3, T, T]`` tiles (on the training device).
-        geom: the views' geometry (same device).
-
-    Returns:
-        float32 ``[B, 3, V, V]`` in ``[0, 1]``, black (0) in padding.
-    """
-    if images.dim() != 4 or images.shape[-1] != geom.tile or images.shape[-2] != geom.tile:
-        raise ValueError(
-            f"render_views: images must be [B, C, {geom.tile}, {geom.tile}], got "
-            f"{tuple(images.shape)}"
-        )
-    wy = _resize_weights(geom, columns=False) * (1.0 / 255.0)
-    wx = _resize_weights(geom, columns=True)
-    x = images.to(torch.float32)
-    out = torch.matmul(wy.unsqueeze(1), x)
-    out = torch.matmul(out, wx.transpose(1, 2).unsqueeze(1))
-    return out.clamp_(0, 1)
-
-
-def _nearest_index(geom: ViewGeometry, columns: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tile px ``floor((z + 0.5) T / S)`` of each view row/column (integer arithmetic)."""
-    z, inside = _zoomed_index(geom, columns)
-    size = geom.size.view(-1, 1)
-    idx = ((2 * z + 1) * geom.tile) // (2 * size)
-    return idx.clamp(0, geom.tile - 1), inside
-
-
-def pixel_valid(geom: ViewGeometry) -> torch.Tensor:
-    """Bool ``[B, V, V]``: true where the view pixel shows the tile (false in padding)."""
-    _, iy = _zoomed_index(geom, columns=False)
-    _, ix = _zoomed_index(geom, columns=True)
-    return iy.unsqueeze(2) & ix.unsqueeze(1)
-
-
-def render_masks(
-    masks: torch.Tensor, geom: ViewGeometry, pad_value: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """Render label masks with nearest sampling (pixel containing the view pixel's centre).
-
-    Args:
-        masks: uint8 ``[B, T, T]``.
-        geom: the views' geometry.
-        pad_value: label written in padding (255 = ignore for labeled views; for unlabeled views
-            render a zero mask with 255 to get the ignore mask of the padding).
-
-    Returns:
-        int64 ``[B, V, V]``.
-    """
-    iy, vy = _nearest_index(geom, columns=False)
-    ix, vx = _nearest_index(geom, columns=True)
-    b = torch.arange(masks.shape[0], device=masks.device).view(-1, 1, 1)
-    out = masks[b, iy.unsqueeze(2), ix.unsqueeze(1)].long()
-    return out.masked_fill_(~(vy.unsqueeze(2) & vx.unsqueeze(1)), pad_value)
 
 
 # ---------------------------------------------------------------- photometric (strong views)
@@ -476,9 +375,6 @@ __all__ = [
     "gaussian_blur",
     "pil_blur_radius",
     "pil_gaussian_blur",
-    "pixel_valid",
-    "render_masks",
-    "render_views",
     "strong_photometric",
     "to_gray",
 ]

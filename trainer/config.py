@@ -36,10 +36,17 @@ import yaml
 from featstore.constants import DEFAULT_CROP, SCALE_RANGE
 from trainer.errors import TrainConfigError
 
-MODES = ("cached", "online")
+# Run mode -> whether it reads the store's cached targets. The one table of run modes: code asks
+# `TrainConfig.reads_cache` / `target_source`, never compares mode strings.
+MODES = {"cached": True, "online": False}
+# registry keys of trainer.methods (torch-free here; tests pin this to the registry)
+METHOD_NAMES = ("rs-mtdf", "supervised")
+ONLINE_SOURCE = "online"  # featviews.sources registry key of the online teachers
 BRANCHES = ("full", "clip224")
 EVAL_MODES = ("whole", "sliding")
+# registry keys of the featviews.sources that read the cache (tests pin this to the registry)
 TARGET_MODES = ("warp", "grid_aligned", "view_bank")
+DEFAULT_TARGET_MODE = TARGET_MODES[0]
 MODEL_CHOICES = ("student", "ema")
 JITTER_ORDERS = ("batch", "sample")  # = trainer.augment.JITTER_ORDERS (no torch import here)
 BLURS = ("gaussian", "pil")  # = trainer.augment.BLURS
@@ -193,7 +200,7 @@ class DistillConfig:
     enabled: bool = True
     masked: bool = True
     standardize: bool = False
-    target_mode: str = "warp"
+    target_mode: str = DEFAULT_TARGET_MODE
     scale_blend: float = 0.25
     levels: list[str] | None = None
     level_stats: str = "s1.00"
@@ -260,6 +267,7 @@ class TrainConfig:
     """
 
     preset: str | None = None
+    method: str = METHOD_NAMES[0]
     mode: str = "cached"
     crop_size: int = DEFAULT_CROP
     data: DataConfig = field(default_factory=DataConfig)
@@ -276,7 +284,8 @@ class TrainConfig:
         from trainer.presets import check_preset
 
         check_preset(self.preset)
-        _choice("mode", self.mode, MODES)
+        _choice("method (--method)", self.method, METHOD_NAMES)
+        _choice("mode", self.mode, tuple(MODES))
         _choice("distill.target_mode", self.distill.target_mode, TARGET_MODES)
         _choice("eval.mode", self.eval.mode, EVAL_MODES)
         _choice("eval.best_model", self.eval.best_model, MODEL_CHOICES)
@@ -284,14 +293,14 @@ class TrainConfig:
         _choice("fixmatch.blur", self.fixmatch.blur, BLURS)
         if self.data.edge_rule is not None:
             _choice("data.edge_rule (--edge-rule)", self.data.edge_rule, EDGE_RULES)
-        if self.mode == "cached" and not self.data.store:
+        if self.reads_cache and not self.data.store:
             raise TrainConfigError("mode 'cached' needs data.store (--store URL)")
-        if self.mode == "online" and not (self.data.source or self.data.store):
+        if not self.reads_cache and not (self.data.source or self.data.store):
             raise TrainConfigError(
                 "mode 'online' needs data.source (--source PATH) or a store "
                 "with pixels (--store URL)"
             )
-        if self.distill.target_mode != "warp" and self.mode != "cached":
+        if self.distill.target_mode != DEFAULT_TARGET_MODE and not self.reads_cache:
             raise TrainConfigError(
                 f"distill.target_mode {self.distill.target_mode!r} reads the "
                 "store's cache: use mode 'cached' (or target_mode 'warp')"
@@ -304,7 +313,7 @@ class TrainConfig:
         self._validate_teachers()
         self._validate_split_options()
         self._validate_numbers()
-        if self.distill.standardize and self.mode == "online" and not self.data.store:
+        if self.distill.standardize and not self.reads_cache and not self.data.store:
             raise TrainConfigError(
                 "distill.standardize needs store statistics: pass --store "
                 "or turn standardisation off"
@@ -408,7 +417,7 @@ class TrainConfig:
                 "(distill.enabled: false); to distil from every teacher the "
                 "store holds leave model.teachers unset"
             )
-        if self.mode == "online" and not teachers:
+        if not self.reads_cache and not teachers:
             raise TrainConfigError(
                 "online mode needs its teachers named: pass --teacher NAME "
                 "(repeat for several), or --no-distill for plain FixMatch"
@@ -429,6 +438,16 @@ class TrainConfig:
                 f"data.partition ({d.partition!r}) gives the labeled, "
                 f"unlabeled and val sets; drop {opts} or drop --partition"
             )
+
+    @property
+    def reads_cache(self) -> bool:
+        """Whether the run reads cached targets from a store (``mode: cached``)."""
+        return MODES[self.mode]
+
+    @property
+    def target_source(self) -> str:
+        """Registry key of the run's target source (``featviews.sources``)."""
+        return self.distill.target_mode if self.reads_cache else ONLINE_SOURCE
 
     @property
     def teacher_list(self) -> list[TeacherConfig]:

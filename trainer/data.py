@@ -1,29 +1,27 @@
 """Datasets over a feature store (or a plain tile source), samplers and collation.
 
-Each item draws its view on the CPU (zoomed size, crop offset, flip, the cached level nearest the
-zoom per teacher and, with ``scale_blend``, the neighbouring levels mixed in) from a generator
-seeded by ``(seed, stream, epoch, position)``, so a killed and resumed run sees exactly the same
-data. Only the chosen levels of each teacher are read; the pixel work (rendering, colour, CutMix)
-happens batched on the training device (``trainer.augment``).
+Each item's view is drawn on the CPU by the run's target source (``featviews.sources``: zoomed
+size, crop offset, flip, and the grids that view reads) from a generator seeded by
+``(seed, stream, epoch, position)``, so a killed and resumed run sees exactly the same data. The
+pixel work (rendering, colour, CutMix) happens batched on the training device.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from featstore.constants import IGNORE_INDEX, SCALE_RANGE
+from featstore.constants import IGNORE_INDEX
 from featstore.errors import TileDataError
-from featstore.schema import LevelSpec, TileRecord
-from trainer.geometry import ViewParams, blend_levels, draw_view
-from trainer.viewbank import draw_bank_item
+from featstore.schema import TileRecord
+from featviews.draw import ViewParams
+from featviews.sources import TargetSource
 
 LOG = logging.getLogger("featcache.train")
 
@@ -69,37 +67,19 @@ class SourceTiles:
         return mask
 
 
-@dataclass(frozen=True)
-class ViewSampling:
-    """How views are drawn (shared by the labeled and unlabeled datasets)."""
-
-    tile_size: int
-    crop_size: int
-    base_size: int
-    scale_range: tuple[float, float] = SCALE_RANGE
-    flip_p: float = 0.5
-    grid_aligned: Any = None
-    # kernel width in octaves (trainer.geometry.blend_levels); grid-aligned views and bank
-    # items are exact and never mixed
-    scale_blend: float = 0.0
-
-
 class StoreDataset(Dataset):
-    """Tiles with a drawn view and, per teacher, the cached grid of the level nearest the view.
+    """Tiles with a drawn view and the grids its target source reads for it.
 
     Args:
         reader: A ``FeatureStore`` (or `SourceTiles` when no teacher grid is read).
         indices: Tile indices into ``reader.tiles``; position ``k`` reads ``indices[k % len]``.
-        levels_by_teacher: Cached levels per teacher to choose from (empty: no grids read).
-        labeled: Also return the mask (unlabeled items get an all-zero mask placeholder).
+        source: The run's target source (``featviews.sources``): it draws each item's view and
+            reads the grids that view needs (none for the online source or without teachers).
+        labeled: Also return the mask.
         seed: Base seed of the view draws.
-        sampling: View drawing parameters.
         length: Dataset length (default ``len(indices)``; longer repeats ids, the official
             labeled-set repetition).
         stream: Separates the draws of datasets that share a seed (labeled 0, unlabeled 1).
-        features: Optional reader of the grids when it differs from ``reader``.
-        p_bank: ``view_bank`` target mode: probability that an item's view comes from the
-            store's view bank (``features.bank``); None: every view is drawn with ``sampling``.
         skip_bad: a tile failing its checksum (`TileDataError`) is logged and replaced by the
             next good position (``--skip-bad-tiles``); otherwise the error stops the run.
     """
@@ -108,28 +88,22 @@ class StoreDataset(Dataset):
         self,
         reader: TileReader,
         indices: Sequence[int],
-        levels_by_teacher: Mapping[str, Sequence[LevelSpec]],
+        source: TargetSource,
         labeled: bool,
         seed: int,
-        sampling: ViewSampling,
         length: int | None = None,
         stream: int = 0,
-        features: Any = None,
-        p_bank: float | None = None,
         skip_bad: bool = False,
     ) -> None:
         if not indices:
             raise ValueError("StoreDataset needs at least one tile index")
         self.reader = reader
-        self.features = reader if features is None else features
         self.indices = [int(i) for i in indices]
-        self.levels = {k: tuple(v) for k, v in levels_by_teacher.items()}
+        self.source = source
         self.labeled = labeled
         self.seed = int(seed)
-        self.sampling = sampling
         self.length = len(self.indices) if length is None else int(length)
         self.stream = int(stream)
-        self.p_bank = None if p_bank is None else float(p_bank)
         self.epoch = 0
         self.skip_bad = bool(skip_bad)
         self.bad: set[int] = set()  # tiles found bad (per process: each worker logs its own)
@@ -146,25 +120,7 @@ class StoreDataset(Dataset):
 
     def draw(self, k: int) -> ViewParams:
         """The view of position ``k`` in the current epoch (pure function of the seeds)."""
-        rng = self._rng(k)
-        s = self.sampling
-        view = draw_view(
-            rng, s.tile_size, s.crop_size, tuple(s.scale_range), s.flip_p, s.grid_aligned
-        )
-        chosen, blend = {}, {}
-        for name, lv in self.levels.items():
-            mix = blend_levels(
-                lv,
-                view.size,
-                view.flip,
-                s.tile_size,
-                s.base_size,
-                s.scale_blend if s.grid_aligned is None else 0.0,
-            )
-            chosen[name] = mix[0][0]
-            if len(mix) > 1:
-                blend[name] = mix[1:]
-        return view.with_levels(chosen, blend)
+        return self.source.draw(self._rng(k))
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         if not self.skip_bad:
@@ -191,24 +147,12 @@ class StoreDataset(Dataset):
         item: dict[str, Any] = {"index": i, "image": image.permute(2, 0, 1).contiguous()}
         if self.labeled:
             item["mask"] = torch.from_numpy(np.ascontiguousarray(self.reader.read_mask(i)))
-        if self.p_bank is None:
-            view = self.draw(k)
-            grids = {
-                name: self.features.read_half(name, i, level.key)
-                for name, level in view.levels.items()
-            }
-            item["blend_grids"] = {
-                name: [torch.from_numpy(self.features.read_half(name, i, lv.key)) for lv, _ in mix]
-                for name, mix in view.blend.items()
-            }
-        else:  # a bank view (its grids from the bank) or a warped view (its cached levels)
-            view, item["bank_slot"], grids = draw_bank_item(
-                self.features, i, self._rng(k), self.levels, self.p_bank
-            )
-        item["view"] = view
+        item.update(self.source.read_item(i, self._rng(k)))
         # float16 halves host memory and transfer; decoded values are at most fp16-precise
         # (read_half hands an fp16 store's array over as is: no float32 round trip).
-        item["grids"] = {name: torch.from_numpy(g).to(torch.float16) for name, g in grids.items()}
+        item["grids"] = {
+            name: torch.from_numpy(g).to(torch.float16) for name, g in item["grids"].items()
+        }
         return item
 
 
@@ -295,7 +239,6 @@ __all__ = [
     "SourceTiles",
     "StoreDataset",
     "TileReader",
-    "ViewSampling",
     "collate",
     "iters_per_epoch",
     "log_bad_tile",

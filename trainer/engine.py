@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from featviews.bank import bank_reuse
 from trainer.checkpoint import (
     RESUME_KEYS,
     check_architecture,
@@ -36,15 +37,16 @@ from trainer.distributed import DistInfo, barrier, init_distributed, mean_over_r
 from trainer.ema import create_ema, update_ema
 from trainer.evaluate import evaluate, protocol_json, resolve_protocol
 from trainer.logging_utils import RunLogger, eval_columns, eval_scalars
+from trainer.losses import check_finite
+from trainer.methods import method_class
 from trainer.prepare import (
     RunData,
     build_loaders,
-    build_student,
+    build_source,
     data_departures,
     open_data,
     resolve_branches,
     run_summary,
-    store_stats,
 )
 from trainer.presets import departures
 from trainer.rundir import (
@@ -55,9 +57,8 @@ from trainer.rundir import (
     remove_run_files,
     run_files,
 )
-from trainer.step import CachedTargets, LossSettings, poly_lr, render_batch, train_step
+from trainer.step import poly_lr
 from trainer.student import param_groups
-from trainer.viewbank import BankTargets, bank_reuse
 
 LOG = logging.getLogger(__name__)
 
@@ -123,36 +124,35 @@ class Trainer:
             require_keys(self.ckpt, RESUME_KEYS, resume, "resume a run")
             student_config_from(self.ckpt, resume)  # a field this version lacks: named first
             check_resume_recipe(self.ckpt["config"], cfg, resume)
+        method_cls = method_class(cfg.method)
+        method_cls.configure(cfg)
         self.data: RunData = open_data(cfg, self.ckpt.get("store") if self.ckpt else None)
         self.online = self._online_teachers()
         resolve_branches(cfg, self.data.store, self.online)
-        self.summary = run_summary(cfg, self.data)
+        self.summary = run_summary(cfg, self.data, method_cls)
         # the means reported besides all classes: --exclude-classes, or what the data records
         self.protocol = resolve_protocol(
             self.data.reader, self.data.class_names, cfg.eval.exclude_classes, "--exclude-classes"
         )
         self.summary.append(f"evaluation protocol: {self.protocol.describe(self.data.class_names)}")
-        self.model = build_student(cfg, self.data, self.online).to(self.device)
+        self.source = build_source(cfg, self.data, self.online)
+        self.method = method_cls(cfg, self.data, self.source, self.device)
+        self.model = self.method.build_model(self.online).to(self.device)
         self.ema = create_ema(self.model, cfg.fixmatch.ema_max)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.optim.lr, cfg.optim.lr_multi, cfg.optim.weight_decay)
         )
-        self.loaders = build_loaders(cfg, self.data, self.info)
+        self.loaders = build_loaders(
+            cfg, self.data, self.info, self.source, labeled_only=not method_cls.unlabeled
+        )
         sch = cfg.schedule
         self.total = sch.iters or sch.epochs * self.loaders.per_epoch
         self.state = RunState()
-        self.bank_reuse: float | None = None
         self._saved = False
         if self.ckpt is not None:
             self._restore(self.ckpt, str(resume))
         self.ddp = self._wrap()
-        self.targets = self._targets()
-        self.settings = LossSettings(
-            cfg.fixmatch.conf_thresh,
-            cfg.distill.masked,
-            cfg.runtime.bf16,
-            store_stats(cfg, self.data, self.device),
-        )
+        self.bank_reuse = self._bank_reuse()
 
     def _claim_out_dir(self, overwrite: bool) -> None:
         """Refuse an ``--out`` holding another run; under ``--overwrite`` delete that run."""
@@ -165,33 +165,27 @@ class Trainer:
             delete_run(self.out)
         barrier()
 
-    def _targets(self) -> Any:
-        """The distillation target provider of the run's mode."""
-        cfg = self.cfg
-        if cfg.mode == "online":
-            return self._online_targets()
-        if cfg.distill.target_mode != "view_bank":
-            return CachedTargets(self.data.level_geoms)
-        store = self.data.store
+    def _bank_reuse(self) -> float | None:
+        """How often each bank view is used over the run (logged; None without a bank)."""
+        if not self.source.needs_bank:
+            return None
+        cfg, store = self.cfg, self.data.store
         n_train = len(set(self.data.sets["labeled"]) | set(self.data.sets["unlabeled"]))
         # every view of an iteration (labeled + unlabeled, all ranks) is drawn from the bank
         batch = (cfg.schedule.batch_labeled + cfg.schedule.batch_unlabeled) * self.info.world
-        self.bank_reuse = bank_reuse(store.bank.k, n_train, self.total, batch, cfg.distill.p_bank)
+        reuse = bank_reuse(store.bank.k, n_train, self.total, batch, cfg.distill.p_bank)
         LOG.info(
             "view bank: K=%d views per tile, p_bank=%.2f: each view is used about %.1f times "
             "over %d iterations",
             store.bank.k,
             cfg.distill.p_bank,
-            self.bank_reuse,
+            reuse,
             self.total,
         )
-        specs = {t.name: store.schema.teacher(t.name).spec for t in cfg.model.teachers}
-        return BankTargets(
-            self.data.level_geoms, specs, store.bank.teachers, store.schema.base_size
-        )
+        return reuse
 
     def _online_teachers(self) -> dict[str, Any] | None:
-        if self.cfg.mode != "online" or not self.cfg.model.teachers:
+        if self.cfg.reads_cache or not self.cfg.model.teachers:
             return None
         from trainer.online import load_teachers
 
@@ -203,11 +197,6 @@ class Trainer:
             self.cfg.model.random_weights,
             store=self.data.store,  # a teacher the store records must match its stored spec
         )
-
-    def _online_targets(self) -> Any:
-        from trainer.online import OnlineTargets
-
-        return OnlineTargets(self.online or {}, self.cfg.distill.masked)
 
     def _wrap(self) -> torch.nn.Module:
         if not self.info.enabled:
@@ -266,7 +255,7 @@ class Trainer:
             return {}
         c = self.cfg
         metrics = evaluate(
-            {"student": self.model, "ema": self.ema.module},
+            self.method.evaluated(self.model, self.ema.module),
             self.data.reader,
             val,
             self.data.num_classes,
@@ -296,34 +285,16 @@ class Trainer:
         gen = torch.Generator(device=self.device)
         # Per-step seed: the on-device augmentation replays exactly after a resume.
         gen.manual_seed(self.cfg.runtime.seed * 1_000_003 + step * 7 + self.info.rank)
-        fm = self.cfg.fixmatch
-        views = render_batch(
-            batch_l,
-            batch_u,
-            self.device,
-            gen,
-            fm.cutmix_p,
-            fm.photometric,
-            fm.jitter_order,
-            fm.blur,
-        )
-        teachers = [t.name for t in self.cfg.model.teachers]
-        terms = train_step(
-            self.ddp,
-            self.ema.module,
-            self.optimizer,
-            views,
-            self.targets,
-            batch_l,
-            batch_u,
-            teachers,
-            self.settings,
-            step,
-        )
+        terms = self.method.losses(self.ddp, self.ema.module, batch_l, batch_u, gen)
+        ids = batch_l["index"].tolist() + ([] if batch_u is None else batch_u["index"].tolist())
+        check_finite(terms, step, ids)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        self.optimizer.step()
         poly_lr(self.optimizer, step, self.total, self.cfg.optim.poly)
         update_ema(self.ema, self.model, step)
         self.state.step += 1
-        return terms
+        return {k: v.detach() for k, v in terms.items()}
 
     def _due(self, interval: int, end_of_epoch: bool) -> bool:
         s = self.state.step

@@ -1,11 +1,8 @@
-"""Online-teacher mode: teachers from the ``pipelines`` registry run on the view tensors.
+"""Online-teacher mode: build the teachers from the ``pipelines`` registry.
 
-This is the A/B baseline of the cached trainer and the fallback for users without a store. The
-teachers see the labeled views and the CutMixed strong views as the student does (un-normalised
-[0, 1]; each teacher resizes and normalises inside, a CLIP-like teacher shrinks the view to its own
-input). Their token grids are resampled onto the student's grid with the same rule as the cached
-mode, so the loss code is shared. ``pipelines`` is imported lazily here and nowhere else in
-``trainer``.
+This is the A/B baseline of the cached trainer and the fallback for users without a store; the
+teachers run on the views in ``featviews.sources.OnlineSource``. ``pipelines`` is imported
+lazily here and nowhere else in ``trainer``.
 """
 
 from __future__ import annotations
@@ -18,8 +15,6 @@ import torch
 from featstore.errors import MissingTeacherError
 from featstore.teacher_names import resolve_teacher_name
 from trainer.config import TeacherConfig
-from trainer.step import Views, view_validity
-from trainer.targets import resample_to_student
 
 
 def load_teachers(
@@ -88,44 +83,9 @@ def _stored_name(store: Any, name: str) -> str | None:
         return None
 
 
-class OnlineTargets:
-    """Targets computed by running the teachers on the rendered views.
-
-    Args:
-        teachers: Frozen teacher modules by name (``Teacher`` from ``pipelines``).
-        masked: Return geometric validity (padding = 0); otherwise all ones.
-    """
-
-    def __init__(self, teachers: Mapping[str, torch.nn.Module], masked: bool = True) -> None:
-        self.teachers = dict(teachers)
-        self.masked = masked
-
-    def grid(self, name: str, views: Views) -> torch.Tensor:
-        """Teacher tokens ``[B, g, g, C]`` on ``cat(labeled, strong)``."""
-        return self.teachers[name](views.student_input.float())
-
-    def __call__(
-        self,
-        name: str,
-        n: int,
-        views: Views,
-        batch_l: Mapping[str, Any],
-        batch_u: Mapping[str, Any] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        teacher = self.teachers[name]
-        crop = views.x_l.shape[-1]
-        grid = self.grid(name, views)
-        target = resample_to_student(grid, teacher.input_px(crop), teacher.spec.stride, crop, n)
-        if self.masked:
-            valid = view_validity(views, n)
-        else:
-            valid = torch.ones(target.shape[:3], device=target.device)
-        return target, valid
-
-
 def teacher_channels(teachers: Mapping[str, torch.nn.Module]) -> dict[str, int]:
     """Token width per teacher (to size the student's translators)."""
     return {name: int(t.spec.channels) for name, t in teachers.items()}
 
 
-__all__ = ["OnlineTargets", "load_teachers", "teacher_channels"]
+__all__ = ["load_teachers", "teacher_channels"]

@@ -24,6 +24,7 @@ from featstore.partitions import (
 from featstore.protocols import edge_rule_departure
 from featstore.schema import LevelSpec, TileRecord
 from featstore.teacher_names import resolve_teacher_name
+from featviews.sources import SourceContext, TargetSource, ViewSampling, make_source, source_class
 from trainer.checks import (
     DataCheckError,
     batch_fit_message,
@@ -44,14 +45,12 @@ from trainer.data import (
     EpochSampler,
     SourceTiles,
     StoreDataset,
-    ViewSampling,
     collate,
     iters_per_epoch,
     log_bad_tile,
     repeat_to,
 )
 from trainer.distributed import DistInfo
-from trainer.geometry import GridAlign
 from trainer.presets import Departure, departure_lines
 from trainer.student import Student, StudentConfig, TeacherHead
 
@@ -167,7 +166,7 @@ def run_teachers(cfg: TrainConfig, store: Any) -> tuple[list[TeacherConfig], str
 def _stored_teachers(cfg: TrainConfig, store: Any) -> list[TeacherConfig]:
     """The named teachers under their stored names in cached mode (``timm:m`` → ``timm:m:3``)."""
     teachers = list(cfg.model.teachers or [])
-    if cfg.mode != "cached" or store is None:
+    if not cfg.reads_cache or store is None:
         return teachers
     try:
         return [replace(t, name=resolve_teacher_name(store.schema, t.name)) for t in teachers]
@@ -188,10 +187,21 @@ def resolve_branches(cfg: TrainConfig, store: Any, online: dict[str, Any] | None
         t.branch = default_branch(spec.family)
 
 
-def run_summary(cfg: TrainConfig, data: RunData) -> list[str]:
-    """The run's first lines: teachers (or none), sets, student weights, recipe departures."""
+def _target_mode_line(cfg: TrainConfig) -> str:
+    """The target mode, with the scale blend of a source that blends levels."""
+    blends = source_class(cfg.target_source).blends
+    return cfg.distill.target_mode + (f" (scale blend {cfg.distill.scale_blend})" if blends else "")
+
+
+def run_summary(cfg: TrainConfig, data: RunData, method: Any) -> list[str]:
+    """The run's first lines: method or teachers, sets, student weights, recipe departures.
+
+    ``method``: the run's method class (``trainer.methods``).
+    """
     teachers = cfg.teacher_list
-    if not teachers:
+    if not method.distils:
+        lines = [f"method {method.name}: {method.summary}"]
+    elif not teachers:
         lines = ["distillation: off (--no-distill): plain FixMatch, no teacher"]
     else:
         lines = [
@@ -200,14 +210,12 @@ def run_summary(cfg: TrainConfig, data: RunData) -> list[str]:
         for t in teachers:
             where = (
                 "levels " + ", ".join(lv.key for lv in data.levels[t.name])
-                if cfg.mode == "cached"
+                if cfg.reads_cache
                 else "computed online"
             )
             lines.append(f"  {t.name}: branch {t.branch}, {where}")
-        if cfg.mode == "cached":
-            mode = cfg.distill.target_mode
-            blend = f" (scale blend {cfg.distill.scale_blend})" if mode == "warp" else ""
-            lines.append(f"  target mode: {mode}{blend}")
+        if cfg.reads_cache:
+            lines.append(f"  target mode: {_target_mode_line(cfg)}")
     lines.append(f"sets: {data.sets_origin}: {_sets_line(data.sets, data.tiles)}")
     lines.append(_student_line(cfg))
     return lines + departure_lines(cfg, data_departures(data))
@@ -287,20 +295,20 @@ def open_data(cfg: TrainConfig, pinned: dict[str, Any] | None = None) -> RunData
     )
     if store is not None:
         check_done(store, sorted({i for s in sets.values() for i in s}))
-    if cfg.mode == "cached":
+    if cfg.reads_cache:
         names = [t.name for t in cfg.model.teachers]
         data.levels = resolve_levels(store, names, cfg.distill.levels)
     if store is not None:  # before any read: a mis-typed array would be misread, not fail
         check_store_arrays(store, data.levels)
         if not cfg.data.skip_bad_tiles:  # skipped tiles are logged as they are read
             check_store_files(store, data.levels, sorted({i for s in sets.values() for i in s}))
-    if cfg.mode == "cached":
+    if cfg.reads_cache:
         data.level_geoms = {
             (n, lv.key): store.level_geometry(n, lv.key)
             for n, lvs in data.levels.items()
             for lv in lvs
         }
-    if cfg.distill.target_mode == "view_bank":
+    if cfg.reads_cache and source_class(cfg.target_source).needs_bank:
         check_view_bank(cfg, store, sets["labeled"] + sets["unlabeled"])
     tops = _scan_masks(cfg, data)
     checked = data.sets["labeled"] + data.sets["val"]
@@ -442,61 +450,47 @@ class Loaders:
         return out[0], out[1]
 
 
-def _grid_align(cfg: TrainConfig, data: RunData) -> GridAlign | None:
-    """``grid_aligned`` target mode: views snapped to the first teacher's cached token grid."""
-    mode = cfg.distill.target_mode
-    if mode in ("warp", "view_bank"):  # view_bank: the bank's own draw rule (trainer.viewbank)
-        return None
-    if cfg.mode != "cached" or not cfg.model.teachers:
-        raise DataCheckError("distill.target_mode 'grid_aligned' needs cached mode and a teacher")
-    first = cfg.model.teachers[0].name
-    return GridAlign.from_levels([data.level_geoms[(first, lv.key)] for lv in data.levels[first]])
-
-
-def build_loaders(cfg: TrainConfig, data: RunData, info: DistInfo) -> Loaders:
-    """Labeled ids repeated to the unlabeled length (official); samplers sharded by rank."""
+def build_source(
+    cfg: TrainConfig, data: RunData, teachers: dict[str, Any] | None = None
+) -> TargetSource:
+    """The run's target source (``featviews.sources``): one registry lookup, by name."""
     sampling = ViewSampling(
         data.tile_size,
         cfg.crop_size,
         data.base_size,
         tuple(cfg.data.scale_range),
         cfg.data.flip_p,
-        _grid_align(cfg, data),
         cfg.distill.scale_blend,
-    )  # unmixed where views are exact
-    levels = data.levels if cfg.mode == "cached" else {}
-    feats = data.store if cfg.mode == "cached" else None
-    lab, unl = data.sets["labeled"], data.sets["unlabeled"]
-    use_u = bool(unl) and cfg.schedule.batch_unlabeled > 0
-    n = len(unl) if use_u else len(lab)
-    seed = cfg.runtime.seed
-    p_bank = cfg.distill.p_bank if cfg.distill.target_mode == "view_bank" else None
-    skip = cfg.data.skip_bad_tiles
-    ds_l = StoreDataset(
-        data.reader,
-        repeat_to(lab, n),
-        levels,
-        True,
-        seed,
-        sampling,
-        stream=0,
-        features=feats,
-        p_bank=p_bank,
-        skip_bad=skip,
     )
+    ctx = SourceContext(
+        sampling,
+        data.levels,
+        data.level_geoms,
+        data.store,
+        cfg.distill.p_bank,
+        teachers or {},
+        cfg.distill.masked,
+    )
+    try:
+        return make_source(cfg.target_source, ctx)
+    except ValueError as err:
+        raise DataCheckError(str(err)) from None
+
+
+def build_loaders(
+    cfg: TrainConfig, data: RunData, info: DistInfo, source: TargetSource, labeled_only: bool
+) -> Loaders:
+    """Labeled ids repeated to the unlabeled length (official); samplers sharded by rank.
+
+    ``labeled_only``: the method trains on labeled views alone (no unlabeled loader).
+    """
+    lab, unl = data.sets["labeled"], data.sets["unlabeled"]
+    use_u = bool(unl) and cfg.schedule.batch_unlabeled > 0 and not labeled_only
+    n = len(unl) if use_u else len(lab)
+    seed, skip = cfg.runtime.seed, cfg.data.skip_bad_tiles
+    ds_l = StoreDataset(data.reader, repeat_to(lab, n), source, True, seed, stream=0, skip_bad=skip)
     ds_u = (
-        StoreDataset(
-            data.reader,
-            unl,
-            levels,
-            False,
-            seed,
-            sampling,
-            stream=1,
-            features=feats,
-            p_bank=p_bank,
-            skip_bad=skip,
-        )
+        StoreDataset(data.reader, unl, source, False, seed, stream=1, skip_bad=skip)
         if use_u
         else None
     )
@@ -537,6 +531,7 @@ __all__ = [
     "Loaders",
     "RunData",
     "build_loaders",
+    "build_source",
     "build_student",
     "check_view_bank",
     "open_data",

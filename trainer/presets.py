@@ -88,6 +88,21 @@ OFFICIAL: dict[str, tuple[Any, str]] = {
     ),
 }
 
+# Per method, the OFFICIAL entries that do not apply to it (key prefixes). The official
+# supervised baseline (supervised.py) shares the recipe's data, optimiser, schedule and student,
+# but has no unlabeled stream, no FixMatch and no teachers. Methods absent here use every entry.
+NOT_APPLICABLE: dict[str, tuple[str, ...]] = {
+    "supervised": (
+        "fixmatch.",
+        "distill.",
+        "schedule.batch_unlabeled",
+        "model.student.translator_hidden",
+        "model.student.fusion_",
+        "model.student.clip_",
+    ),
+}
+RECIPE_NAMES = {"supervised": "the official supervised-only baseline (supervised.py)"}
+
 # The teachers of the paper, each on its official student branch.
 OFFICIAL_TEACHERS = (("dinov2_vitb14", "full"), ("clip_vitl14", "clip224"))
 
@@ -180,10 +195,11 @@ def departures(cfg: TrainConfig, data: Sequence[Departure] = ()) -> list[Departu
     ``data``: departures the opened data carries, which no config can see (a store's tiles cut
     by another edge rule than the official data's: ``trainer.prepare.data_departures``).
     """
+    skip = NOT_APPLICABLE.get(cfg.method, ())
     out = [
         Departure(key, get_value(cfg, key), official, changes)
         for key, (official, changes) in OFFICIAL.items()
-        if not _same(get_value(cfg, key), official)
+        if not key.startswith(skip) and not _same(get_value(cfg, key), official)
     ]
     return out + _facts(cfg) + list(data)
 
@@ -192,9 +208,10 @@ def departure_lines(cfg: TrainConfig, data: Sequence[Departure] = ()) -> list[st
     """The run's first lines about the recipe: a heading, then one indented line each."""
     found = departures(cfg, data)
     preset = f"preset {cfg.preset}" if cfg.preset else "no preset (our defaults)"
+    recipe = RECIPE_NAMES.get(cfg.method, "the official RS-MTDF recipe")
     if not found:
-        return [f"recipe: {preset}; no departure from the official RS-MTDF recipe"]
-    head = f"recipe: {preset}; {len(found)} departure(s) from the official RS-MTDF recipe:"
+        return [f"recipe: {preset}; no departure from {recipe}"]
+    head = f"recipe: {preset}; {len(found)} departure(s) from {recipe}:"
     return [head] + [f"  {d.line()}" for d in found]
 
 
@@ -226,7 +243,7 @@ def _facts(cfg: TrainConfig) -> list[Departure]:
                     "distils from another set of teachers or branches",
                 )
             )
-    if cfg.distill.enabled and cfg.mode == "cached":
+    if cfg.distill.enabled and cfg.reads_cache:
         out.append(
             Departure(
                 "mode",

@@ -1,43 +1,30 @@
-"""One training step: views on the device, EMA pseudo-labels, student forward, losses.
+"""One RS-MTDF training step: views on the device, EMA pseudo-labels, student forward, losses.
 
-The same code serves both modes; only the distillation targets differ:
-
-* cached (`CachedTargets`): the per-item grids read from the store are sampled at the student's
-  token grid through each view's geometry (``trainer.targets.sample_targets``), then mixed with
-  the CutMix boxes at token level. No teacher is in memory.
-* online (`trainer.online.OnlineTargets`): the teachers run on the rendered views (labeled views
-  and CutMixed strong views, un-normalised [0, 1]) and their grids are resampled onto the same
-  student grid.
+The distillation targets come from the run's target source (``featviews.sources``): cached
+grids sampled through each view (no teacher in memory), the view bank, or the teachers run
+online; the step only asks the source for the targets of its batch of views.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from featstore.constants import IGNORE_INDEX as IGNORE
 from featstore.constants import IMAGENET_MEAN, IMAGENET_STD
-from featstore.geometry import LevelGeometry
-from trainer.augment import (
-    cutmix_boxes,
-    cutmix_pixels,
-    pixel_valid,
-    render_masks,
-    render_views,
-    strong_photometric,
-)
-from trainer.geometry import ViewGeometry, token_valid
+from featviews.geometry import ViewGeometry
+from featviews.render import pixel_valid, render_masks, render_views
+from featviews.sources import TargetSource, Views
+from trainer.augment import cutmix_boxes, cutmix_pixels, strong_photometric
 from trainer.losses import (
-    check_finite,
     distill_loss,
     supervised_loss,
     total_loss,
     unsupervised_loss,
 )
-from trainer.targets import cutmix_targets, mix_levels, sample_targets
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -45,38 +32,6 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-@dataclass
-class Views:
-    """A rendered batch: labeled views + masks, weak/strong unlabeled views, CutMix boxes."""
-
-    x_l: torch.Tensor
-    y_l: torch.Tensor
-    geom_l: ViewGeometry
-    x_w: torch.Tensor | None = None
-    x_s: torch.Tensor | None = None
-    pad_u: torch.Tensor | None = None
-    geom_u: ViewGeometry | None = None
-    boxes: torch.Tensor | None = None
-
-    @property
-    def student_input(self) -> torch.Tensor:
-        """``cat(labeled, strong)`` in [0, 1] (normalise before the student)."""
-        return self.x_l if self.x_s is None else torch.cat([self.x_l, self.x_s])
-
-
-class TargetProvider(Protocol):
-    """Distillation targets on an ``n x n`` student grid for ``cat(labeled, strong)``."""
-
-    def __call__(
-        self,
-        name: str,
-        n: int,
-        views: Views,
-        batch_l: Mapping[str, Any],
-        batch_u: Mapping[str, Any] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def render_batch(
@@ -114,65 +69,6 @@ def render_batch(
     return Views(x_l, y_l, geom_l, x_w, x_s, pad_u, geom_u, boxes)
 
 
-class CachedTargets:
-    """Targets sampled from the cached grids the dataset read for each item.
-
-    Args:
-        level_geoms: ``{(teacher, level key): LevelGeometry}`` of the store.
-    """
-
-    def __init__(self, level_geoms: Mapping[tuple[str, str], LevelGeometry]) -> None:
-        self.level_geoms = dict(level_geoms)
-
-    def _sample(
-        self, name: str, n: int, batch: Mapping[str, Any], geom: ViewGeometry
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        views = batch["view"]
-        geoms = [self.level_geoms[(name, v.levels[name].key)] for v in views]
-        grids = [g.to(geom.device, non_blocking=True) for g in batch["grids"][name]]
-        targets, valid = sample_targets(grids, geoms, geom, n)
-        if any(name in v.blend for v in views):  # scale blend: mix in the other levels
-            extra = batch["blend_grids"][name]
-            extras = [
-                [
-                    (
-                        extra[b][k].to(geom.device, non_blocking=True),
-                        self.level_geoms[(name, lv.key)],
-                        w,
-                    )
-                    for k, (lv, w) in enumerate(v.blend.get(name, ()))
-                ]
-                for b, v in enumerate(views)
-            ]
-            mix_levels(targets, extras, lambda g, lg, sub: sample_targets(g, lg, sub, n)[0], geom)
-        return targets, valid
-
-    def __call__(
-        self,
-        name: str,
-        n: int,
-        views: Views,
-        batch_l: Mapping[str, Any],
-        batch_u: Mapping[str, Any] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        t_l, v_l = self._sample(name, n, batch_l, views.geom_l)
-        if batch_u is None or views.geom_u is None or views.boxes is None:
-            return t_l, v_l
-        t_u, v_u = self._sample(name, n, batch_u, views.geom_u)
-        t_u, v_u = cutmix_targets(t_u, v_u, views.boxes, views.geom_u.crop)
-        return torch.cat([t_l, t_u]), torch.cat([v_l, v_u])
-
-
-def view_validity(views: Views, n: int) -> torch.Tensor:
-    """Token validity ``[B_l + B_u, n, n]`` of ``cat(labeled, strong)`` from the geometry."""
-    v_l = token_valid(views.geom_l, n)
-    if views.geom_u is None or views.boxes is None:
-        return v_l
-    v_u = token_valid(views.geom_u, n)
-    _, v_u = cutmix_targets(v_u.unsqueeze(-1), v_u, views.boxes, views.geom_u.crop)
-    return torch.cat([v_l, v_u])
-
-
 @dataclass
 class LossSettings:
     """Loss options of a step (from ``TrainConfig``)."""
@@ -189,7 +85,7 @@ def pseudo_labels(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EMA on the weak views, mixed with the CutMix boxes: ``(pseudo, conf, ignore)``."""
     assert views.x_w is not None and views.pad_u is not None and views.boxes is not None
-    with _autocast(views.x_w.device, bf16):
+    with autocast(views.x_w.device, bf16):
         logits = ema_model(normalize(views.x_w), need_translated=False).logits
     prob = logits.float().softmax(1)
     conf, pseudo = prob.max(1)
@@ -199,7 +95,8 @@ def pseudo_labels(
     return mixed[:, 0].round().long(), mixed[:, 1], mixed[:, 2] > 0.5
 
 
-def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast on ``device`` when ``enabled`` (``runtime.bf16``)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
@@ -207,7 +104,7 @@ def compute_losses(
     model: torch.nn.Module,
     ema_model: torch.nn.Module | None,
     views: Views,
-    targets: TargetProvider | None,
+    targets: TargetSource | None,
     batch_l: Mapping[str, Any],
     batch_u: Mapping[str, Any] | None,
     teachers: list[str],
@@ -222,7 +119,7 @@ def compute_losses(
     pseudo = None
     if views.x_s is not None and ema_model is not None:
         pseudo = pseudo_labels(ema_model, views, settings.bf16)
-    with _autocast(views.x_l.device, settings.bf16):
+    with autocast(views.x_l.device, settings.bf16):
         out = model(normalize(views.student_input), need_translated=bool(teachers))
     logits = out.logits.float()
     loss_x = supervised_loss(logits[:b_l], views.y_l, IGNORE)
@@ -242,28 +139,6 @@ def compute_losses(
     return total_loss(loss_x, loss_u, distill, distill_scale=scale)
 
 
-def train_step(
-    model: torch.nn.Module,
-    ema_model: torch.nn.Module,
-    optimizer: Any,
-    views: Views,
-    targets: TargetProvider | None,
-    batch_l: Mapping[str, Any],
-    batch_u: Mapping[str, Any] | None,
-    teachers: list[str],
-    settings: LossSettings,
-    step: int,
-) -> dict[str, torch.Tensor]:
-    """Losses, backward, optimizer step; raises NonFiniteLossError before any update."""
-    terms = compute_losses(model, ema_model, views, targets, batch_l, batch_u, teachers, settings)
-    ids = batch_l["index"].tolist() + ([] if batch_u is None else batch_u["index"].tolist())
-    check_finite(terms, step, ids)
-    optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    optimizer.step()
-    return {k: v.detach() for k, v in terms.items()}
-
-
 def poly_lr(optimizer: Any, step: int, total: int, power: float) -> None:
     """Official poly schedule: ``lr_i = base * (1 - i / total) ** power`` (set after step i)."""
     factor = (1 - min(step, total) / total) ** power
@@ -272,15 +147,11 @@ def poly_lr(optimizer: Any, step: int, total: int, power: float) -> None:
 
 
 __all__ = [
-    "CachedTargets",
+    "autocast",
     "LossSettings",
-    "TargetProvider",
-    "Views",
     "compute_losses",
     "normalize",
     "poly_lr",
     "pseudo_labels",
     "render_batch",
-    "train_step",
-    "view_validity",
 ]

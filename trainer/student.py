@@ -11,8 +11,6 @@ by DINOv2's official rule (:func:`dinov2_pos_embed`), not timm's resize.
 
 from __future__ import annotations
 
-import math
-import types
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from torch import nn
 from featstore.constants import DEFAULT_CROP
 from featstore.errors import FeatcacheError
 from featstore.hub import hub_access
+from featviews.pos_embed import use_dinov2_pos_embed
 from trainer.dpt import DPTHead
 
 __all__ = [
@@ -38,7 +37,6 @@ __all__ = [
     "StudentConfigError",
     "StudentOutput",
     "TeacherHead",
-    "dinov2_pos_embed",
     "load_backbone_weights",
     "param_groups",
 ]
@@ -183,55 +181,11 @@ def _create_backbone(cfg: StudentConfig) -> nn.Module:
     return model
 
 
-# DINOv2's ``interpolate_offset``: the official code resizes the grid by a scale factor computed
-# from ``side + 0.1`` (not to an exact size) to dodge float error (facebookresearch/dino#8).
-DINOV2_POS_OFFSET = 0.1
-
-
-def dinov2_pos_embed(
-    pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int
-) -> torch.Tensor:
-    """Position embedding ``[1, prefix + h*w, D]`` for a ``grid`` of patches, DINOv2's rule.
-
-    As the official ``interpolate_pos_encoding`` (RS-MTDF / UniMatch-V2 ``dinov2.py``): the
-    native ``M x M`` grid is returned unchanged; any other grid is bicubic with
-    ``scale_factor = ((h + 0.1) / M, (w + 0.1) / M)``, ``align_corners=False``, no antialias.
-    timm's ``resample_abs_pos_embed`` (exact size, antialiased) gives a visibly different field
-    when shrinking 37 -> 16 (the 224 px CLIP pass), so it is not used.
-    """
-    n = pos_embed.shape[1] - num_prefix
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"position embedding has {n} patch entries, not a square grid")
-    if tuple(grid) == (side, side):
-        return pos_embed
-    dim = pos_embed.shape[-1]
-    patch = pos_embed[:, num_prefix:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    scale = tuple((g + DINOV2_POS_OFFSET) / math.sqrt(n) for g in grid)
-    out = F.interpolate(patch, scale_factor=scale, mode="bicubic", align_corners=False)
-    if tuple(out.shape[-2:]) != tuple(grid):  # the official code asserts this too
-        raise RuntimeError(f"position grid resized to {tuple(out.shape[-2:])}, expected {grid}")
-    out = out.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:, :num_prefix], out], dim=1)
-
-
-def _dinov2_pos_embed_step(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm ``VisionTransformer._pos_embed`` (dynamic size, NHWC in) with DINOv2's resize."""
-    b, h, w, c = x.shape
-    prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-    pos = dinov2_pos_embed(self.pos_embed, (h, w), prefix)
-    x = x.view(b, h * w, c)
-    extra = [t.expand(b, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
-    if self.no_embed_class:  # positions cover patches only; prefix tokens are added unshifted
-        return self.pos_drop(torch.cat([*extra, x + pos], dim=1))
-    return self.pos_drop(torch.cat([*extra, x], dim=1) + pos)
-
-
 def _use_dinov2_pos_embed(model: nn.Module) -> None:
     """Route the backbone's position step through :func:`dinov2_pos_embed` (instance only)."""
     if getattr(model, "pos_embed", None) is None or not getattr(model, "dynamic_img_size", False):
         return  # RoPE / fixed-size models have no learned grid to resample
-    model._pos_embed = types.MethodType(_dinov2_pos_embed_step, model)
+    use_dinov2_pos_embed(model)
 
 
 def _timm_backbone(arch: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:

@@ -11,9 +11,9 @@ from torch import nn
 
 from featstore.hub import hub_access
 from featstore.schema import TeacherSpec
+from featviews.pos_embed import POS_RESAMPLE_TAG, use_dinov2_pos_embed
 from pipelines.teachers.base import DEFAULT_BASE_SIZE, Teacher, snap_down, tokens_to_grid
 from pipelines.teachers.catalog import register_teacher
-from pipelines.teachers.pos_embed import POS_RESAMPLE_TAG, use_dinov2_pos_embed
 from pipelines.teachers.spec import NetBuild, teacher_spec
 from pipelines.teachers.weights import (
     WeightsSource,

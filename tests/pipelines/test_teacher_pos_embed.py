@@ -13,8 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from featviews.pos_embed import dinov2_pos_embed
 from pipelines.teachers import create_teacher
-from pipelines.teachers.pos_embed import dinov2_pos_embed
 
 BASE = 112  # tiny teacher: 112 px is its native input (8 x 8 grid)
 

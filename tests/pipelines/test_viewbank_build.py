@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from featstore import (
     BankSpec,
@@ -23,16 +24,11 @@ from featstore import (
     verify_store,
 )
 from featstore.bank import PARAMS, bank_path
+from featviews.bank import draw_bank_params
+from featviews.draw import draw_view
+from featviews.render import render_tile_views
 from pipelines.teachers import TeacherSpecMismatchError, create_teacher
-from pipelines.viewbank import (
-    ViewBankError,
-    bank_shard_arrays,
-    build_view_bank,
-    draw_bank_params,
-    render_bank_views,
-)
-from trainer.augment import render_views
-from trainer.geometry import ViewGeometry, ViewParams, draw_view
+from pipelines.viewbank import ViewBankError, bank_shard_arrays, build_view_bank
 
 T, BASE, N, TPS = 64, 70, 5, 2  # tiny ViT: 70 px views -> 5x5 tokens
 TEACHER = "dinov2_vitb14"
@@ -99,12 +95,17 @@ def test_render_matches_trainer_render_views() -> None:
     params = np.array(
         [[T, 0, 0, 0], [40, 0, 0, 1], [128, 50, 7, 0], [97, 3, 27, 1], [BASE, 0, 0, 1]], np.int32
     )
-    views = render_bank_views(tile, params, BASE)
-    geom = ViewGeometry.from_params(
-        [ViewParams(*map(int, p[:3]), bool(p[3]), T, BASE) for p in params]
-    )
-    images = torch.from_numpy(tile).permute(2, 0, 1).unsqueeze(0).expand(len(params), -1, -1, -1)
-    torch.testing.assert_close(views, render_views(images.contiguous(), geom), atol=2e-5, rtol=0)
+    views = render_tile_views(tile, params, BASE)
+    # the contract written out with torch's own antialiased resize, one view at a time
+    x = torch.from_numpy(tile).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+    for view, (size, oy, ox, flip) in zip(views, params.tolist(), strict=True):
+        z = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+        want = torch.zeros((3, BASE, BASE))
+        h, w = min(size - oy, BASE), min(size - ox, BASE)
+        want[:, :h, :w] = z[0, :, oy : oy + h, ox : ox + w]
+        torch.testing.assert_close(view, want.flip(-1) if flip else want, atol=2e-5, rtol=0)
     # S == T, no flip: the tile itself, black beyond it (hand-built)
     want = np.zeros((3, BASE, BASE), np.float32)
     want[:, :T, :T] = tile.transpose(2, 0, 1) / 255.0

@@ -8,6 +8,10 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
+from featviews.draw import ViewParams
+from featviews.geometry import ViewGeometry
+from featviews.render import pixel_valid, render_masks, render_views
+from featviews.sample import cutmix_targets
 from trainer.augment import (
     PhotometricParams,
     adjust_hue,
@@ -16,13 +20,8 @@ from trainer.augment import (
     cutmix_boxes,
     cutmix_pixels,
     gaussian_blur,
-    pixel_valid,
-    render_masks,
-    render_views,
     strong_photometric,
 )
-from trainer.geometry import ViewGeometry, ViewParams
-from trainer.targets import cutmix_targets
 
 T, V, N = 64, 70, 5
 VIEWS = [

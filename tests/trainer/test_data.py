@@ -11,10 +11,10 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from featstore import create_store, open_store
-from tests.helpers import CLIP, CROP, DINO, TILE, build_store, tiny_config, write_ids
+from tests.helpers import CLIP, DINO, TILE, build_store, tiny_config, warp_source, write_ids
 from trainer.checks import DataCheckError, check_classes
 from trainer.config import TeacherConfig, TrainConfig, TrainConfigError
-from trainer.data import EpochSampler, StoreDataset, ViewSampling, collate, repeat_to
+from trainer.data import EpochSampler, StoreDataset, collate, repeat_to
 from trainer.engine import Trainer
 
 
@@ -33,9 +33,8 @@ def _ids(url: str) -> list[str]:
 def test_dataset_is_deterministic_and_reads_the_chosen_level(store: str) -> None:
     st = open_store(store)
     levels = {DINO: st.levels(DINO)}
-    sampling = ViewSampling(TILE, CROP, CROP)
-    ds = StoreDataset(st, [1, 3, 5], levels, True, seed=3, sampling=sampling, length=7)
-    again = StoreDataset(st, [1, 3, 5], levels, True, seed=3, sampling=sampling, length=7)
+    ds = StoreDataset(st, [1, 3, 5], warp_source(store=st, levels=levels), True, 3, length=7)
+    again = StoreDataset(st, [1, 3, 5], warp_source(store=st, levels=levels), True, 3, length=7)
     assert len(ds) == 7
     views = [ds[k]["view"] for k in range(7)]
     assert views == [again[k]["view"] for k in range(7)]

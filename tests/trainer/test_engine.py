@@ -12,15 +12,24 @@ import torch
 
 from featstore import open_store
 from featstore.schema import LevelSpec
-from tests.helpers import CLIP, CROP, DINO, TILE, build_store, tiny_config
+from featviews.draw import identity_view
+from tests.helpers import (
+    CLIP,
+    CROP,
+    DINO,
+    TILE,
+    build_store,
+    online_source,
+    tiny_config,
+    warp_source,
+)
 from trainer.checkpoint import CheckpointError
 from trainer.config import TeacherConfig
 from trainer.data import collate
 from trainer.engine import Trainer, TrainResult, train
-from trainer.geometry import identity_view
 from trainer.losses import NonFiniteLossError
 from trainer.prepare import student_config
-from trainer.step import CachedTargets, LossSettings, compute_losses, render_batch
+from trainer.step import LossSettings, compute_losses, render_batch
 from trainer.student import Student
 
 
@@ -52,7 +61,7 @@ def _identity_batch(store, indices: list[int]) -> dict:
 
 
 def test_identity_view_cached_equals_online(store2: str, tmp_path: Path) -> None:
-    from trainer.online import OnlineTargets, load_teachers
+    from trainer.online import load_teachers
 
     store = open_store(store2)
     teachers = [TeacherConfig(DINO, "full"), TeacherConfig(CLIP, "clip224")]
@@ -62,17 +71,17 @@ def test_identity_view_cached_equals_online(store2: str, tmp_path: Path) -> None
     batch = _identity_batch(store, [0, 1, 2])
     views = render_batch(batch, None, torch.device("cpu"), torch.Generator(), 0.0)
     geoms = {(n, "s1.00"): store.level_geometry(n, "s1.00") for n in store.teacher_names}
-    online = OnlineTargets(load_teachers(teachers, True, torch.device("cpu"), CROP))
+    online = online_source(load_teachers(teachers, True, torch.device("cpu"), CROP))
     settings = LossSettings(masked=True)
     names = [DINO, CLIP]
     with torch.no_grad():
         cached = compute_losses(
-            model, None, views, CachedTargets(geoms), batch, None, names, settings
+            model, None, views, warp_source(geoms), batch, None, names, settings
         )
         live = compute_losses(model, None, views, online, batch, None, names, settings)
         # the targets themselves, against the teacher run directly on the rendered view
-        t_c, v_c = CachedTargets(geoms)(DINO, 5, views, batch, None)
-        direct = online.teachers[DINO](views.x_l)
+        t_c, v_c = warp_source(geoms)(DINO, 5, views, batch, None)
+        direct = online.ctx.teachers[DINO](views.x_l)
     assert torch.allclose(t_c, direct, rtol=2e-3, atol=2e-3)
     assert bool((v_c == 1).all())
     for name in names:
@@ -219,14 +228,14 @@ def test_grid_aligned_targets_are_exact_cached_tokens(store2: str, tmp_path: Pat
     assert all((v.size, v.oy, v.ox) == (CROP, 0, 0) for v in views)
     assert {v.flip for v in views} == {False, True}
     seen: list[tuple[torch.Tensor, dict[str, Any], dict[str, Any]]] = []
-    provider = trainer.targets
+    provider = trainer.method.source
 
     def recording(name: str, n: int, views: Any, batch_l: Any, batch_u: Any) -> Any:
         target, valid = provider(name, n, views, batch_l, batch_u)
         seen.append((target.detach().cpu(), batch_l, batch_u))
         return target, valid
 
-    trainer.targets = recording
+    trainer.method.source = recording
     assert trainer.run().step == 2
     assert len(seen) == 2
     for target, batch_l, batch_u in seen:

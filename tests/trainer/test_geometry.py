@@ -10,17 +10,9 @@ import torch
 
 from featstore.geometry import LevelGeometry
 from featstore.schema import LevelSpec, TeacherSpec
-from trainer.geometry import (
-    GridAlign,
-    ViewGeometry,
-    ViewParams,
-    choose_level,
-    count_views,
-    draw_view,
-    identity_view,
-    token_valid,
-    view_to_tile,
-)
+from featviews.draw import GridAlign, ViewParams, count_views, draw_view, identity_view
+from featviews.geometry import ViewGeometry, token_valid, view_to_tile
+from featviews.levels import choose_level
 
 T, V, BASE = 64, 70, 70
 

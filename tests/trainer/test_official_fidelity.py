@@ -345,7 +345,7 @@ def test_train_source_edge_rule(potsdam_scene) -> None:
 
 def test_render_batch_passes_the_official_options() -> None:
     """The step's strong views use fixmatch.jitter_order / fixmatch.blur (CutMix off)."""
-    from trainer.geometry import ViewParams
+    from featviews.draw import ViewParams
     from trainer.step import render_batch
 
     g = torch.Generator().manual_seed(7)

@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.student import Student, StudentConfig, TeacherHead, dinov2_pos_embed
+from featviews.pos_embed import dinov2_pos_embed
+from trainer.student import Student, StudentConfig, TeacherHead
 
 DIM = 8
 NATIVE = 37  # 518 / 14

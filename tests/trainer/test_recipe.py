@@ -21,12 +21,12 @@ import torch
 
 import trainer.augment as augment
 from featstore import open_store
+from featviews.draw import draw_view, identity_view
 from tests.helpers import CLIP, DINO, build_store, tiny_config
 from trainer.config import TeacherConfig, TrainConfig
 from trainer.data import iters_per_epoch
 from trainer.ema import create_ema, ema_decay, update_ema
 from trainer.engine import Trainer
-from trainer.geometry import draw_view, identity_view
 from trainer.prepare import student_config
 from trainer.step import LossSettings, compute_losses, render_batch
 from trainer.student import Student
@@ -343,7 +343,7 @@ def test_poly_lr_after_each_step(run: tuple[Trainer, list]) -> None:
 def test_threshold_095_in_the_step_settings(run: tuple[Trainer, list]) -> None:
     """conf_thresh 0.95 (CONFIGS) is what the step's loss settings hold."""
     trainer, _ = run
-    assert trainer.settings.conf_thresh == 0.95
+    assert trainer.method.settings.conf_thresh == 0.95
 
 
 # --------------------------------------------------------------------- EMA
@@ -383,9 +383,9 @@ def test_scale_range_and_flip_of_the_run(run: tuple[Trainer, list]) -> None:
     """Long side randint(int(0.5 L), int(2.0 L)) inclusive, flip p = 0.5 (TRANSFORM_PY resize
     and hflip), read from the sampling the run's datasets draw with."""
     trainer, _ = run
-    s = trainer.loaders.ds_l.sampling
+    s = trainer.loaders.ds_l.source.ctx.sampling
     assert tuple(s.scale_range) == (0.5, 2.0) and s.flip_p == 0.5
-    assert trainer.loaders.ds_u is not None and trainer.loaders.ds_u.sampling == s
+    assert trainer.loaders.ds_u is not None and trainer.loaders.ds_u.source.ctx.sampling == s
     rng = np.random.default_rng(0)
     views = [draw_view(rng, 512, 518, tuple(s.scale_range), s.flip_p) for _ in range(4000)]
     sizes = np.array([v.size for v in views])

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from featstore import LevelGeometry, LevelSpec, TeacherSpec, open_store
-from tests.helpers import CROP, DINO, TILE, build_store, ref_level_targets
-from trainer.data import StoreDataset, ViewSampling, collate
-from trainer.geometry import ViewGeometry, ViewParams, blend_levels
-from trainer.step import CachedTargets
-from trainer.targets import mix_levels, sample_targets
+from featviews.draw import ViewParams
+from featviews.geometry import ViewGeometry
+from featviews.levels import blend_levels
+from featviews.sample import mix_levels, sample_targets
+from tests.helpers import CROP, DINO, build_store, ref_level_targets, warp_source
+from trainer.data import StoreDataset, collate
 
 T, BASE, N = 64, 70, 5
 SPEC = TeacherSpec(
@@ -110,17 +111,9 @@ def test_dataset_and_cached_targets_mix_the_neighbouring_levels(store: str) -> N
     st = open_store(store)
     levels = {DINO: st.levels(DINO)}
     on = StoreDataset(
-        st,
-        [0, 1, 2, 3],
-        levels,
-        False,
-        seed=2,
-        sampling=ViewSampling(TILE, CROP, CROP, scale_blend=1.0),
-        length=16,
+        st, [0, 1, 2, 3], warp_source(store=st, levels=levels, scale_blend=1.0), False, 2, 16
     )
-    off = StoreDataset(
-        st, [0, 1, 2, 3], levels, False, seed=2, sampling=ViewSampling(TILE, CROP, CROP), length=16
-    )
+    off = StoreDataset(st, [0, 1, 2, 3], warp_source(store=st, levels=levels), False, 2, 16)
     items = [on[k] for k in range(16)]
     renders = (CROP, 2 * CROP)
     assert any(renders[0] < it["view"].size < renders[1] for it in items)
@@ -143,10 +136,10 @@ def test_dataset_and_cached_targets_mix_the_neighbouring_levels(store: str) -> N
 
     batch = collate(items[:8])
     geom = ViewGeometry.from_params(batch["view"])
-    provider = CachedTargets(
+    provider = warp_source(
         {(DINO, lv.key): st.level_geometry(DINO, lv.key) for lv in st.levels(DINO)}
     )
-    got, _ = provider._sample(DINO, 5, batch, geom)
+    got, _ = provider.stream_targets(DINO, 5, batch, geom)
     for b, view in enumerate(batch["view"]):
         pairs = [(view.levels[DINO], 1.0 - sum(w for _, w in view.blend.get(DINO, ())))]
         pairs += list(view.blend.get(DINO, ()))

@@ -15,13 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-import trainer.engine as engine
+import trainer.methods.rs_mtdf as rs_mtdf
 from featstore import open_store
+from featviews.draw import ViewParams
+from featviews.sources import Views
 from tests.helpers import DINO, build_store, tiny_config
 from trainer.config import TeacherConfig
 from trainer.engine import Trainer
-from trainer.geometry import ViewParams
-from trainer.step import LossSettings, Views, compute_losses, pseudo_labels, render_batch
+from trainer.step import LossSettings, compute_losses, pseudo_labels, render_batch
 from trainer.student import StudentOutput
 
 MEAN = np.array([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)  # ImageNet, written out
@@ -208,13 +209,13 @@ def test_engine_step_feeds_clean_labeled_and_strong_unlabeled(
     cfg.data.scale_range, cfg.data.flip_p = (1.0, 1.0), 0.0
     trainer = Trainer(cfg)
     seen: dict = {}
-    real_render = engine.render_batch
+    real_render = rs_mtdf.render_batch
 
     def spy(batch_l, batch_u, *args, **kwargs):
         seen["batch_l"], seen["views"] = batch_l, real_render(batch_l, batch_u, *args, **kwargs)
         return seen["views"]
 
-    monkeypatch.setattr(engine, "render_batch", spy)
+    monkeypatch.setattr(rs_mtdf, "render_batch", spy)
 
     def capture(module: nn.Module, args: tuple) -> None:  # None: the input is not replaced
         seen.setdefault("input", args[0].detach().clone())

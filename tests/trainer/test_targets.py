@@ -8,9 +8,11 @@ import torch
 
 from featstore.geometry import LevelGeometry
 from featstore.schema import LevelSpec, TeacherSpec
+from featviews.draw import GridAlign, ViewParams, draw_view
+from featviews.geometry import ViewGeometry
+from featviews.levels import choose_level
+from featviews.sample import cutmix_targets, resample_to_student, sample_targets
 from trainer.augment import box_mask
-from trainer.geometry import GridAlign, ViewGeometry, ViewParams, choose_level, draw_view
-from trainer.targets import cutmix_targets, resample_to_student, sample_targets
 
 T, V, BASE, N = 64, 70, 70, 5
 CONST = 7.0

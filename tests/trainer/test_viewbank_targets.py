@@ -11,21 +11,22 @@ import torch
 
 from featstore import LevelSpec, StoreSchema, TeacherEntry, TileRecord, create_store, open_store
 from featstore.geometry import LevelGeometry
-from pipelines.teachers import create_teacher
-from pipelines.viewbank import build_view_bank
-from tests.helpers import ref_level_targets, ref_resample
-from trainer.augment import render_views
-from trainer.geometry import ViewGeometry, ViewParams, token_valid
-from trainer.targets import resample_to_student
-from trainer.viewbank import (
+from featviews.bank import (
     NO_SLOT,
-    BankTargets,
     bank_reuse,
     bank_targets_to_student,
     bank_view,
     draw_bank_item,
     load_bank_targets,
 )
+from featviews.draw import ViewParams
+from featviews.geometry import ViewGeometry, token_valid
+from featviews.render import render_views
+from featviews.sample import resample_to_student
+from featviews.sources import SourceContext, ViewBankSource, ViewSampling
+from pipelines.teachers import create_teacher
+from pipelines.viewbank import build_view_bank
+from tests.helpers import ref_level_targets, ref_resample
 
 T, BASE, N, K = 64, 70, 4, 3
 TEACHER = "dinov2_vitb14"
@@ -123,9 +124,10 @@ def test_bank_targets_provider_mixes_bank_and_levels(bank_store: tuple[Any, np.n
     }
     geom = ViewGeometry.from_params(batch["view"])
     geoms = {(TEACHER, lv.key): store.level_geometry(TEACHER, lv) for lv in levels[TEACHER]}
-    provider = BankTargets(geoms, {TEACHER: spec}, [TEACHER], BASE)
+    ctx = SourceContext(ViewSampling(T, BASE, BASE), levels, geoms, store)
+    provider = ViewBankSource(ctx)
     n = 5
-    targets, valid = provider.targets(TEACHER, n, batch, geom)
+    targets, valid = provider.stream_targets(TEACHER, n, batch, geom)
     torch.testing.assert_close(valid, token_valid(geom, n))
     input_px = spec.input_px(BASE, BASE)  # bank views are rendered at the store's base size
     for b, (view, slot, _) in enumerate(items):

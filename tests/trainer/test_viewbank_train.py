@@ -10,11 +10,19 @@ import pytest
 import torch
 
 from featstore import open_store
-from tests.helpers import CLIP, DINO, build_store, ref_level_targets, ref_resample, tiny_config
+from featviews.sources import ViewBankSource
+from tests.helpers import (
+    CLIP,
+    DINO,
+    build_store,
+    online_source,
+    ref_level_targets,
+    ref_resample,
+    tiny_config,
+)
 from trainer.checks import DataCheckError
 from trainer.config import TeacherConfig
 from trainer.engine import Trainer
-from trainer.viewbank import BankTargets
 
 K = 3
 TEACHERS = [TeacherConfig(DINO, "full"), TeacherConfig(CLIP, "clip224")]
@@ -53,20 +61,20 @@ def _config(root: Path, url: str, iters: int = 2, p_bank: float = 1.0) -> Any:
 
 
 def test_bank_targets_in_a_step_equal_online_teachers(bank_url: str, tmp_path: Path) -> None:
-    from trainer.online import OnlineTargets, load_teachers
+    from trainer.online import load_teachers
 
     cfg = _config(tmp_path, bank_url)
     cfg.fixmatch.cutmix_p = 0.0  # strong view == weak view == the bank view the teacher saw
     cfg.fixmatch.photometric = False
     trainer = Trainer(cfg)
-    assert isinstance(trainer.targets, BankTargets)
+    assert isinstance(trainer.method.source, ViewBankSource)
     assert trainer.bank_reuse == pytest.approx(2 * 4 / (4 * K))  # 2 iters x 4 views, 4 tiles
-    recorder = Recorder(trainer.targets)
-    trainer.targets = recorder
+    recorder = Recorder(trainer.method.source)
+    trainer.method.source = recorder
     result = trainer.run()
     assert result.step == 2 and np.isfinite(result.losses).all()
     # independent path: the registry teachers on the trainer's own rendered views
-    online = OnlineTargets(load_teachers(TEACHERS, True, torch.device("cpu"), 70))
+    online = online_source(load_teachers(TEACHERS, True, torch.device("cpu"), 70))
     store = open_store(bank_url)
     seen = set()
     assert len(recorder.calls) == 2 * len(TEACHERS)
@@ -128,8 +136,8 @@ def test_mixed_bank_and_warped_run_uses_both_sources(bank_url: str, tmp_path: Pa
     trainer = Trainer(cfg)
     slots = [trainer.loaders.ds_u[k]["bank_slot"] for k in range(16)]
     assert min(slots) == -1 and max(slots) >= 0  # both kinds of views occur
-    recorder = Recorder(trainer.targets)
-    trainer.targets = recorder
+    recorder = Recorder(trainer.method.source)
+    trainer.method.source = recorder
     result = trainer.run()
     assert result.step == 2 and np.isfinite(result.losses).all()
     assert (tmp_path / "run" / "latest.pt").is_file() and "ema" in result.metrics

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from featstore.geometry import LevelGeometry
-from trainer.geometry import ViewGeometry, token_centres, view_to_tile
+from featviews.geometry import ViewGeometry, token_centres, view_to_tile
 
 _SNAP = 1e-6
 
@@ -156,7 +156,7 @@ def mix_levels(
     sample: Callable[[list[Any], list[LevelGeometry], ViewGeometry], torch.Tensor],
     geom: ViewGeometry,
 ) -> torch.Tensor:
-    """Mix further cached levels into each sample's targets (``trainer.geometry.blend_levels``).
+    """Mix further cached levels into each sample's targets (``featviews.levels.blend_levels``).
 
     ``t[b] = (1 - sum_k w_bk) * t[b] + sum_k w_bk * sample(grid_bk)``; samples without extras
     are left bit-exact.

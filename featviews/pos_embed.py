@@ -1,4 +1,4 @@
-"""DINOv2's own position-grid resampling for timm DINOv2 teachers (issue 12, defect #1).
+"""DINOv2's own position-grid resampling for timm DINOv2 students and teachers.
 
 The official DINOv2 code (``interpolate_pos_encoding``, ``interpolate_offset=0.1``,
 ``interpolate_antialias=False``) resizes the learned ``M x M`` grid for any other ``h x w`` grid
@@ -7,9 +7,9 @@ no antialias. timm's ``dynamic_img_size`` resizes to the exact size with antiali
 The official RS-MTDF teacher only ever runs at its native 518 px (37 x 37) grid, where both
 agree; cache levels at other scales (e.g. 2x renders, 74 x 74) use DINOv2's rule through this.
 
-``trainer/student.py`` holds the same rule for the student: the layering (pipelines never import
-trainer, trainer reaches pipelines only for online teachers) keeps the two copies apart; both
-are pinned against the written-out formula by tests.
+The student (``trainer.student``) and the DINOv2 teachers (``pipelines.teachers.timm_vit``) both
+use this one copy. timm's ``resample_abs_pos_embed`` (exact size, antialiased) gives a visibly
+different field when shrinking 37 -> 16 (the 224 px CLIP pass), so it is not used.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DINOV2_POS_OFFSET = 0.1  # facebookresearch/dino#8: dodges float error in the output size
+# DINOv2's ``interpolate_offset``: the grid is resized by a scale factor computed from
+# ``side + 0.1`` (not to an exact size) to dodge float error (facebookresearch/dino#8).
+DINOV2_POS_OFFSET = 0.1
 POS_RESAMPLE_TAG = "dinov2"  # TeacherSpec.extra "pos_resample": fingerprints the rule
 
 

@@ -1,9 +1,9 @@
-"""Exact view bank in training (``target_mode="view_bank"``): views and targets from the bank.
+"""Exact view bank: its draw rule, and how an item takes a bank view and its stored grids.
 
 A store with a bank (``featstore.bank``) holds K pre-drawn views per tile and each teacher's own
 output grid on each view. An item either takes a bank view (probability ``p_bank``; slot uniform
 over K) or a freshly drawn warped view whose targets come from the cached levels as usual. A
-bank grid becomes a student-grid target with ``trainer.targets.resample_to_student``, the very
+bank grid becomes a student-grid target with ``featviews.sample.resample_to_student``, the very
 function online mode applies to the teacher run on the view, so bank targets equal online targets
 up to the storage codec (fp16: ``2**-11`` relative). Photometric augmentation and CutMix go on top
 exactly as in the cached mode (teachers see un-jittered views there too).
@@ -17,12 +17,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from featstore.geometry import LevelGeometry
-from featstore.schema import LevelSpec, TeacherSpec
-from trainer.geometry import ViewGeometry, ViewParams, choose_level, draw_view, token_valid
-from trainer.targets import cutmix_targets, resample_to_student, sample_targets
+from featstore.schema import BankSpec, LevelSpec, TeacherSpec
+from featviews.draw import ViewParams, draw_view
+from featviews.levels import choose_level
+from featviews.sample import resample_to_student
 
 NO_SLOT = -1
+
+
+def draw_bank_params(tile_indices: Sequence[int], spec: BankSpec, tile_size: int) -> np.ndarray:
+    """Draw ``spec.k`` views per tile with the official RS-MTDF rule (numpy, torch-free).
+
+    Same rule as ``trainer.geometry.draw_view`` without grid alignment: ``S`` uniform integer in
+    ``[int(lo T), int(hi T)]`` inclusive, offsets uniform inclusive in ``[0, max(S, V) - V]``,
+    flip with ``flip_p``. Tile ``i`` uses ``np.random.default_rng([seed, i])``, so the draw does
+    not depend on shard layout, process or resume.
+
+    Returns:
+        int32 ``[n, K, 4]`` rows ``(S, oy, ox, flip)``.
+    """
+    lo, hi = spec.size_range(tile_size)
+    out = np.empty((len(tile_indices), spec.k, 4), np.int32)
+    for row, i in enumerate(tile_indices):
+        rng = np.random.default_rng([spec.seed, int(i)])
+        flip = rng.random(spec.k) < spec.flip_p
+        size = rng.integers(lo, hi + 1, size=spec.k)
+        span = np.maximum(size, spec.crop) - spec.crop
+        oy = rng.integers(0, span + 1)  # per-element inclusive upper bound
+        ox = rng.integers(0, span + 1)
+        out[row] = np.stack([size, oy, ox, flip.astype(np.int64)], axis=1)
+    return out
 
 
 def bank_view(
@@ -109,98 +133,6 @@ def draw_bank_item(
     return view.with_levels(levels), slot, grids
 
 
-class BankTargets:
-    """Target provider of ``view_bank`` mode (same call signature as ``step.CachedTargets``).
-
-    Batches carry ``bank_slot`` (int64 ``[B]``, -1 = warped view), ``grids[name]`` (one
-    ``[g, g, C]`` tensor per item: the bank grid for banked teachers of bank views, else the
-    cached level grid) and ``view`` (``ViewParams`` with ``levels`` of the level-read teachers).
-
-    Args:
-        level_geoms: ``{(teacher, level key): LevelGeometry}`` of the store.
-        specs: teacher specs by name (store schema).
-        bank_teachers: teachers that have a bank.
-        base_size: the store's ``base_size``.
-    """
-
-    def __init__(
-        self,
-        level_geoms: Mapping[tuple[str, str], LevelGeometry],
-        specs: Mapping[str, TeacherSpec],
-        bank_teachers: Sequence[str],
-        base_size: int,
-    ) -> None:
-        self.level_geoms = dict(level_geoms)
-        self.specs = dict(specs)
-        self.bank_teachers = set(bank_teachers)
-        self.base_size = int(base_size)
-
-    def targets(
-        self, name: str, n: int, batch: Mapping[str, Any], geom: ViewGeometry
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(targets [B, n, n, C], valid [B, n, n])`` of one batch before CutMix."""
-        dev = geom.device
-        slots = torch.as_tensor(batch["bank_slot"]).to(dev)
-        banked = slots >= 0 if name in self.bank_teachers else torch.zeros_like(slots).bool()
-        grids = [g.to(dev, non_blocking=True) for g in batch["grids"][name]]
-        out: torch.Tensor | None = None
-        for mask, fill in ((banked, self._from_bank), (~banked, self._from_levels)):
-            idx = torch.nonzero(mask).flatten()
-            if idx.numel() == 0:
-                continue
-            part = fill(
-                name,
-                n,
-                [grids[i] for i in idx.tolist()],
-                [batch["view"][i] for i in idx.tolist()],
-                geom.select(idx),
-            )
-            if out is None:
-                out = part.new_empty((len(geom), *part.shape[1:]))
-            out[idx] = part
-        if out is None:
-            raise ValueError("BankTargets: empty batch")
-        return out, token_valid(geom, n)
-
-    def _from_bank(
-        self,
-        name: str,
-        n: int,
-        grids: list[torch.Tensor],
-        views: list[ViewParams],
-        geom: ViewGeometry,
-    ) -> torch.Tensor:
-        return bank_targets_to_student(
-            torch.stack(grids).float(), self.specs[name], geom.crop, n, self.base_size
-        )
-
-    def _from_levels(
-        self,
-        name: str,
-        n: int,
-        grids: list[torch.Tensor],
-        views: list[ViewParams],
-        geom: ViewGeometry,
-    ) -> torch.Tensor:
-        geoms = [self.level_geoms[(name, v.levels[name].key)] for v in views]
-        return sample_targets(grids, geoms, geom, n)[0]
-
-    def __call__(
-        self,
-        name: str,
-        n: int,
-        views: Any,
-        batch_l: Mapping[str, Any],
-        batch_u: Mapping[str, Any] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        t_l, v_l = self.targets(name, n, batch_l, views.geom_l)
-        if batch_u is None or views.geom_u is None or views.boxes is None:
-            return t_l, v_l
-        t_u, v_u = self.targets(name, n, batch_u, views.geom_u)
-        t_u, v_u = cutmix_targets(t_u, v_u, views.boxes, views.geom_u.crop)
-        return torch.cat([t_l, t_u]), torch.cat([v_l, v_u])
-
-
 def bank_reuse(k: int, n_tiles: int, iterations: int, batch: int, p_bank: float = 1.0) -> float:
     """Expected uses of each bank view over a run: ``iterations * batch * p_bank / (n_tiles * k)``.
 
@@ -213,7 +145,7 @@ def bank_reuse(k: int, n_tiles: int, iterations: int, batch: int, p_bank: float 
 
 __all__ = [
     "NO_SLOT",
-    "BankTargets",
+    "draw_bank_params",
     "bank_reuse",
     "bank_targets_to_student",
     "bank_view",
