@@ -18,11 +18,10 @@ import click
 @click.option(
     "--use",
     type=click.Choice(["ema", "student"]),
-    default="ema",
-    show_default=True,
-    help="Which weights of the checkpoint to keep.",
+    help="Which weights of the checkpoint to keep. Default: the model the run chose best.pt "
+    "on (eval.best_model: the student, as the official code).",
 )
-def export_cmd(checkpoint: str, out: str, use: str) -> None:
+def export_cmd(checkpoint: str, out: str, use: str | None) -> None:
     """Write CHECKPOINT's weights to OUT (.safetensors) for `featcache predict`.
 
     Keeps one weight set (EMA or student) and what predict needs (student config, class names

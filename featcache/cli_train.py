@@ -403,9 +403,8 @@ def evaluate_cmd(
 @click.option(
     "--use",
     type=click.Choice(["ema", "student"]),
-    default="ema",
-    show_default=True,
-    help="Which weights of the checkpoint to use (an export holds one set).",
+    help="Which weights of the checkpoint to use. Default: the model the run chose best.pt "
+    "on (eval.best_model: the student, as the official code); an export holds one set.",
 )
 @click.option(
     "--mode",

@@ -71,3 +71,23 @@ def test_trainer_reaches_pipelines_only_lazily_for_online_mode(path: Path) -> No
         assert all(m == "pipelines" and not top for m, top in found), (rel, found)
     else:
         assert not found, f"{rel} imports {found}"
+
+
+def _functions(package: str) -> list[tuple[str, ast.FunctionDef]]:
+    out = []
+    for path in _files(package):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                out.append((f"{path.relative_to(REPO)}:{node.name}", node))
+    return out
+
+
+def test_featviews_functions_are_small() -> None:
+    """The views-and-targets package keeps every function within 60 lines and 8 parameters."""
+    for where, fn in _functions("featviews"):
+        a = fn.args
+        params = [
+            p.arg for p in a.posonlyargs + a.args + a.kwonlyargs if p.arg not in ("self", "cls")
+        ]
+        assert fn.end_lineno - fn.lineno + 1 <= 60, where
+        assert len(params) <= 8, (where, params)

@@ -200,29 +200,45 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str
         ) from err
 
 
+def default_weights(ckpt: dict[str, Any]) -> str:
+    """The weight set a run's own rule picks: the model its ``best.pt`` was chosen on.
+
+    ``eval.best_model`` of the run's config (the official rule, and our default, is the
+    student); an export holds one set and names it; a checkpoint that records neither (written
+    before the rule was recorded) gives ``"ema"``, what those versions used.
+    """
+    if "export" in ckpt:
+        return str(ckpt["export"].get("use", "ema"))
+    return str(ckpt.get("config", {}).get("eval", {}).get("best_model", "ema"))
+
+
 def load_student(
-    path: str | Path, which: str = "ema", device: torch.device | str = "cpu"
+    path: str | Path, which: str | None = None, device: torch.device | str = "cpu"
 ) -> tuple[Student, dict[str, Any]]:
     """Rebuild the student of a checkpoint or of an exported file (no teacher, no store needed).
 
     Args:
         path: ``latest.pt`` / ``best.pt`` of a run, or a ``.safetensors`` from `export_student`.
-        which: ``"ema"`` or ``"student"`` weights (``--use``). An export holds one set only;
-            asking it for the other is an error.
+        which: ``"ema"`` or ``"student"`` weights (``--use``); None: the run's rule
+            (`default_weights`). An export holds one set only; asking it for the other is an
+            error.
         device: Target device.
 
     Returns:
         ``(model in eval mode, checkpoint dict)``; for an export the dict has the fields predict
         reads (``config.crop_size``, ``student_config``, ``class_names``, ``class_colors``).
     """
-    if which not in ("ema", "student"):
+    if which not in ("ema", "student", None):
         raise CheckpointError(f"--use {which!r}: choose 'ema' or 'student'")
     if Path(path).suffix == ".safetensors":
         ckpt, state = read_export(path, which)
+        which = ckpt["export"]["use"]
     else:
         ckpt = read_checkpoint(path)
         require_keys(ckpt, ("config", "student_config"), path, "rebuild its student")
+        which = which or default_weights(ckpt)
         state = _weight_set(ckpt, which, path)
+    ckpt["weights_used"] = which
     model = Student(student_config_from(ckpt, path))
     load_state(model, state, f"{path} [{which}]")
     return model.to(device).eval(), ckpt
@@ -276,7 +292,7 @@ def _export_metadata(ckpt: dict[str, Any], which: str, source: Path) -> dict[str
     }
 
 
-def export_student(checkpoint: str | Path, out: str | Path, which: str = "ema") -> Path:
+def export_student(checkpoint: str | Path, out: str | Path, which: str | None = None) -> Path:
     """Write one weight set of a checkpoint as ``.safetensors``: no optimizer, RNG or teacher.
 
     The student's translators and projections stay: the fused deepest level feeds the head, so
@@ -286,7 +302,7 @@ def export_student(checkpoint: str | Path, out: str | Path, which: str = "ema") 
     Args:
         checkpoint: ``latest.pt`` / ``best.pt`` of a run.
         out: Output file; must end in ``.safetensors``.
-        which: ``"ema"`` or ``"student"`` (``--use``).
+        which: ``"ema"`` or ``"student"`` (``--use``); None: the run's rule (`default_weights`).
 
     Returns:
         The written path.
@@ -296,9 +312,10 @@ def export_student(checkpoint: str | Path, out: str | Path, which: str = "ema") 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise CheckpointError(f"export file {out} must end in .safetensors, e.g. model.safetensors")
-    if which not in ("ema", "student"):
+    if which not in ("ema", "student", None):
         raise CheckpointError(f"--use {which!r}: choose 'ema' or 'student'")
     ckpt = read_checkpoint(checkpoint)
+    which = which or default_weights(ckpt)
     student_config_from(ckpt, checkpoint)  # an export must rebuild its student
     require_keys(ckpt, ("config",), checkpoint, "be exported")
     # clone: safetensors refuses tensors that share storage, and a state dict may hold views
@@ -312,8 +329,11 @@ def export_student(checkpoint: str | Path, out: str | Path, which: str = "ema") 
     return out
 
 
-def read_export(path: str | Path, which: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(checkpoint-like dict, state dict)`` of an `export_student` file."""
+def read_export(
+    path: str | Path, which: str | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(checkpoint-like dict, state dict)`` of an `export_student` file (``which`` None: the
+    set it holds)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -347,7 +367,7 @@ def read_export(path: str | Path, which: str) -> tuple[dict[str, Any], dict[str,
             f"{path}: the export's metadata is incomplete or edited ({type(err).__name__}: "
             f"{err}); export it again with `featcache export RUN/best.pt OUT`"
         ) from err
-    if meta.get("use") != which:
+    if which is not None and meta.get("use") != which:
         raise CheckpointError(
             f"{path} holds the {meta.get('use')} weights only; pass --use "
             f"{meta.get('use')}, or export the {which} weights with --use {which}"
@@ -363,6 +383,7 @@ __all__ = [
     "check_architecture",
     "class_colors",
     "class_names",
+    "default_weights",
     "export_student",
     "load_state",
     "load_student",

@@ -187,7 +187,7 @@ def predict(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     device: str = "cpu",
-    use: str = "ema",
+    use: str | None = None,
     mode: str = "whole",
     crop: int | None = None,
     geotiff: bool = True,
@@ -200,7 +200,8 @@ def predict(
         inputs: Image files, folders, or store URLs.
         out_dir: Output folder (created).
         device: Torch device.
-        use: ``"ema"`` or ``"student"`` weights (``--use``).
+        use: ``"ema"`` or ``"student"`` weights (``--use``); None: the set the run chose
+            ``best.pt`` on (``eval.best_model``, default student; an export: the set it holds).
         mode: ``"whole"`` (resize to a multiple of 14) or ``"sliding"``.
         crop: Sliding window size (default: the run's crop size).
         geotiff: Also write GeoTIFFs for georeferenced inputs.

@@ -88,11 +88,32 @@ def test_export_predicts_bit_for_bit(run: dict, tmp_path: Path) -> None:
     for name in ("legend.json", "legend.png"):  # names and colours travel with the export
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     # the logits themselves, not only their argmax, are identical
-    m1, _ = load_student(run["coloured"], "ema")
-    m2, _ = load_student(model_file, "ema")
+    m1, _ = load_student(run["coloured"], "student")  # the export's default: best_model
+    m2, _ = load_student(model_file, "student")
     x = torch.rand(1, 3, 70, 70)
     with torch.no_grad():
         assert torch.equal(m1(x).logits, m2(x).logits)
+
+
+def test_default_weights_are_the_runs_best_model(run: dict, tmp_path: Path) -> None:
+    """Without --use, predict and export take the weights best.pt was chosen on."""
+    ckpt = read_checkpoint(run["ckpt"])
+    state = {k: v for k, v in ckpt.items() if k != "format"}
+    # make the two sets tell apart (after one step the EMA equals the student)
+    state["ema"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["ema"].items()}
+    for best in ("student", "ema"):
+        state["config"]["eval"]["best_model"] = best
+        path = tmp_path / f"{best}.pt"
+        save_checkpoint(path, state)
+        model, got = load_student(path)
+        assert got["weights_used"] == best
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state[best][k]), (best, k)
+        exported = tmp_path / f"{best}.safetensors"
+        _cli("export", path, exported)
+        model, got = load_student(exported)
+        assert got["export"]["use"] == got["weights_used"] == best
+        assert all(torch.equal(v, state[best][k]) for k, v in model.state_dict().items())
 
 
 def test_export_keeps_only_what_predict_needs(run: dict, tmp_path: Path) -> None:
@@ -120,11 +141,11 @@ def test_export_keeps_only_what_predict_needs(run: dict, tmp_path: Path) -> None
 def test_export_holds_one_weight_set(run: dict, tmp_path: Path) -> None:
     model_file = tmp_path / "m.safetensors"
     _cli("export", run["ckpt"], model_file, "--use", "student")
-    res = CliRunner().invoke(
-        main, ["predict", str(model_file), str(run["images"]), "--out", str(tmp_path / "p")]
-    )
+    args = ["predict", str(model_file), str(run["images"]), "--out", str(tmp_path / "p")]
+    res = CliRunner().invoke(main, [*args, "--use", "ema"])
     assert res.exit_code == 1
     assert "holds the student weights only; pass --use student" in res.output
+    _cli(*args, "--no-progress")  # without --use: the set the export holds
     res = CliRunner().invoke(main, ["export", str(run["ckpt"]), str(tmp_path / "m.pt")])
     assert res.exit_code == 1 and "must end in .safetensors" in res.output
 
@@ -207,7 +228,7 @@ def test_progress_bar_is_shown_and_can_be_turned_off(
 
 def test_evaluate_accepts_an_export(run: dict, tmp_path: Path) -> None:
     model_file = tmp_path / "m.safetensors"
-    _cli("export", run["ckpt"], model_file)
+    _cli("export", run["ckpt"], model_file, "--use", "ema")
     res = CliRunner().invoke(
         main,
         [

@@ -300,11 +300,12 @@ def test_edited_checkpoint_is_a_message_everywhere(
         else f"checkpoint {ckpt} holds no 'ema' weights (--use ema)"
     )
     _refused(_cli("evaluate", ckpt, "--store", url, "--use", "ema", "--no-progress"), says)
+    images = root / "syn" / "images"
     _refused(
-        _cli("predict", ckpt, root / "syn" / "images", "--out", tmp_path / "p", "--no-progress"),
+        _cli("predict", ckpt, images, "--out", tmp_path / "p", "--use", "ema", "--no-progress"),
         says,
     )
-    _refused(_cli("export", ckpt, tmp_path / "m.safetensors"), says)
+    _refused(_cli("export", ckpt, tmp_path / "m.safetensors", "--use", "ema"), says)
     if edit == "no ema":
         says = f"checkpoint {ckpt} has no 'ema' section(s), which it needs to resume a run"
     _refused(_cli(*_train(url, root, out, "--iters", "3", "--resume", "auto")), says)
