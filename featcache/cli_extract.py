@@ -14,13 +14,13 @@ from typing import Any
 
 import click
 
-from featstore.constants import DEFAULT_CROP, IGNORE_INDEX, MULTI_SCALES
+from featcache.cli_source import source_options, source_values
+from featstore.constants import DEFAULT_CROP, MULTI_SCALES
 
 
 def _config(source: str, store: str, **opts: Any) -> Any:
     from pipelines.config import (
         ExtractConfig,
-        parse_bands,
         parse_codec,
         parse_scales,
         parse_weights,
@@ -29,11 +29,8 @@ def _config(source: str, store: str, **opts: Any) -> Any:
     return ExtractConfig(
         source=source,
         out=store,
-        layout=opts["layout"],
-        split_file=opts["split_file"],
         tile_size=opts["tile_size"],
         edge_rule=opts["edge_rule"],
-        bands=parse_bands(opts["bands"]),
         teachers=tuple(opts["teacher"]),
         weights=parse_weights(opts["weights"]),
         tiny=opts["tiny"],
@@ -51,29 +48,11 @@ def _config(source: str, store: str, **opts: Any) -> Any:
         threads=opts["threads"],
         base_size=opts["base_size"],
         limit=opts["limit"],
-        classes=opts["classes"],
-        reduce_zero_label=opts["reduce_zero_label"],
-        ignore_index=opts["ignore_index"],
-        palette=opts["palette"],
+        **source_values(opts),
     ).validate()
 
 
 EDGE_RULE_CHOICES = ("exact", "overlap_last", "pad")  # pipelines.sources.EDGE_RULES
-# pipelines.sources.LAYOUTS, spelled out so `--help` does not import numpy/PIL (a test keeps
-# the two equal).
-LAYOUT_CHOICES = (
-    "auto",
-    "loveda",
-    "loveda-folder",
-    "potsdam",
-    "deepglobe",
-    "folder",
-    "geotiff",
-    "potsdam-mmseg",
-    "vaihingen-mmseg",
-    "loveda-mmseg",
-    "mmseg",
-)
 
 
 @contextlib.contextmanager
@@ -178,50 +157,7 @@ def _echo_label_warnings() -> Iterator[None]:
     type=int,
     help="Canvas px of a scale-1 tile (the trainer's crop size).",
 )
-@click.option(
-    "--layout",
-    default="auto",
-    show_default=True,
-    type=click.Choice(LAYOUT_CHOICES),
-    help="Source layout; dataset layouts fix the label convention (potsdam-mmseg, "
-    "vaihingen-mmseg: mmseg's ISPRS tiles, 0 = ignore; loveda*: 0 = no-data), "
-    "folder/mmseg take it from --classes etc.",
-)
-@click.option(
-    "--classes",
-    default=None,
-    metavar="NAMES|FILE",
-    help="Class names in id order, comma-separated or a file with one per line "
-    "(generic layouts; default: classes.txt beside the data).",
-)
-@click.option(
-    "--reduce-zero-label/--no-reduce-zero-label",
-    default=None,
-    help="Index masks: 0 means ignore and value v is class v-1 (mmseg's "
-    "reduce_zero_label) / values are class ids. Not given: ambiguous masks warn.",
-)
-@click.option(
-    "--ignore-index",
-    default=None,
-    type=click.IntRange(0, IGNORE_INDEX),
-    metavar="N",
-    help="A source mask value that means ignore (255 always does).",
-)
-@click.option(
-    "--palette",
-    default=None,
-    type=click.Path(dir_okay=False),
-    help="Colour-coded RGB masks: file with one 'NAME R G B' line per class in id "
-    "order ('ignore R G B' for ignored colours), or JSON {NAME: [R, G, B]}.",
-)
-@click.option(
-    "--split-file",
-    type=click.Path(),
-    default=None,
-    help="RS-MTDF/DWL split file ('<image> <mask>' per line) instead of the folder walk; "
-    "--layout still sets the label convention.",
-)
-@click.option("--bands", default=None, help="1-based source bands used as RGB, e.g. 3,2,1.")
+@source_options(with_defaults=True)
 @click.option("--no-pixels", is_flag=True, help="Do not store images and masks.")
 @click.option(
     "--overwrite",

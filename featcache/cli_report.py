@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from featcache.cli_extract import LAYOUT_CHOICES
+from featcache.cli_source import LAYOUT_CHOICES
 
 
 def _parse_level_sets(items: tuple[str, ...]) -> dict[str, list[str]] | None:

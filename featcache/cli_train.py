@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from featcache.cli_source import source_options, source_values
 from trainer.config import METHOD_NAMES, MODES, TARGET_MODES  # cheap: no torch
 from trainer.presets import PRESETS  # cheap: no torch
 
@@ -96,6 +97,9 @@ def build_config(opts: dict[str, Any]) -> Any:
     for key, (section, attr) in set_if.items():
         if opts.get(key) is not None:
             setattr(getattr(cfg, section), attr, opts[key])
+    for field, value in source_values(opts).items():  # how a --source is read
+        if value is not None:
+            setattr(cfg.data, field, value)
     for key, attr in (("method", "method"), ("mode", "mode"), ("crop", "crop_size")):
         if opts.get(key) is not None:
             setattr(cfg, attr, opts[key])
@@ -195,6 +199,7 @@ EXCLUDE_HELP = (
     help="Scene edges for --source: pad = DWL's cut of the official Potsdam/DeepGlobe "
     "tiles (default: the layout's; a store keeps its extraction's rule).",
 )
+@source_options(with_defaults=False)
 @click.option(
     "--num-classes", type=int, help="Expected class count (checked against the data's class list)."
 )

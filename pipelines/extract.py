@@ -85,20 +85,9 @@ def check_not_source(source: str, out: str) -> None:
 
 def open_tiles(cfg: ExtractConfig) -> tuple[Any, list[Any]]:
     """Open the source and take its first `cfg.limit` records (source errors propagate)."""
-    from pipelines.sources import open_source
+    from pipelines.sources import open_configured
 
-    source = open_source(
-        cfg.source,
-        layout=cfg.layout,
-        split_file=cfg.split_file,
-        tile_size=cfg.tile_size,
-        edge_rule=cfg.edge_rule,
-        bands=cfg.bands,
-        class_names=cfg.classes,
-        reduce_zero_label=cfg.reduce_zero_label,
-        ignore_index=cfg.ignore_index,
-        palette=cfg.palette,
-    )
+    source = open_configured(cfg.source, cfg)
     records = list(source.records)
     if cfg.limit is not None:
         records = records[: cfg.limit]

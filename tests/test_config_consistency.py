@@ -307,6 +307,13 @@ def test_multi_scales_cover_the_rescale_range_at_quarter_octaves() -> None:
 TRAIN_EXAMPLES: dict[str, list[str]] = {
     "preset": ["--preset", "official"],
     "method": ["--method", "supervised"],
+    "layout": ["--layout", "folder"],
+    "split_file": ["--split-file", "x.txt"],
+    "classes": ["--classes", "a,b"],
+    "reduce_zero_label": ["--reduce-zero-label"],
+    "ignore_index": ["--ignore-index", "7"],
+    "palette": ["--palette", "p.txt"],
+    "bands": ["--bands", "3,2,1"],
     "source": ["--source", "x"],
     "teacher": ["--teacher", "t"],
     "no_distill": ["--no-distill"],
@@ -357,8 +364,6 @@ TRAIN_CLI_ONLY = {
 # an option or listing it here.
 TRAIN_YAML_ONLY = {
     "data.fingerprint",
-    "data.layout",
-    "data.split_file",
     "data.scale_range",
     "data.flip_p",
     "model.student",
@@ -416,3 +421,39 @@ def test_every_train_option_sets_a_config_field_and_every_field_has_an_option() 
     assert sorted(fields - reached - TRAIN_YAML_ONLY) == [], "fields without a train option"
     assert sorted(TRAIN_YAML_ONLY & reached) == [], "TRAIN_YAML_ONLY names a field with an option"
     assert sorted(TRAIN_YAML_ONLY - fields) == [], "TRAIN_YAML_ONLY names a field that is gone"
+
+
+def test_extract_and_train_read_a_source_with_the_same_fields() -> None:
+    """The source options land on fields of the same names and defaults in both configs, and
+    `open_configured` reads them from either (a field added to one must be added to the other)."""
+    from featcache.cli_source import SOURCE_FIELDS
+    from pipelines.config import ExtractConfig
+    from trainer.config import DataConfig
+
+    extract = {f.name: f.default for f in dataclasses.fields(ExtractConfig)}
+    data = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+    shared = set(SOURCE_FIELDS.values()) | {"tile_size", "edge_rule"}
+    assert {k: extract[k] for k in shared} == {k: data[k] for k in shared}
+
+
+def test_train_source_options_reach_open_source(tmp_path: Path, monkeypatch: Any) -> None:
+    """`train --source ... --classes --reduce-zero-label --bands` reads the folder with them."""
+    import pipelines.sources.source as source_mod
+    from featcache.cli_train import build_config, train_cmd
+    from trainer.prepare import _open_source
+
+    seen: dict[str, Any] = {}
+
+    def fake(path: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs, path=path)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(source_mod, "open_source", fake)
+    argv = ["--source", "data", "--mode", "online", "--teacher", "t", "--classes", "a,b"]
+    argv += ["--reduce-zero-label", "--ignore-index", "9", "--bands", "3,2,1", "--layout", "folder"]
+    cfg = build_config(train_cmd.make_context("train", argv).params)
+    with pytest.raises(RuntimeError, match="stop"):
+        _open_source(cfg)
+    assert seen["path"] == "data" and seen["layout"] == "folder"
+    assert seen["class_names"] == "a,b" and seen["reduce_zero_label"] is True
+    assert seen["ignore_index"] == 9 and seen["bands"] == (3, 2, 1)

@@ -106,6 +106,10 @@ class DataConfig:
     ``edge_rule`` (``--source`` runs only; a store keeps the rule it was extracted with): how
     scene edges are tiled, ``exact`` | ``overlap_last`` | ``pad`` (DWL's cut of the official
     Potsdam/DeepGlobe data); None: the layout's (``pipelines.sources.tiling``).
+    ``layout`` .. ``palette`` and ``bands`` say how a ``--source`` is read, with the meaning and
+    defaults of the same fields of ``pipelines.config.ExtractConfig`` (a test keeps them equal):
+    the layout, a split file, the label convention of generic layouts (``classes``,
+    ``reduce_zero_label``, ``ignore_index``, ``palette``) and the bands used as RGB.
     """
 
     store: str | None = None
@@ -115,6 +119,11 @@ class DataConfig:
     split_file: str | None = None
     tile_size: int = 512
     edge_rule: str | None = None
+    bands: tuple[int, int, int] | None = None
+    classes: str | None = None
+    reduce_zero_label: bool | None = None
+    ignore_index: int | None = None
+    palette: str | None = None
     labeled: str | None = None
     unlabeled: str | None = None
     val: str | None = None

@@ -81,17 +81,9 @@ class RunData:
 
 
 def _open_source(cfg: TrainConfig) -> SourceTiles:
-    from pipelines.sources import open_source  # lazy: only runs without a store
+    from pipelines.sources import open_configured  # lazy: only runs without a store
 
-    return SourceTiles(
-        open_source(
-            cfg.data.source,
-            layout=cfg.data.layout,
-            split_file=cfg.data.split_file,
-            tile_size=cfg.data.tile_size,
-            edge_rule=cfg.data.edge_rule,
-        )
-    )
+    return SourceTiles(open_configured(cfg.data.source, cfg.data))
 
 
 def splits_fix(url: str | None) -> str:

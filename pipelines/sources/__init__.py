@@ -15,7 +15,7 @@ from .errors import (
     TilingError,
 )
 from .labels import LabelOptions, read_palette
-from .source import LAYOUTS, TileSource, open_source, pixel_hash
+from .source import LAYOUTS, TileSource, open_configured, open_source, pixel_hash
 from .tiling import EDGE_RULES, tile_windows
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "SplitFileError",
     "TileSource",
     "TilingError",
+    "open_configured",
     "open_source",
     "pixel_hash",
     "read_palette",

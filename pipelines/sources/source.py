@@ -329,6 +329,24 @@ def _generic_convention(
     return conv.with_classes(found[0])
 
 
+def open_configured(path: str | Path, options: Any) -> TileSource:
+    """`open_source` with the source options of a config: ``ExtractConfig`` or the trainer's
+    ``DataConfig`` (fields ``layout``, ``split_file``, ``tile_size``, ``edge_rule``, ``bands``,
+    ``classes``, ``reduce_zero_label``, ``ignore_index``, ``palette``), read the same way."""
+    return open_source(
+        path,
+        layout=options.layout,
+        split_file=options.split_file,
+        tile_size=options.tile_size,
+        edge_rule=options.edge_rule,
+        bands=options.bands,
+        class_names=options.classes,
+        reduce_zero_label=options.reduce_zero_label,
+        ignore_index=options.ignore_index,
+        palette=options.palette,
+    )
+
+
 def open_source(
     path: str | Path,
     layout: str = "auto",

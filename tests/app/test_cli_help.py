@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from featcache.cli import main
-from featcache.cli_extract import LAYOUT_CHOICES
+from featcache.cli_source import LAYOUT_CHOICES
 
 
 def _commands(group: click.Group, prefix: str = "featcache") -> list[tuple[str, click.Command]]:

@@ -290,7 +290,7 @@ def test_label_fields_in_the_fingerprint_but_not_the_counts() -> None:
 
 
 def test_cli_layout_choices_match_the_library() -> None:
-    from featcache.cli_extract import LAYOUT_CHOICES
+    from featcache.cli_source import LAYOUT_CHOICES
 
     assert set(LAYOUT_CHOICES) == set(LAYOUTS)
 

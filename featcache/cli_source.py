@@ -1,0 +1,120 @@
+"""The options that say how to read a dataset, shared by `extract` and `train --source`.
+
+One definition, so a source read for a store and a source read for online training take the same
+options with the same meaning: layout and split file, the label convention of generic layouts,
+and the bands used as RGB. The values land on the fields of the same names of
+``pipelines.config.ExtractConfig`` and ``trainer.config.DataConfig`` (``SOURCE_FIELDS``), and
+``pipelines.sources.open_configured`` reads them from either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from featstore.constants import IGNORE_INDEX
+
+# pipelines.sources.LAYOUTS, spelled out so `--help` does not import numpy/PIL (a test keeps
+# the two equal).
+LAYOUT_CHOICES = (
+    "auto",
+    "loveda",
+    "loveda-folder",
+    "potsdam",
+    "deepglobe",
+    "folder",
+    "geotiff",
+    "potsdam-mmseg",
+    "vaihingen-mmseg",
+    "loveda-mmseg",
+    "mmseg",
+)
+
+# option name -> config field of the same meaning (ExtractConfig and DataConfig alike)
+SOURCE_FIELDS = {
+    "layout": "layout",
+    "split_file": "split_file",
+    "classes": "classes",
+    "reduce_zero_label": "reduce_zero_label",
+    "ignore_index": "ignore_index",
+    "palette": "palette",
+    "bands": "bands",
+}
+
+
+def source_options(with_defaults: bool) -> Callable[[Any], Any]:
+    """Decorator adding the source-reading options to a command.
+
+    ``with_defaults``: show the library defaults (`extract`); otherwise every option defaults
+    to None, so that only options given on the command line override a YAML config (`train`).
+    """
+
+    def default(value: Any) -> dict[str, Any]:
+        return {"default": value, "show_default": True} if with_defaults else {"default": None}
+
+    options = [
+        click.option(
+            "--layout",
+            type=click.Choice(LAYOUT_CHOICES),
+            help="Source layout; dataset layouts fix the label convention (potsdam-mmseg, "
+            "vaihingen-mmseg: mmseg's ISPRS tiles, 0 = ignore; loveda*: 0 = no-data), "
+            "folder/mmseg take it from --classes etc.",
+            **default("auto"),
+        ),
+        click.option(
+            "--classes",
+            default=None,
+            metavar="NAMES|FILE",
+            help="Class names in id order, comma-separated or a file with one per line "
+            "(generic layouts; default: classes.txt beside the data).",
+        ),
+        click.option(
+            "--reduce-zero-label/--no-reduce-zero-label",
+            default=None,
+            help="Index masks: 0 means ignore and value v is class v-1 (mmseg's "
+            "reduce_zero_label) / values are class ids. Not given: ambiguous masks warn.",
+        ),
+        click.option(
+            "--ignore-index",
+            default=None,
+            type=click.IntRange(0, IGNORE_INDEX),
+            metavar="N",
+            help="A source mask value that means ignore (255 always does).",
+        ),
+        click.option(
+            "--palette",
+            default=None,
+            type=click.Path(dir_okay=False),
+            help="Colour-coded RGB masks: file with one 'NAME R G B' line per class in id "
+            "order ('ignore R G B' for ignored colours), or JSON {NAME: [R, G, B]}.",
+        ),
+        click.option(
+            "--split-file",
+            type=click.Path(),
+            default=None,
+            help="RS-MTDF/DWL split file ('<image> <mask>' per line) instead of the folder "
+            "walk; --layout still sets the label convention.",
+        ),
+        click.option("--bands", default=None, help="1-based source bands used as RGB, e.g. 3,2,1."),
+    ]
+
+    def decorate(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def source_values(opts: dict[str, Any]) -> dict[str, Any]:
+    """The given source options as config fields (``--bands 3,2,1`` parsed; None: not given)."""
+    from pipelines.config import parse_bands
+
+    out = {field: opts.get(name) for name, field in SOURCE_FIELDS.items()}
+    out["bands"] = parse_bands(opts.get("bands"))
+    return out
+
+
+__all__ = ["LAYOUT_CHOICES", "SOURCE_FIELDS", "source_options", "source_values"]
