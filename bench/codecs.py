@@ -5,7 +5,9 @@ Features: (a) real EfficientNet-Lite0 (ImageNet weights shipped by the
 the 12 real LoveDA 512 tiles; (b) DINOv2-B/14 at real size with random init on a few tiles.
 Each codec's bytes per tile are measured twice: the raw encoded arrays and the bytes a real
 featstore store of those tiles holds on disk (zarr compression included). PCA is fitted on the
-first half of the tiles (as extraction fits on the first tiles) and scored on the other half.
+first half of the tiles (as extraction fits on the first tiles) and scored on the other half;
+pca-int8 (the same basis, int8 coefficients) likewise. On-disk bytes leave out the basis, which
+is stored once per teacher, not per tile.
 
 Usage: ``python bench/codecs.py [--quick]``.
 """
@@ -28,6 +30,9 @@ CODECS = (
     {"name": "pca", "k": 64},
     {"name": "pca", "k": 128},
     {"name": "pca", "k": 256},
+    {"name": "pca-int8", "k": 64},
+    {"name": "pca-int8", "k": 128},
+    {"name": "pca-int8", "k": 256},
 )
 # Teacher passes per tile over a Potsdam-1% RS-MTDF run (rs-mtdf-reference.md §8.8).
 ONLINE_PASSES_PER_TILE = 118
@@ -39,7 +44,8 @@ def _tiles(limit: int | None) -> Any:
 
     from pipelines.sources import open_source
 
-    src = open_source(str(C.LOVEDA), tile_size=512)
+    # The sample is LoveDA's raw images/ + masks/ (the layout states its classes).
+    src = open_source(str(C.LOVEDA), layout="loveda-folder", tile_size=512)
     n = len(src.records) if limit is None else min(limit, len(src.records))
     return np.stack([src.load(i)[0] for i in range(n)])
 
@@ -80,8 +86,8 @@ def _disk_bytes(spec: Any, codec: dict[str, Any], feats: Any, fit: Any) -> float
     with tempfile.TemporaryDirectory() as tmp:
         url = os.path.join(tmp, "s.zarr")
         w = create_store(url, schema, tiles)
-        if codec["name"] == "pca":
-            c = get_codec(codec)
+        c = get_codec(codec)
+        if c.needs_fit:  # pca, pca-int8: the basis is stored once per teacher, not per tile
             mean, basis = c.fit(fit.reshape(-1, fit.shape[-1]))
             w.set_pca(spec.name, mean, basis)
         w.write_shard(0, {spec.name: {"s1.00": feats}})
@@ -102,11 +108,11 @@ def score(spec: Any, feats: Any, codec: dict[str, Any]) -> dict[str, Any] | None
 
     c = get_codec(codec)
     ch = feats.shape[-1]
-    if codec["name"] == "pca" and codec["k"] > ch:
+    if codec.get("k", 0) > ch:
         return None
     half = max(1, len(feats) // 2)
     fit, test = (feats[:half], feats[half:]) if len(feats) > 1 else (feats, feats)
-    if codec["name"] == "pca":
+    if c.needs_fit:
         c.fit(fit.reshape(-1, ch))
     data, aux = c.encode(test)
     dec = np.asarray(c.decode(data, aux), np.float32)
@@ -129,7 +135,7 @@ def score(spec: Any, feats: Any, codec: dict[str, Any]) -> dict[str, Any] | None
 
 
 def _label(codec: dict[str, Any]) -> str:
-    return f"pca k={codec['k']}" if codec["name"] == "pca" else codec["name"]
+    return f"{codec['name']} k={codec['k']}" if "k" in codec else codec["name"]
 
 
 def table(rows: list[dict[str, Any]]) -> str:

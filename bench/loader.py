@@ -154,8 +154,9 @@ def data_path(url: str, n_steps: int, scale_blend: float = 0.0) -> dict[str, Any
     t = {"items": 0.0, "render": 0.0, "targets": 0.0}
     for step in range(n_steps + 1):
         t0 = time.perf_counter()
-        bl = collate([ds_l[int(k)] for k in rng.integers(0, n, BATCH)])
-        bu = collate([ds_u[int(k)] for k in rng.integers(0, n, BATCH)])
+        # the DataLoader's batched fetch: one store read per (teacher, level) of the batch
+        bl = collate(ds_l.__getitems__([int(k) for k in rng.integers(0, n, BATCH)]))
+        bu = collate(ds_u.__getitems__([int(k) for k in rng.integers(0, n, BATCH)]))
         t1 = time.perf_counter()
         gen = torch.Generator().manual_seed(step)
         views = render_batch(bl, bu, dev, gen, 0.5)

@@ -177,14 +177,28 @@ class _BatchReads:
 
     def __init__(self, store: Any) -> None:
         self.store = store
-        self.cache: dict[tuple[str, int, str], np.ndarray] = {}
+        self.cache: dict[tuple[str, int, str], tuple[np.ndarray, np.ndarray | None]] = {}
 
-    def read_half(self, name: str, tile_index: int, key: str) -> np.ndarray:
-        """``FeatureStore.read_half``, cached."""
+    def read_encoded(
+        self, name: str, tile_index: int, key: str
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``FeatureStore.read_encoded``, cached."""
         k = (name, int(tile_index), key)
         if k not in self.cache:
-            self.cache[k] = self.store.read_half(name, int(tile_index), key)
+            self.cache[k] = self.store.read_encoded(name, int(tile_index), key)
         return self.cache[k]
+
+    def read_batch_encoded(
+        self, name: str, rows: Sequence[int], key: str
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``FeatureStore.read_batch_encoded`` through the cache (tile by tile)."""
+        pairs = [self.read_encoded(name, i, key) for i in rows]
+        aux = None if pairs[0][1] is None else np.stack([a for _, a in pairs])
+        return np.stack([d for d, _ in pairs]), aux
+
+    def codec(self, name: str) -> Any:
+        """The store's codec of teacher ``name`` (the sources decode with it)."""
+        return self.store.codec(name)
 
 
 def _source(ctx: _Ctx, levels: Sequence[LevelSpec], blend: float, reads: _BatchReads) -> Any:

@@ -115,7 +115,8 @@ def _echo_label_warnings() -> Iterator[None]:
     "--codec",
     default="fp16",
     show_default=True,
-    help="fp16 | int8 | pca:K, or any codec registered in featstore.codecs.",
+    help="fp16 | int8 | pca:K | pca-int8:K (PCA-K coefficients as int8), or any codec "
+    "registered in featstore.codecs.",
 )
 @click.option(
     "--batch-size", default=8, show_default=True, type=int, help="Tiles per teacher forward."

@@ -32,6 +32,7 @@ _EXPORTS = {
     "LevelSpec": "featstore.schema",
     "MissingTeacherError": "featstore.errors",
     "PCACodec": "featstore.codecs",
+    "PCAInt8Codec": "featstore.codecs",
     "ResizeSpec": "featstore.schema",
     "ShardDataError": "featstore.errors",
     "ShardDoneError": "featstore.errors",

@@ -22,6 +22,9 @@ class FeatureCodec:
     name: ClassVar[str] = ""
     stored_dtype: ClassVar[str] = "float16"
     tolerance: ClassVar[str] = ""
+    # The one integer parameter the option form ``NAME:N`` sets (``pca:64`` -> k=64); None when
+    # the codec is named bare. The CLI reads it from here, so new codecs need no CLI change.
+    cli_param: ClassVar[str | None] = None
 
     def stored_channels(self, channels: int) -> int:
         """Channels of the stored array for a teacher with ``channels`` output channels."""
@@ -70,6 +73,30 @@ def _to_fp16(x: np.ndarray, what: str) -> np.ndarray:
     return x.astype(np.float16)
 
 
+def _quantise_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per tile (axes -3, -2), per channel affine int8 of finite float32 ``x``; (q, aux)."""
+    lo = x.min(axis=(-3, -2))
+    hi = x.max(axis=(-3, -2))
+    scale = ((hi.astype(np.float64) - lo) / 255.0).astype(np.float32)
+    # float64 steps: 1/scale overflows float32 for subnormal scales. A constant channel has
+    # scale 0: every q is -128 and the offset alone restores it.
+    s64 = scale.astype(np.float64)
+    inv = np.divide(1.0, s64, out=np.zeros_like(s64), where=s64 > 0)
+    steps = np.rint((x - lo[..., None, None, :].astype(np.float64)) * inv[..., None, None, :])
+    q = (np.clip(steps, 0, 255) - 128).astype(np.int8)
+    offset = (lo + 128.0 * scale).astype(np.float32)
+    return q, np.stack([scale, offset], axis=-2)
+
+
+def _dequantise_int8(data: Any, aux: Any, codec: str) -> Any:
+    """``q * scale + offset`` with (scale, offset) from ``aux [..., 2, C]`` (numpy or dask)."""
+    if aux is None:
+        raise CodecError(f"{codec} decode needs the aux (scale, offset) array of the same tiles")
+    scale = aux[..., 0, :][..., None, None, :]
+    offset = aux[..., 1, :][..., None, None, :]
+    return data.astype(np.float32) * scale + offset
+
+
 class Float16Codec(FeatureCodec):
     """IEEE half precision; decode(encode(x)) == x.astype(float16).astype(float32) exactly."""
 
@@ -106,26 +133,11 @@ class Int8Codec(FeatureCodec):
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Quantise each tile's channels onto 256 levels between their min and max."""
-        x = _check_input(x)
-        lo = x.min(axis=(-3, -2))
-        hi = x.max(axis=(-3, -2))
-        scale = ((hi.astype(np.float64) - lo) / 255.0).astype(np.float32)
-        # float64 steps: 1/scale overflows float32 for subnormal scales. A constant channel has
-        # scale 0: every q is -128 and the offset alone restores it.
-        s64 = scale.astype(np.float64)
-        inv = np.divide(1.0, s64, out=np.zeros_like(s64), where=s64 > 0)
-        steps = np.rint((x - lo[..., None, None, :].astype(np.float64)) * inv[..., None, None, :])
-        q = (np.clip(steps, 0, 255) - 128).astype(np.int8)
-        offset = (lo + 128.0 * scale).astype(np.float32)
-        return q, np.stack([scale, offset], axis=-2)
+        return _quantise_int8(_check_input(x))
 
     def decode(self, data: Any, aux: Any = None) -> Any:
         """Apply the stored affine map."""
-        if aux is None:
-            raise CodecError("int8 decode needs the aux (scale, offset) array of the same tiles")
-        scale = aux[..., 0, :][..., None, None, :]
-        offset = aux[..., 1, :][..., None, None, :]
-        return data.astype(np.float32) * scale + offset
+        return _dequantise_int8(data, aux, self.name)
 
 
 class PCACodec(FeatureCodec):
@@ -138,6 +150,7 @@ class PCACodec(FeatureCodec):
 
     name = "pca"
     tolerance = "rank-k truncation error + 2**-11 * ||x - mean|| (float16 coefficients)"
+    cli_param = "k"
 
     def __init__(
         self, k: int = 64, mean: np.ndarray | None = None, basis: np.ndarray | None = None
@@ -219,6 +232,49 @@ class PCACodec(FeatureCodec):
         return {"name": self.name, "k": self.k}
 
 
+class PCAInt8Codec(PCACodec):
+    """PCA-k coefficients quantised per tile and per coefficient to affine int8.
+
+    ``coeff = (x - mean) @ basis`` as for ``pca`` (same fitted mean/basis, stored in the same
+    arrays), then ``coeff ~= q * scale + offset`` as ``int8`` does per channel: aux is float32
+    ``[..., 2, k]`` with ``scale = (max - min) / 255`` of each coefficient over the tile's tokens.
+    ``decode = (q * scale + offset) @ basis.T + mean``.
+
+    Tolerance: each coefficient is off by at most ``scale_j / 2``; the basis is orthonormal, so
+    per token ``||err|| <= ||scale||_2 / 2`` on top of the rank-k truncation error (zero when
+    the data span at most ``k`` directions around the mean), plus float32 rounding. Per channel
+    c, ``|err_c| <= sum_j |basis[c, j]| * scale_j / 2`` (+ truncation). Bytes: k per token plus
+    8k per tile, against 2C per token for fp16.
+    """
+
+    name = "pca-int8"
+    stored_dtype = "int8"
+    tolerance = (
+        "rank-k truncation error + ||scale||_2 / 2 per token (int8 step per coefficient, "
+        "scale = per-tile coefficient range / 255) + float32 rounding"
+    )
+
+    def aux_shape(self, channels: int) -> tuple[int, ...] | None:
+        """(scale, offset) per coefficient."""
+        return (2, self.stored_channels(channels))
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Project on the basis, then quantise each tile's coefficients to int8."""
+        mean, basis = self._fitted()
+        x = _check_input(x)
+        if x.shape[-1] != mean.shape[0]:
+            raise CodecError(f"pca basis has {mean.shape[0]} channels, features {x.shape[-1]}")
+        coeff = (x - mean) @ basis
+        if not np.isfinite(coeff).all():
+            raise CodecError("pca-int8 coefficients overflow float32; rescale the features")
+        return _quantise_int8(coeff)
+
+    def decode(self, data: Any, aux: Any = None) -> Any:
+        """Dequantise the coefficients, then back-project them."""
+        mean, basis = self._fitted()
+        return _dequantise_int8(data, aux, self.name) @ basis.T + mean
+
+
 CODECS: dict[str, Callable[..., FeatureCodec]] = {}
 
 
@@ -244,6 +300,7 @@ def get_codec(spec: dict[str, Any] | str | FeatureCodec) -> FeatureCodec:
 register_codec("fp16", Float16Codec)
 register_codec("int8", Int8Codec)
 register_codec("pca", PCACodec)
+register_codec("pca-int8", PCAInt8Codec)
 
 __all__ = [
     "CODECS",
@@ -251,6 +308,7 @@ __all__ = [
     "Float16Codec",
     "Int8Codec",
     "PCACodec",
+    "PCAInt8Codec",
     "get_codec",
     "register_codec",
 ]

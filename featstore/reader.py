@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -11,10 +10,22 @@ from typing import Any
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.core.sync import sync as zarr_sync
 
 from featstore import layout as L
 from featstore.bank import BankReader
-from featstore.codecs import FeatureCodec, PCACodec, get_codec
+from featstore.batchread import (
+    _ZARRS_FORK,
+    BATCH_PIPELINES,
+    _batch_pipeline,
+    _checksums,
+    _crc32,
+    _out_buffer,
+    _read_jobs,
+    _read_tiles_at_once,
+    default_batch_pipeline,
+)
+from featstore.codecs import FeatureCodec, Float16Codec, PCACodec, get_codec
 from featstore.errors import (
     IncompleteStoreError,
     MissingTeacherError,
@@ -34,6 +45,12 @@ from featstore.integrity import (
 from featstore.schema import LevelSpec, StoreSchema, TileRecord
 
 LevelLike = str | LevelSpec
+
+_CRC_MISMATCH = (
+    "does not match the checksum recorded when it was written "
+    "(corrupted, truncated or deleted shard)"
+)
+_ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 
 
 def open_store(
@@ -210,14 +227,9 @@ class FeatureStore:
         if (
             self.verify_reads
             and col is not None
-            and zlib.crc32(data) != int(self._recorded_crcs()[i, col])
+            and _crc32(data) != int(self._recorded_crcs()[i, col])
         ):
-            raise self._tile_error(
-                path,
-                i,
-                "does not match the checksum recorded when it was written "
-                "(corrupted, truncated or deleted shard)",
-            )
+            raise self._tile_error(path, i, _CRC_MISMATCH)
         return data
 
     def _tile_error(self, path: str, i: int, what: str) -> TileDataError:
@@ -314,6 +326,125 @@ class FeatureStore:
         """
         data, aux = self.read_encoded(teacher, i, level)
         return np.asarray(self.codec(teacher).decode_half(data, aux), dtype=np.float16)
+
+    def read_batch_encoded(
+        self,
+        teacher: str,
+        indices: Sequence[int],
+        level: LevelLike = "s1.00",
+        *,
+        pipeline: str | None = None,
+        out: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stored ``(data [n, ...], aux [n, ...] or None)`` of tiles ``indices``, one batched read.
+
+        Row ``k`` equals ``read_encoded(teacher, indices[k], level)``, with the same checks:
+        the first tile (in ``indices`` order) that cannot be read or fails its crc32 raises
+        the ``TileDataError`` that ``read_encoded`` raises for it. All tiles go to the codec
+        pipeline as one selection (the ``zarrs`` pipeline decodes them in parallel); when that
+        fails, each tile is read on its own to name the one that failed.
+
+        Args:
+            teacher: teacher name.
+            indices: tile indices, any order, duplicates allowed (each tile is read once).
+            level: cached level.
+            pipeline: ``"zarrs"`` or ``"zarr"`` (see ``BATCH_PIPELINES``); default
+                ``default_batch_pipeline()``.
+            out: C-contiguous ``[n, g, g, stored]`` array of the stored dtype to read the
+                data into (reuse it across batches: fresh buffers cost page faults).
+        """
+        key = self._level_key(teacher, level)
+        rows = [self._check_done(i) for i in indices]
+        paths = [L.feature_path(teacher, key)]
+        if self.codec(teacher).aux_shape(self.schema.teacher(teacher).spec.channels) is not None:
+            paths.append(L.aux_path(teacher, key))
+        bufs = self._read_rows(paths, rows, _batch_pipeline(pipeline), out)
+        return bufs[0], (bufs[1] if len(bufs) > 1 else None)
+
+    def read_batch_half(
+        self,
+        teacher: str,
+        indices: Sequence[int],
+        level: LevelLike = "s1.00",
+        *,
+        pipeline: str | None = None,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Decoded float16 ``[n, g, g, C]``: row ``k`` equals ``read_half(teacher, indices[k])``.
+
+        One batched, concurrent read of the tiles' chunks (``read_batch_encoded``); fp16 stores
+        are read straight into ``out`` (a reusable C-contiguous float16 buffer, optional).
+        """
+        codec = self.codec(teacher)
+        if isinstance(codec, Float16Codec):  # decode_half is the stored array itself
+            return self.read_batch_encoded(teacher, indices, level, pipeline=pipeline, out=out)[0]
+        data, aux = self.read_batch_encoded(teacher, indices, level, pipeline=pipeline)
+        channels = self.schema.teacher(teacher).spec.channels
+        res = _out_buffer(out, (len(data), *data.shape[1:3], channels), np.float16)
+        for k in range(len(data)):
+            # Tile by tile: a batched matmul (PCA) may round differently from read_half's.
+            res[k] = codec.decode_half(data[k], None if aux is None else aux[k])
+        return res
+
+    def _read_rows(
+        self, paths: list[str], rows: list[int], pipeline: str, out: np.ndarray | None
+    ) -> list[np.ndarray]:
+        """``[n, ...]`` buffers of ``rows`` of each array in ``paths`` (``out`` for the first)."""
+        first = {i: k for k, i in reversed(list(enumerate(rows)))}  # each tile's first position
+        bufs, outcome = [], {}
+        for p, path in enumerate(paths):
+            arr = self._array(path)
+            buf = _out_buffer(out if p == 0 else None, (len(rows), *arr.shape[1:]), arr.dtype)
+            bufs.append(buf)
+            for i, res in self._read_path(path, pipeline, buf, first).items():
+                outcome[(p, i)] = res
+        for i in rows:  # the caller's order, data before aux: the error read_encoded raises
+            for p, path in enumerate(paths):
+                self._check_outcome(path, i, outcome[(p, i)])
+        for k, i in enumerate(rows):
+            if first[i] != k:
+                for buf in bufs:
+                    buf[k] = buf[first[i]]
+        return bufs
+
+    def _read_path(
+        self, path: str, pipeline: str, buf: np.ndarray, first: dict[int, int]
+    ) -> dict[int, BaseException | int | None]:
+        """Read tile ``i`` of ``path`` into ``buf[first[i]]`` for every ``i``: per tile its crc32
+        (None when not verified) or the exception that stopped its read."""
+        arr, handle = self._array(path), self._pipeline_array(path, pipeline)
+        crc = self.verify_reads and path in self._crc_cols
+        outer = arr.shards or arr.chunks
+        if first and tuple(outer[1:]) == tuple(arr.shape[1:]):
+            try:  # one selection of all the chunks: zarrs decodes them in parallel, in Rust
+                zarr_sync(_read_tiles_at_once(handle, outer[0], first, buf))
+            except Exception:  # noqa: BLE001 - some tile failed: find which, one read per tile
+                pass
+            else:
+                return _checksums(buf, first) if crc else dict.fromkeys(first)
+        jobs = [(handle, buf[k : k + 1], i, crc) for i, k in first.items()]
+        return dict(zip(first, zarr_sync(_read_jobs(jobs)) if jobs else [], strict=True))
+
+    def _check_outcome(self, path: str, i: int, res: BaseException | int | None) -> None:
+        """Raise ``_read_tile``'s error for a failed read or a crc32 mismatch of tile ``i``."""
+        if isinstance(res, BaseException):
+            what = f"cannot be read ({type(res).__name__}: {res})"
+            raise self._tile_error(path, i, what) from res
+        if res is not None and res != int(self._recorded_crcs()[i, self._crc_cols[path]]):
+            raise self._tile_error(path, i, _CRC_MISMATCH)
+
+    def _pipeline_array(self, path: str, pipeline: str) -> Any:
+        """The async array of ``path`` decoding through ``pipeline`` (opened once)."""
+        arr = self._array(path)  # checks the array's metadata against the schema
+        if pipeline == "zarr":
+            return arr.async_array
+        _ZARRS_FORK["used"] = True
+        key = f"{pipeline}:{path}"  # kept in _arrays so that refresh() drops it too
+        if key not in self._arrays:
+            # zarr binds the codec pipeline when an array is opened, from the global config
+            with zarr.config.set({"codec_pipeline.path": _ZARRS_PIPELINE}):
+                self._arrays[key] = self._group[path]
+        return self._arrays[key].async_array
 
     def read_many(
         self, teacher: str, indices: Sequence[int], level: LevelLike = "s1.00", max_workers: int = 8
@@ -446,4 +577,4 @@ def _tiles_dataset(store: FeatureStore) -> xr.Dataset:
     )
 
 
-__all__ = ["FeatureStore", "open_store"]
+__all__ = ["BATCH_PIPELINES", "FeatureStore", "default_batch_pipeline", "open_store"]

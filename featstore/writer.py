@@ -383,7 +383,9 @@ class StoreWriter:
         """Store the fitted PCA basis of ``teacher`` (before any shard is written)."""
         codec = get_codec(self.schema.teacher(teacher).codec)
         if not isinstance(codec, PCACodec):
-            raise CodecError(f"teacher {teacher!r} uses codec {codec.name!r}, not 'pca'")
+            raise CodecError(
+                f"teacher {teacher!r} uses codec {codec.name!r}, which has no PCA basis to set"
+            )
         if self.done().any():
             raise StoreError(
                 f"{self.url!r}: set_pca after shards were written would corrupt "

@@ -33,6 +33,24 @@ from featviews.sample import cutmix_targets, mix_levels, resample_to_student, sa
 
 
 @dataclass(frozen=True)
+class EncodedGrid:
+    """A cached grid as stored: the codec's ``data`` and per-tile ``aux`` (None for fp16).
+
+    Items carry grids encoded, so the host never widens them (int8 stays 1 byte a value, PCA
+    stays k coefficients); the source decodes them on the training device after the batch is
+    moved (``featviews.decode``).
+    """
+
+    data: torch.Tensor
+    aux: torch.Tensor | None = None
+
+    @classmethod
+    def from_numpy(cls, data: np.ndarray, aux: np.ndarray | None) -> EncodedGrid:
+        """Wrap arrays read from the store (no copy)."""
+        return cls(torch.from_numpy(data), None if aux is None else torch.from_numpy(aux))
+
+
+@dataclass(frozen=True)
 class ViewSampling:
     """How views are drawn: tile and view sides, the store's base size, zoom range, flip, blend.
 
@@ -164,31 +182,65 @@ class TargetSource:
         return view.with_levels(chosen, blend)
 
     def read_item(self, tile_index: int, rng: np.random.Generator) -> dict[str, Any]:
-        """The item's ``view``, ``grids`` per teacher and ``blend_grids`` (levels mixed in)."""
-        view = self.draw(rng)
-        return {"view": view, **self.read_grids(tile_index, view)}
+        """The item's ``view``, ``grids`` per teacher and ``blend_grids`` (levels mixed in),
+        the cached grids encoded (`EncodedGrid`)."""
+        return self.read_items([tile_index], [rng])[0]
 
-    def read_grids(self, tile_index: int, view: ViewParams) -> dict[str, Any]:
-        """The cached grids a view with levels assigned reads: ``grids`` and ``blend_grids``."""
-        read = self.ctx.store.read_half if view.levels else None
-        return {
-            "grids": {n: read(n, tile_index, lv.key) for n, lv in view.levels.items()},
-            "blend_grids": {
-                n: [torch.from_numpy(read(n, tile_index, lv.key)) for lv, _ in mix]
-                for n, mix in view.blend.items()
-            },
-        }
+    def decoded(self, name: str, grid: Any, device: torch.device) -> torch.Tensor:
+        """A grid of teacher ``name`` on ``device``, decoded to float32 when it is encoded."""
+        if not isinstance(grid, EncodedGrid):  # already decoded (tests, the view bank)
+            return grid.to(device, non_blocking=True)
+        from featviews.decode import decode_on_device
+
+        data = grid.data.to(device, non_blocking=True)
+        aux = None if grid.aux is None else grid.aux.to(device, non_blocking=True)
+        return decode_on_device(self.ctx.store.codec(name), data, aux)
+
+    def read_items(
+        self, tile_indices: Sequence[int], rngs: Sequence[np.random.Generator]
+    ) -> list[dict[str, Any]]:
+        """``read_item`` for a batch of items: the same views and grids, but each (teacher,
+        level) the batch needs is read in one batched store read (``read_batch_encoded``)."""
+        return self._read_views(tile_indices, [self.draw(rng) for rng in rngs])
+
+    def _read_views(
+        self, tile_indices: Sequence[int], views: Sequence[ViewParams]
+    ) -> list[dict[str, Any]]:
+        uses: dict[tuple[str, str], list[tuple[int, int | None]]] = {}
+        for k, view in enumerate(views):
+            for name, lv in view.levels.items():
+                uses.setdefault((name, lv.key), []).append((k, None))
+            for name, mix in view.blend.items():
+                for j, (lv, _) in enumerate(mix):
+                    uses.setdefault((name, lv.key), []).append((k, j))
+        items = [
+            {
+                "view": v,
+                "grids": {},
+                "blend_grids": {n: [None] * len(mix) for n, mix in v.blend.items()},
+            }
+            for v in views
+        ]
+        for (name, key), where in uses.items():
+            rows = [int(tile_indices[k]) for k, _ in where]
+            data, aux = self.ctx.store.read_batch_encoded(name, rows, key)
+            for r, (k, j) in enumerate(where):
+                grid = EncodedGrid.from_numpy(data[r], None if aux is None else aux[r])
+                if j is None:
+                    items[k]["grids"][name] = grid
+                else:
+                    items[k]["blend_grids"][name][j] = grid
+        return items
 
     def read_batch(
         self, tile_indices: Sequence[int], views: Sequence[ViewParams]
     ) -> dict[str, Any]:
         """Given views of given tiles, read as a batch (the audit's entry): ``view``, ``grids``
         (per teacher, one tensor per view) and ``blend_grids`` (None for views without)."""
-        views = [self.assign_levels(v) for v in views]
-        reads = [self.read_grids(int(i), v) for i, v in zip(tile_indices, views, strict=True)]
+        reads = self._read_views(tile_indices, [self.assign_levels(v) for v in views])
         return {
-            "view": views,
-            "grids": {n: [torch.from_numpy(r["grids"][n]) for r in reads] for n in self.levels},
+            "view": [r["view"] for r in reads],
+            "grids": {n: [r["grids"][n] for r in reads] for n in self.levels},
             "blend_grids": {n: [r["blend_grids"].get(n) for r in reads] for n in self.levels},
         }
 
@@ -209,7 +261,7 @@ class TargetSource:
         """
         views = batch["view"]
         geoms = [self.ctx.level_geoms[(name, v.levels[name].key)] for v in views]
-        grids = [g.to(geom.device, non_blocking=True) for g in batch["grids"][name]]
+        grids = [self.decoded(name, g, geom.device) for g in batch["grids"][name]]
         targets, valid = sample_targets(grids, geoms, geom, n, centres)
         if any(name in v.blend for v in views):  # scale blend: mix in the other levels
             mix_levels(targets, self._extras(name, batch, geom), _sampler(n, centres), geom)
@@ -222,7 +274,7 @@ class TargetSource:
         return [
             [
                 (
-                    extra[b][k].to(geom.device, non_blocking=True),
+                    self.decoded(name, extra[b][k], geom.device),
                     self.ctx.level_geoms[(name, lv.key)],
                     w,
                 )
@@ -300,6 +352,12 @@ class ViewBankSource(TargetSource):
         }
         self.base_size = int(store.schema.base_size)
 
+    def read_items(
+        self, tile_indices: Sequence[int], rngs: Sequence[np.random.Generator]
+    ) -> list[dict[str, Any]]:
+        """Item by item: a bank item reads bank grids or levels depending on its own draw."""
+        return [self.read_item(int(i), rng) for i, rng in zip(tile_indices, rngs, strict=True)]
+
     def read_item(self, tile_index: int, rng: np.random.Generator) -> dict[str, Any]:
         view, slot, grids = draw_bank_item(
             self.ctx.store, tile_index, rng, self.levels, self.ctx.p_bank
@@ -312,7 +370,7 @@ class ViewBankSource(TargetSource):
         dev = geom.device
         slots = torch.as_tensor(batch["bank_slot"]).to(dev)
         banked = slots >= 0 if name in self.bank_teachers else torch.zeros_like(slots).bool()
-        grids = [g.to(dev, non_blocking=True) for g in batch["grids"][name]]
+        grids = [self.decoded(name, g, dev) for g in batch["grids"][name]]
         out: torch.Tensor | None = None
         for mask, fill in ((banked, self._from_bank), (~banked, self._from_levels)):
             idx = torch.nonzero(mask).flatten()
@@ -391,6 +449,7 @@ def make_source(name: str, ctx: SourceContext) -> TargetSource:
 
 __all__ = [
     "SOURCES",
+    "EncodedGrid",
     "GridAlignedSource",
     "OnlineSource",
     "SourceContext",

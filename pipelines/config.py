@@ -159,16 +159,22 @@ def codec_choices() -> str:
     Read when asked, not copied at import: a codec registered later (``register_codec``) is
     accepted like the built-in ones.
     """
-    return ", ".join("pca:K" if name == "pca" else name for name in sorted(CODECS))
+    return ", ".join(f"{n}:K" if _cli_param(n) else n for n in sorted(CODECS))
+
+
+def _cli_param(name: str) -> str | None:
+    """The integer parameter ``--codec NAME:K`` sets (the codec's ``cli_param``), or None."""
+    return getattr(CODECS.get(name), "cli_param", None)
 
 
 def _check_codec(codec: dict[str, Any]) -> None:
     name = codec.get("name")
     if name not in CODECS:
         raise ExtractConfigError(f"--codec {name!r} is unknown; choose one of {codec_choices()}")
-    if name == "pca" and (not isinstance(codec.get("k"), int) or codec["k"] < 1):
+    param = _cli_param(name)
+    if param and (not isinstance(codec.get(param), int) or codec[param] < 1):
         raise ExtractConfigError(
-            f"--codec pca needs a positive component count, e.g. pca:64; got {codec}"
+            f"--codec {name} needs a positive {param}, e.g. {name}:64; got {codec}"
         )
     try:  # the registry's factory is the judge of its parameters
         get_codec(codec)
@@ -179,23 +185,27 @@ def _check_codec(codec: dict[str, Any]) -> None:
 def parse_codec(text: str) -> dict[str, Any]:
     """Parse a registered codec name ("fp16", "int8", ...) or "pca:K" into a codec dict.
 
-    Only pca takes an argument (its component count); other codecs are named bare, with their
-    factory's defaults.
+    Codecs with a ``cli_param`` (pca, pca-int8: the component count k) take it as ``NAME:K``
+    or ``NAME:k=K``; other codecs are named bare, with their factory's defaults.
     """
     name, _, arg = text.strip().partition(":")
-    if name == "pca":
-        if not arg.isdigit() or int(arg) < 1:
-            raise ExtractConfigError(
-                f"--codec {text!r}: write pca:K with K components, e.g. pca:64"
-            )
-        return {"name": "pca", "k": int(arg)}
     if name not in CODECS:
         raise ExtractConfigError(f"--codec {text!r} is unknown; choose one of {codec_choices()}")
-    if arg:
+    param = _cli_param(name)
+    if param is None:
+        if arg:
+            with_arg = ", ".join(f"{n}:K" for n in sorted(CODECS) if _cli_param(n))
+            raise ExtractConfigError(
+                f"--codec {text!r}: {name} takes no argument (only {with_arg} do); "
+                f"write --codec {name}"
+            )
+        return {"name": name}
+    value = arg.removeprefix(f"{param}=")
+    if not value.isdigit() or int(value) < 1:
         raise ExtractConfigError(
-            f"--codec {text!r}: only pca takes an argument (pca:K); write --codec {name}"
+            f"--codec {text!r}: write {name}:K with K >= 1 (its {param}), e.g. {name}:64"
         )
-    return {"name": name}
+    return {"name": name, param: int(value)}
 
 
 def parse_scales(text: str) -> tuple[float, ...]:

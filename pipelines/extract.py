@@ -138,7 +138,7 @@ def pca_samples(ctx: ExtractContext, name: str) -> np.ndarray:
 
 def fit_pca(ctx: ExtractContext, writer: Any) -> None:
     """Fit and store each PCA teacher's basis, unless the store already holds one (resume)."""
-    if ctx.cfg.codec.get("name") != "pca":
+    if not get_codec(ctx.cfg.codec).needs_fit:  # pca, pca-int8: a basis fitted on data
         return
     for name in ctx.teachers:
         if _has_pca(writer, name):

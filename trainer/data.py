@@ -21,7 +21,7 @@ from featstore.constants import IGNORE_INDEX
 from featstore.errors import TileDataError
 from featstore.schema import TileRecord
 from featviews.draw import ViewParams
-from featviews.sources import TargetSource
+from featviews.sources import EncodedGrid, TargetSource
 
 LOG = logging.getLogger("featcache.train")
 
@@ -141,19 +141,38 @@ class StoreDataset(Dataset):
             "and re-extract it"
         )
 
+    def __getitems__(self, positions: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch of items (the DataLoader's batched fetch): the same items as ``self[k]``, with
+        each (teacher, level) the batch needs read from the store in one batched read."""
+        if self.skip_bad:  # a bad tile is found and replaced item by item
+            return [self[int(k)] for k in positions]
+        ks = [int(k) for k in positions]
+        tiles = [self.indices[k % len(self.indices)] for k in ks]
+        reads = self.source.read_items(tiles, [self._rng(k) for k in ks])
+        return [self._assemble(i, r) for i, r in zip(tiles, reads, strict=True)]
+
     def _item(self, k: int) -> dict[str, Any]:
         i = self.indices[k % len(self.indices)]
+        return self._assemble(i, self.source.read_item(i, self._rng(k)))
+
+    def _assemble(self, i: int, read: dict[str, Any]) -> dict[str, Any]:
+        """Tile ``i``'s image (and mask) beside what its target source read for it."""
         image = torch.from_numpy(np.ascontiguousarray(self.reader.read_image(i)))
         item: dict[str, Any] = {"index": i, "image": image.permute(2, 0, 1).contiguous()}
         if self.labeled:
             item["mask"] = torch.from_numpy(np.ascontiguousarray(self.reader.read_mask(i)))
-        item.update(self.source.read_item(i, self._rng(k)))
-        # float16 halves host memory and transfer; decoded values are at most fp16-precise
-        # (read_half hands an fp16 store's array over as is: no float32 round trip).
-        item["grids"] = {
-            name: torch.from_numpy(g).to(torch.float16) for name, g in item["grids"].items()
-        }
+        item.update(read)
+        item["grids"] = {name: _on_host(g) for name, g in item["grids"].items()}
         return item
+
+
+def _on_host(grid: Any) -> Any:
+    """An item's grid as the batch carries it: cached grids stay encoded (`EncodedGrid`, decoded
+    on the training device); decoded arrays (bank grids) travel as float16, which halves host
+    memory and transfer (decoded values are at most fp16-precise)."""
+    if isinstance(grid, EncodedGrid):
+        return grid
+    return torch.from_numpy(grid).to(torch.float16)
 
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

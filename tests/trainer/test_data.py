@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ def test_dataset_is_deterministic_and_reads_the_chosen_level(store: str) -> None
     item = ds[4]  # position 4 wraps to indices[1] = tile 3
     key = item["view"].levels[DINO].key
     assert item["index"] == 3
-    assert torch.equal(item["grids"][DINO], torch.from_numpy(st.read(DINO, 3, key)).half())
+    assert torch.equal(item["grids"][DINO].data, torch.from_numpy(st.read(DINO, 3, key)).half())
     assert torch.equal(item["image"], torch.from_numpy(st.read_image(3)).permute(2, 0, 1))
     keys = {ds[k]["view"].levels[DINO].key for k in range(7) for ds.epoch in range(4)}
     assert len(keys) >= 2  # zoom and flip pick different cached levels
@@ -171,3 +172,41 @@ def test_config_yaml_round_trip_and_bad_keys(tmp_path: Path) -> None:
         TrainConfig.load(tmp_path / "bad.yaml")
     with pytest.raises(TrainConfigError, match="--crop 64: must be a multiple of 14"):
         TrainConfig(crop_size=64, data=dataclasses.replace(cfg.data, store="x")).validate()
+
+
+def test_batched_fetch_equals_item_by_item_with_one_read_per_level(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`__getitems__` (the DataLoader's batched fetch) gives the items `ds[k]` gives, and reads
+    each (teacher, level) the batch needs once, not once per item."""
+    st = open_store(store)
+    levels = {DINO: st.levels(DINO)}
+    src = warp_source(store=st, levels=levels, scale_blend=0.25)
+    ds = StoreDataset(st, [0, 1, 2, 3, 4, 5], src, True, 7, length=12)
+    one = [ds[k] for k in range(12)]
+    calls: list[tuple[str, str, int]] = []
+    real = st.read_batch_encoded
+
+    def counted(name: str, rows: list[int], key: str, **kw: Any) -> Any:
+        calls.append((name, key, len(rows)))
+        return real(name, rows, key, **kw)
+
+    monkeypatch.setattr(st, "read_batch_encoded", counted)
+    batch = ds.__getitems__(list(range(12)))
+    wanted = {(DINO, it["view"].levels[DINO].key) for it in one}
+    wanted |= {(DINO, lv.key) for it in one for lv, _ in it["view"].blend.get(DINO, ())}
+    assert sorted((n, k) for n, k, _ in calls) == sorted(wanted)  # one read per level
+    assert sum(n for *_, n in calls) == sum(1 + len(it["view"].blend.get(DINO, ())) for it in one)
+    for a, b in zip(one, batch, strict=True):
+        assert a["view"] == b["view"] and a["index"] == b["index"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+        assert torch.equal(a["grids"][DINO].data, b["grids"][DINO].data)
+        for ga, gb in zip(
+            a["blend_grids"].get(DINO, []), b["blend_grids"].get(DINO, []), strict=True
+        ):
+            assert torch.equal(ga.data, gb.data)
+    # and the DataLoader takes the batched path
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate)
+    calls.clear()
+    first = next(iter(loader))
+    assert calls and first["index"].tolist() == [it["index"] for it in one[:4]]

@@ -129,15 +129,16 @@ def test_dataset_and_cached_targets_mix_the_neighbouring_levels(store: str) -> N
         ((level, w),) = view.blend[DINO]  # two cached zooms: one level mixed in
         assert level.render_px(CROP) == other_r and level.flipped == view.flip
         assert w == pytest.approx(k_other / (k_near + k_other))
+        # the level's stored bytes, encoded as the store holds them (fp16 here)
         assert torch.equal(
-            it["blend_grids"][DINO][0],
+            it["blend_grids"][DINO][0].data,
             torch.from_numpy(st.read(DINO, it["index"], level.key)).half(),
         )
 
     batch = collate(items[:8])
     geom = ViewGeometry.from_params(batch["view"])
     provider = warp_source(
-        {(DINO, lv.key): st.level_geometry(DINO, lv.key) for lv in st.levels(DINO)}
+        {(DINO, lv.key): st.level_geometry(DINO, lv.key) for lv in st.levels(DINO)}, store=st
     )
     got, _ = provider.stream_targets(DINO, 5, batch, geom)
     for b, view in enumerate(batch["view"]):
