@@ -28,8 +28,10 @@ def build_store(
     seed: int = 0,
     tiles_per_shard: int = 2,
     source: Path | None = None,
+    codec: dict[str, Any] | None = None,
 ) -> str:
-    """Synthetic scenes (one tile each) extracted with tiny teachers by the real pipeline."""
+    """Synthetic scenes (one tile each) extracted with tiny teachers by the real pipeline
+    (``codec``: the store's codec, default fp16)."""
     from pipelines.config import ExtractConfig
     from pipelines.extract import run_extraction
     from pipelines.synthetic import generate_synthetic
@@ -47,6 +49,7 @@ def build_store(
         base_size=CROP,
         tiles_per_shard=tiles_per_shard,
         batch_size=8,
+        codec=codec or {"name": "fp16"},
     )
     return run_extraction(cfg, progress=False)
 
