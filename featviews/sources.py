@@ -49,6 +49,13 @@ class EncodedGrid:
         """Wrap arrays read from the store (no copy)."""
         return cls(torch.from_numpy(data), None if aux is None else torch.from_numpy(aux))
 
+    def pin_memory(self) -> EncodedGrid:
+        """Page-locked copy (the DataLoader's ``pin_memory`` calls it), so the move to the GPU
+        can overlap compute as for plain tensors."""
+        return EncodedGrid(
+            self.data.pin_memory(), None if self.aux is None else self.aux.pin_memory()
+        )
+
 
 @dataclass(frozen=True)
 class ViewSampling:
