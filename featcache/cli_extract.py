@@ -37,6 +37,7 @@ def _config(source: str, store: str, **opts: Any) -> Any:
         random_weights=opts["random_weights"],
         scales=parse_scales(opts["scales"]),
         flip=opts["flip"],
+        keep_padding=opts["keep_padding"],
         codec=parse_codec(opts["codec"]),
         batch_size=opts["batch_size"],
         device=opts["device"],
@@ -110,6 +111,15 @@ def _echo_label_warnings() -> Iterator[None]:
     default=True,
     show_default=True,
     help="Also cache an h-flipped copy of every scale.",
+)
+@click.option(
+    "--keep-padding/--crop-padding",
+    default=True,
+    show_default=True,
+    help="Store every token of a zoom < 1 level's padded canvas (official behaviour, needed "
+    "to train with --unmasked), or only the tokens the tile's points read (13 %% fewer bytes "
+    "for DINOv2-B + CLIP-L at the default levels; CutMix cells that straddle padding mix in the "
+    "level's edge token instead of the padding token).",
 )
 @click.option(
     "--codec",
@@ -260,6 +270,12 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _padding_note(padding_tokens: str) -> str:
+    if padding_tokens == "cropped":
+        return "zoom < 1 levels store only the tokens the tile reads (--crop-padding)"
+    return "every canvas token stored (--keep-padding, the default)"
+
+
 def _info_lines(url: str) -> list[str]:
     from featstore import get_codec, open_store
     from pipelines.sources.classtable import class_table_lines
@@ -279,13 +295,14 @@ def _info_lines(url: str) -> list[str]:
         f"classes:     {', '.join(schema.class_names) or '-'} (ignore {schema.ignore_index})",
         *class_table_lines(schema),
         f"pixels:      {'stored' if schema.store_pixels else 'not stored'}",
+        f"padding:     {_padding_note(schema.padding_tokens)}",
         f"fingerprint: {store.fingerprint}",
     ]
     for entry in schema.teachers:
         spec, codec = entry.spec, get_codec(entry.codec)
         lines.append(_teacher_line(entry))
         for level in entry.levels:
-            g = spec.grid_size(level.canvas_px(schema.base_size), schema.base_size)
+            g = store.level_geometry(spec.name, level.key).grid  # stored (may be cropped)
             size = _human(_level_bytes(url, spec.name, level.key))
             lines.append(
                 f"  level {level.key}: scale {level.scale:g}"

@@ -16,7 +16,6 @@ import zarr
 
 from featstore import layout as L
 from featstore.codecs import PCACodec, get_codec
-from featstore.geometry import LevelGeometry
 from featstore.schema import StoreSchema
 
 
@@ -37,7 +36,7 @@ def _teacher_specs(schema: StoreSchema, n: int) -> dict[str, ArraySpec]:
         stored = codec.stored_channels(channels)
         aux = codec.aux_shape(channels)
         for level in entry.levels:
-            g = LevelGeometry.from_specs(schema.tile_size, schema.base_size, level, entry.spec).grid
+            g = L.stored_geometry(schema, entry.spec, level).grid
             out[L.feature_path(name, level.key)] = ArraySpec(codec.stored_dtype, (n, g, g, stored))
             if aux is not None:
                 out[L.aux_path(name, level.key)] = ArraySpec("float32", (n, *aux))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import zlib
 from collections.abc import Sequence
@@ -15,7 +17,14 @@ import zarr
 from featstore.codecs import PCACodec, get_codec
 from featstore.errors import StoreFormatError
 from featstore.geometry import LevelGeometry
-from featstore.schema import FORMAT_VERSION, StoreSchema, TileRecord, fingerprint_parts
+from featstore.schema import (
+    FORMAT_VERSION,
+    LevelSpec,
+    StoreSchema,
+    TeacherSpec,
+    TileRecord,
+    fingerprint_parts,
+)
 
 ATTR_KEY = "featstore"
 TILE_STR_FIELDS = ("tile_id", "source", "split", "pixel_hash", "crs")
@@ -105,6 +114,25 @@ def pca_paths(teacher: str) -> tuple[str, str]:
     return f"teachers/{teacher}/pca_mean", f"teachers/{teacher}/pca_basis"
 
 
+def readable_grid(geo: LevelGeometry) -> int:
+    """Token rows (= columns) of ``geo``'s grid that a point of the tile can read.
+
+    A tile point has token coordinate ``u <= valid_tokens - 0.5`` and bilinear sampling reads
+    tokens ``floor(u)`` and ``floor(u) + 1``; the rest of the grid lies over canvas padding (for
+    flipped levels too: they are computed on the flipped tile, padded right/bottom).
+    """
+    return min(geo.grid, math.floor(geo.valid_tokens - 0.5) + 2)
+
+
+def stored_geometry(schema: StoreSchema, spec: TeacherSpec, level: LevelSpec) -> LevelGeometry:
+    """Geometry of a level as the schema stores it (``padding_tokens="cropped"``: the grid is the
+    top-left ``readable_grid`` corner of the canvas grid, same token coordinates)."""
+    geo = LevelGeometry.from_specs(schema.tile_size, schema.base_size, level, spec)
+    if schema.padding_tokens == "kept":
+        return geo
+    return dataclasses.replace(geo, grid=readable_grid(geo))
+
+
 def checksum_arrays(schema: StoreSchema) -> list[str]:
     """Paths of the per-tile arrays covered by ``checksum``, in column order."""
     names: list[str] = []
@@ -183,8 +211,7 @@ def _feature_arrays(group: zarr.Group, schema: StoreSchema, n: int) -> None:
         tgroup = group.require_group(f"teachers/{name}")
         tgroup.attrs["teacher"] = entry.to_dict()
         for level in entry.levels:
-            geo = LevelGeometry.from_specs(schema.tile_size, schema.base_size, level, entry.spec)
-            g, key = geo.grid, level.key
+            g, key = stored_geometry(schema, entry.spec, level).grid, level.key
             arr = group.create_array(
                 feature_path(name, key),
                 shape=(n, g, g, stored),
@@ -316,8 +343,10 @@ __all__ = [
     "pca_paths",
     "read_header",
     "read_tiles",
+    "readable_grid",
     "stats_path",
     "store_fs",
+    "stored_geometry",
     "tile_crcs",
     "write_tiles",
 ]

@@ -307,6 +307,11 @@ class BankSpec:
 # ``edge_rule`` too: the tile ids (window offsets) and pixel hashes already pin how scenes were cut.
 _STATS_FIELDS = ("label_stats", "eval_protocol", "edge_rule")
 
+# What a level stores of its canvas: "kept" every token of the padded canvas (official
+# behaviour, and every store written before the choice existed); "cropped" only the top-left
+# tokens a tile point can read (``featstore.layout.stored_geometry``).
+PADDING_TOKENS = ("kept", "cropped")
+
 
 def default_class_colors(n: int) -> tuple[tuple[int, int, int], ...]:
     """Fixed display colours for ``n`` classes without a palette: the Pascal VOC colour map.
@@ -340,6 +345,9 @@ class StoreSchema:
     (`featstore.protocols.Protocol`; None in stores written before it was kept).
     ``edge_rule`` the tiling edge rule the scenes were cut with (``pipelines.sources.tiling``;
     ``""`` in stores written before it was kept).
+    ``padding_tokens`` what zoom < 1 levels store of their padded canvas (``PADDING_TOKENS``;
+    ``"kept"`` in stores written before it was recorded; extraction writes ``"cropped"`` unless
+    ``--keep-padding``).
     """
 
     dataset: str
@@ -357,11 +365,17 @@ class StoreSchema:
     label_stats: dict[str, Any] | None = None
     eval_protocol: dict[str, Any] | None = None
     edge_rule: str = ""
+    padding_tokens: str = "kept"
 
     def __post_init__(self) -> None:
         for attr in ("tile_size", "base_size", "tiles_per_shard"):
             if int(getattr(self, attr)) < 1:
                 raise ValueError(f"StoreSchema.{attr} must be >= 1, got {getattr(self, attr)!r}")
+        if self.padding_tokens not in PADDING_TOKENS:
+            raise ValueError(
+                f"StoreSchema.padding_tokens must be one of {PADDING_TOKENS}, "
+                f"got {self.padding_tokens!r}"
+            )
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
         object.__setattr__(self, "teachers", tuple(self.teachers))
         self._check_label_fields()
@@ -452,6 +466,10 @@ class StoreSchema:
             d["eval_protocol"] = dict(self.eval_protocol)
         if self.edge_rule:
             d["edge_rule"] = self.edge_rule
+        # "kept" is left out so that stores written before the field keep their fingerprints;
+        # "cropped" is in the fingerprint (it changes the stored arrays' shapes).
+        if self.padding_tokens != "kept":
+            d["padding_tokens"] = self.padding_tokens
         return d
 
     @classmethod
@@ -542,6 +560,7 @@ def dict_differences(old: Any, new: Any, path: str = "schema") -> list[str]:
 
 __all__ = [
     "FORMAT_VERSION",
+    "PADDING_TOKENS",
     "BankSpec",
     "LevelSpec",
     "ResizeSpec",

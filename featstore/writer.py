@@ -54,7 +54,7 @@ def _check_tiles(tiles: Sequence[TileRecord]) -> None:
 def _differences(
     meta: dict[str, Any], schema: StoreSchema, tiles: Sequence[TileRecord], group: zarr.Group
 ) -> list[str]:
-    diffs = dict_differences(meta.get("schema"), schema.to_dict())
+    diffs = [_padding_hint(d) for d in dict_differences(meta.get("schema"), schema.to_dict())]
     old = L.read_tiles(group)
     if len(old) != len(tiles):
         diffs.append(f"tiles: stored {len(old)} tiles != requested {len(tiles)}")
@@ -67,6 +67,15 @@ def _differences(
                 )
                 break
     return diffs or ["fingerprint differs (format version or hashing changed)"]
+
+
+def _padding_hint(diff: str) -> str:
+    """Say which extract option resumes a store that differs only in kept/cropped padding."""
+    if diff == "schema.padding_tokens: only in the new schema":
+        return f"{diff} (the store keeps padding tokens: resume it with --keep-padding)"
+    if diff == "schema.padding_tokens: only in the stored schema":
+        return f"{diff} (the store crops padding tokens: resume it with --crop-padding)"
+    return diff
 
 
 def _check_writable(url: str) -> None:

@@ -51,6 +51,11 @@ class ExtractConfig:
             alike): `MULTI_SCALES` + flip, which covers RS-MTDF's 0.5-2.0 rescale range (see
             BENCHMARKS.md for what each option buys); ``(1.0,)`` without flip is the cheapest.
         flip: Also cache an h-flipped copy of each scale.
+        keep_padding: Store every token of a zoom < 1 level's padded canvas (official
+            behaviour, the default). False (``--crop-padding``): store only the tokens a tile
+            point can read (``StoreSchema.padding_tokens="cropped"``): targets of valid tokens
+            are the same bit for bit, but a CutMix cell that mixes a valid token with a padding
+            one takes the level's edge token where the kept store has the padding token.
         codec: Codec dict, e.g. {"name": "fp16"} or {"name": "pca", "k": 64}; any codec
             registered in ``featstore.codecs`` (``register_codec``).
         batch_size: Canvases per teacher forward.
@@ -91,6 +96,7 @@ class ExtractConfig:
     random_weights: bool = False
     scales: tuple[float, ...] = MULTI_SCALES
     flip: bool = True
+    keep_padding: bool = True
     codec: dict[str, Any] = field(default_factory=lambda: {"name": "fp16"})
     batch_size: int = 8
     device: str = "cpu"

@@ -112,6 +112,7 @@ def build_schema(ctx: ExtractContext) -> StoreSchema:
         tiles_per_shard=cfg.tiles_per_shard,
         teachers=entries,
         store_pixels=cfg.store_pixels,
+        padding_tokens="kept" if cfg.keep_padding else "cropped",
         class_colors=tuple(ctx.source.class_colors),
         class_sources=tuple(ctx.source.class_sources),
         label_rule=ctx.source.label_rule,

@@ -162,6 +162,27 @@ def compute_features(
     return {n: {k: np.concatenate(v) for k, v in lv.items()} for n, lv in out.items()}
 
 
+def crop_padding(
+    features: dict[str, dict[str, np.ndarray]], schema: Any
+) -> dict[str, dict[str, np.ndarray]]:
+    """Keep the top-left ``g x g`` tokens of each level that the store keeps
+    (``featstore.layout.stored_geometry``): all of them unless the schema crops padding.
+
+    The teachers still see the whole padded canvas (a token's value depends on its context);
+    only tokens that no tile point reads are dropped.
+    """
+    from featstore.layout import stored_geometry
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for entry in schema.teachers:
+        name = entry.spec.name
+        out[name] = {}
+        for lv in entry.levels:
+            g = stored_geometry(schema, entry.spec, lv).grid
+            out[name][lv.key] = features[name][lv.key][:, :g, :g]
+    return out
+
+
 def process_shard(
     ctx: ExtractContext, writer: Any, k: int, pixels: tuple[np.ndarray, np.ndarray] | None = None
 ) -> int:
@@ -171,6 +192,7 @@ def process_shard(
     levels = level_specs(ctx.cfg.scales, ctx.cfg.flip)
     with torch_threads(ctx.cfg.threads):
         features = compute_features(ctx, images, levels)
+    features = crop_padding(features, writer.schema)
     if ctx.cfg.store_pixels:
         writer.write_shard(k, features=features, images=images, masks=masks)
     else:

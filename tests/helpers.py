@@ -29,9 +29,10 @@ def build_store(
     tiles_per_shard: int = 2,
     source: Path | None = None,
     codec: dict[str, Any] | None = None,
+    keep_padding: bool = True,
 ) -> str:
     """Synthetic scenes (one tile each) extracted with tiny teachers by the real pipeline
-    (``codec``: the store's codec, default fp16)."""
+    (``codec``: the store's codec, default fp16; ``keep_padding=False``: ``--crop-padding``)."""
     from pipelines.config import ExtractConfig
     from pipelines.extract import run_extraction
     from pipelines.synthetic import generate_synthetic
@@ -50,6 +51,7 @@ def build_store(
         tiles_per_shard=tiles_per_shard,
         batch_size=8,
         codec=codec or {"name": "fp16"},
+        keep_padding=keep_padding,
     )
     return run_extraction(cfg, progress=False)
 

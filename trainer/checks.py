@@ -16,6 +16,7 @@ from featstore import layout as L
 from featstore.codecs import get_codec
 from featstore.constants import IGNORE_INDEX
 from featstore.errors import FeatcacheError, TileDataError
+from featstore.geometry import LevelGeometry
 from featstore.schema import LevelSpec, TileRecord, dict_differences
 
 # Called with the error of a tile that failed its checksum, under --skip-bad-tiles.
@@ -163,6 +164,36 @@ def resolve_levels(
             levels = tuple(keys[k] for k in wanted)
         out[name] = levels
     return out
+
+
+def check_unmasked_padding(
+    store: Any, levels: dict[str, Sequence[LevelSpec]], masked: bool
+) -> None:
+    """Refuse the unmasked loss on levels whose padding tokens the store did not keep.
+
+    ``--unmasked`` (official) gives padding tokens weight; a store extracted without
+    ``--keep-padding`` holds only the tokens the tile reads, so a padding target would be a
+    clamped edge token instead of the teacher's token for black canvas.
+    """
+    if masked or store.schema.padding_tokens != "cropped":
+        return
+    schema = store.schema
+    cropped = []
+    for name, lvs in levels.items():
+        for lv in lvs:
+            full = LevelGeometry.from_specs(
+                schema.tile_size, schema.base_size, lv, schema.teacher(name).spec
+            ).grid
+            if store.level_geometry(name, lv.key).grid < full:
+                cropped.append(f"{name}/{lv.key}")
+    if cropped:
+        raise DataCheckError(
+            "--unmasked (distill.masked = false, also set by --preset official) trains on "
+            f"padding tokens, but store {store.url} stores no padding tokens for {cropped[:6]}"
+            f"{' ...' if len(cropped) > 6 else ''} (extracted with --crop-padding); "
+            "re-extract it with `featcache extract SOURCE STORE ... --keep-padding`, or train "
+            "with --masked"
+        )
 
 
 def check_fingerprint(store: Any, expected: str | None, expected_schema: dict | None) -> None:

@@ -36,6 +36,7 @@ from trainer.checks import (
     check_stats,
     check_store_arrays,
     check_store_files,
+    check_unmasked_padding,
     mask_labels,
     resolve_levels,
     select_sets,
@@ -222,7 +223,19 @@ def data_departures(data: RunData) -> list[Departure]:
     else:
         return []
     found = edge_rule_departure(dataset, rule)
-    return [Departure("data.edge_rule", *found, kind="data")] if found else []
+    out = [Departure("data.edge_rule", *found, kind="data")] if found else []
+    if data.store is not None and data.store.schema.padding_tokens == "cropped":
+        out.append(
+            Departure(
+                "store padding_tokens",
+                "cropped (extract --crop-padding)",
+                "kept",
+                "a CutMix cell that mixes a valid token with a padding one takes the level's edge "
+                "token where the official canvas has the teacher's token for black padding",
+                kind="cache",
+            )
+        )
+    return out
 
 
 def _student_line(cfg: TrainConfig) -> str:
@@ -295,6 +308,9 @@ def open_data(cfg: TrainConfig, pinned: dict[str, Any] | None = None) -> RunData
         if not cfg.data.skip_bad_tiles:  # skipped tiles are logged as they are read
             check_store_files(store, data.levels, sorted({i for s in sets.values() for i in s}))
     if cfg.reads_cache:
+        # a view bank with p_bank = 1 never reads the levels (bank views keep their padding)
+        bank_only = source_class(cfg.target_source).needs_bank and cfg.distill.p_bank >= 1
+        check_unmasked_padding(store, data.levels, cfg.distill.masked or bank_only)
         data.level_geoms = {
             (n, lv.key): store.level_geometry(n, lv.key)
             for n, lvs in data.levels.items()
