@@ -210,6 +210,8 @@ def run_summary(cfg: TrainConfig, data: RunData, method: Any) -> list[str]:
         if cfg.reads_cache:
             lines.append(f"  target mode: {_target_mode_line(cfg)}")
     lines.append(f"sets: {data.sets_origin}: {_sets_line(data.sets, data.tiles)}")
+    if not method.unlabeled:
+        lines.append(f"  (method {method.name} trains on the labeled set only; unlabeled unused)")
     lines.append(_student_line(cfg))
     return lines + departure_lines(cfg, data_departures(data))
 
