@@ -28,6 +28,7 @@ _COMMAND_MODULES = (
     "featcache.cli_report",
     "featcache.cli_export",
     "featcache.cli_splits",
+    "featcache.cli_plan",
 )
 
 

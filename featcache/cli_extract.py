@@ -19,6 +19,34 @@ from featstore.constants import DEFAULT_CROP, MULTI_SCALES
 
 
 def _config(source: str, store: str, **opts: Any) -> Any:
+    """The validated ``ExtractConfig`` of the options."""
+    return _fields(source, store, **opts).validate()
+
+
+# ExtractConfig field -> extract parameter, where the names differ (a config file's keys are
+# field names; what the command line gave is looked up by parameter).
+_PARAM_OF_FIELD = {"teachers": "teacher", "store_pixels": "no_pixels"}
+
+
+def _with_config_file(cfg: Any, path: str) -> Any:
+    """``cfg`` with the values of the config file ``path``, except options typed on the
+    command line (click's parameter source), which keep their value; validated."""
+    import dataclasses
+
+    from pipelines.config import load_extract_config
+
+    ctx = click.get_current_context()
+    typed = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    from_file = {
+        field: value
+        for field, value in load_extract_config(path).items()
+        if ctx.get_parameter_source(_PARAM_OF_FIELD.get(field, field)) not in typed
+    }
+    return dataclasses.replace(cfg, **from_file).validate()
+
+
+def _fields(source: str, store: str, **opts: Any) -> Any:
+    """The ``ExtractConfig`` of the options, not yet validated (a config file may add to it)."""
     from pipelines.config import (
         ExtractConfig,
         parse_codec,
@@ -50,7 +78,7 @@ def _config(source: str, store: str, **opts: Any) -> Any:
         base_size=opts["base_size"],
         limit=opts["limit"],
         **source_values(opts),
-    ).validate()
+    )
 
 
 EDGE_RULE_CHOICES = ("exact", "overlap_last", "pad")  # pipelines.sources.EDGE_RULES
@@ -83,8 +111,8 @@ def _echo_label_warnings() -> Iterator[None]:
     "--teacher",
     "-t",
     multiple=True,
-    required=True,
-    help="Teacher registry name (repeatable), e.g. dinov2_vitb14, clip_vitl14.",
+    help="Teacher registry name (repeatable), e.g. dinov2_vitb14, clip_vitl14 (required, here "
+    "or as teachers: in --config).",
 )
 @click.option(
     "--weights",
@@ -99,6 +127,15 @@ def _echo_label_warnings() -> Iterator[None]:
     is_flag=True,
     help="Accept random init for full-size teachers given no --weights (refused "
     "otherwise; efficientnet_lite0 still loads its shipped weights).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="YAML of extraction settings, keys = ExtractConfig field names (scales, flip, codec, "
+    "teachers, ...; `featcache plan` writes one). Options given on the command line override it.",
 )
 @click.option(
     "--scales",
@@ -191,14 +228,20 @@ def _echo_label_warnings() -> Iterator[None]:
 )
 @click.option("--limit", default=None, type=int, help="Only the first N tiles (smoke runs).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def extract_command(source: str, store: str, quiet: bool, **opts: Any) -> None:
+def extract_command(
+    source: str, store: str, quiet: bool, config_file: str | None, **opts: Any
+) -> None:
     """Run teachers once per tile of SOURCE and write their tokens into STORE.
 
-    Re-running the same command resumes an interrupted extraction.
+    Re-running the same command resumes an interrupted extraction. With --config FILE, the
+    file's settings replace the defaults; options typed on the command line still win.
     """
     from pipelines.extract import run_extraction
 
-    cfg = _config(source, store, **opts)
+    if config_file:
+        cfg = _with_config_file(_fields(source, store, **opts), config_file)
+    else:
+        cfg = _config(source, store, **opts)
     note = _random_note(cfg.teachers, cfg.weights, cfg.tiny, cfg.random_weights)
     if note:
         click.echo(note)

@@ -100,7 +100,7 @@ def create_bank_arrays(group: zarr.Group, schema: StoreSchema, n: int) -> None:
     k = spec.k
     common: dict[str, Any] = {"fill_value": 0, "config": L.ARRAY_CONFIG, "overwrite": True}
     group.require_group("bank")
-    group.create_array(
+    params = group.create_array(
         PARAMS,
         shape=(n, k, 4),
         chunks=(tps, k, 4),
@@ -108,11 +108,14 @@ def create_bank_arrays(group: zarr.Group, schema: StoreSchema, n: int) -> None:
         **common,
         dimension_names=("tile", "view", "param"),
     )
+    params.attrs["layout"] = "per view (S, oy, ox, flip): zoomed size, crop offsets, h-flip flag"
     for name in schema.bank_teachers:
         entry = schema.teacher(name)
         codec = get_codec(entry.codec)
         g, c = bank_grid(schema, name), codec.stored_channels(entry.spec.channels)
-        group.create_array(
+        ch_dim = L.stored_channel_dim(codec)
+        has_aux = codec.aux_shape(entry.spec.channels) is not None
+        arr = group.create_array(
             bank_path(name),
             shape=(n, k, g, g, c),
             dtype=codec.stored_dtype,
@@ -120,11 +123,13 @@ def create_bank_arrays(group: zarr.Group, schema: StoreSchema, n: int) -> None:
             shards=(tps, k, g, g, c),
             compressors=None,
             **common,
-            dimension_names=("tile", "view", "y_bank", "x_bank", "channel"),
+            dimension_names=("tile", "view", "y_bank", "x_bank", ch_dim),
         )
+        # A view axis before y/x: the same formula applies, aux[tile, view, 0/1, channel].
+        arr.attrs["decode"] = codec.decode_attrs("bank", "bank_aux" if has_aux else None)
         aux = codec.aux_shape(entry.spec.channels)
         if aux is not None:
-            group.create_array(
+            aux_arr = group.create_array(
                 bank_aux_path(name),
                 shape=(n, k, *aux),
                 dtype="float32",
@@ -132,15 +137,24 @@ def create_bank_arrays(group: zarr.Group, schema: StoreSchema, n: int) -> None:
                 shards=(tps, k, *aux),
                 compressors=None,
                 **common,
+                dimension_names=("tile", "view", "scale_offset", ch_dim),
             )
+            aux_arr.attrs["layout"] = L.AUX_LAYOUT.replace("[tile, ", "[tile, view, ")
     cols = bank_checksum_arrays(schema)
     arr = group.create_array(
-        CHECKSUM, shape=(n, len(cols)), chunks=(tps, len(cols)), dtype="uint32", **common
+        CHECKSUM,
+        shape=(n, len(cols)),
+        chunks=(tps, len(cols)),
+        dtype="uint32",
+        **common,
+        # Not the root checksum's "checksum_column": xarray checks a group against its parent.
+        dimension_names=("tile", "bank_checksum_column"),
     )
-    arr.attrs["arrays"] = cols
-    group.create_array(
+    arr.attrs.update(arrays=cols, layout=L.CHECKSUM_LAYOUT)
+    done = group.create_array(
         DONE, shape=(n,), chunks=(tps,), dtype="uint8", **common, dimension_names=("tile",)
     )
+    done.attrs["layout"] = "1 when the tile's bank views were written completely"
     group["bank"].attrs["bank"] = {"spec": spec.to_dict(), "complete": False}
 
 

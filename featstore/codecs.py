@@ -14,6 +14,8 @@ import numpy as np
 from featstore.errors import CodecError
 
 FP16_MAX = float(np.finfo(np.float16).max)
+# Names (inside the teacher's group) of a PCA codec's fitted arrays; layout.pca_paths uses them.
+PCA_MEAN, PCA_BASIS = "pca_mean", "pca_basis"
 
 
 class FeatureCodec:
@@ -22,6 +24,9 @@ class FeatureCodec:
     name: ClassVar[str] = ""
     stored_dtype: ClassVar[str] = "float16"
     tolerance: ClassVar[str] = ""
+    # The decode recipe written into the store's attrs (``decode_attrs``).
+    formula: ClassVar[str] = ""
+    numpy_expr: ClassVar[str] = ""
     # The one integer parameter the option form ``NAME:N`` sets (``pca:64`` -> k=64); None when
     # the codec is named bare. The CLI reads it from here, so new codecs need no CLI change.
     cli_param: ClassVar[str | None] = None
@@ -54,6 +59,33 @@ class FeatureCodec:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able parameters (no fitted data) that ``get_codec`` accepts."""
         return {"name": self.name}
+
+    def decode_attrs(self, data: str, aux: str | None = None) -> dict[str, Any]:
+        """Store attrs that let a reader without featstore decode array ``data``.
+
+        ``arrays`` maps each name of ``formula``/``numpy`` to an array of the same zarr group;
+        ``numpy`` is that formula as a numpy expression over those arrays with the tile axis
+        first (what a store published without our code is read with).
+        """
+        arrays = {"data": data}
+        if aux is not None:
+            arrays["aux"] = aux
+        return {
+            "codec": self.to_dict(),
+            "stored_dtype": self.stored_dtype,
+            "formula": self.formula,
+            "numpy": self.numpy_expr,
+            "arrays": arrays,
+            "tolerance": self.tolerance,
+        }
+
+
+# Human and numpy forms of the int8 affine map; aux is [tile, (scale, offset), channel].
+_INT8_FORMULA = (
+    "data * scale + offset (data: the int8 q as stored), with scale = aux[tile, 0, c] and "
+    "offset = aux[tile, 1, c] for each channel c, the same for every token (y, x) of the tile"
+)
+_INT8_NUMPY = "(data.astype('float32') * aux[..., 0, None, None, :] + aux[..., 1, None, None, :])"
 
 
 def _check_input(x: np.ndarray) -> np.ndarray:
@@ -102,6 +134,8 @@ class Float16Codec(FeatureCodec):
 
     name = "fp16"
     tolerance = "round-to-nearest float16: |err| <= 2**-11 * |x| for normal values"
+    formula = "value = data (IEEE float16 as stored; cast to float32 if wanted)"
+    numpy_expr = "data.astype('float32')"
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Cast to float16 (raises CodecError on overflow)."""
@@ -126,6 +160,8 @@ class Int8Codec(FeatureCodec):
     name = "int8"
     stored_dtype = "int8"
     tolerance = "|err| <= scale / 2 per channel (plus float32 rounding), scale = range / 255"
+    formula = "value = " + _INT8_FORMULA
+    numpy_expr = _INT8_NUMPY
 
     def aux_shape(self, channels: int) -> tuple[int, ...] | None:
         """(scale, offset) per channel."""
@@ -151,6 +187,11 @@ class PCACodec(FeatureCodec):
     name = "pca"
     tolerance = "rank-k truncation error + 2**-11 * ||x - mean|| (float16 coefficients)"
     cli_param = "k"
+    formula = (
+        "value = data @ basis.T + mean: data holds float16 coefficients [tile, y, x, component], "
+        "basis is [channel, component] (orthonormal columns), mean is [channel]"
+    )
+    numpy_expr = "data.astype('float32') @ basis.T + mean"
 
     def __init__(
         self, k: int = 64, mean: np.ndarray | None = None, basis: np.ndarray | None = None
@@ -231,6 +272,12 @@ class PCACodec(FeatureCodec):
         """Name and k (the fitted basis lives in the store arrays, not here)."""
         return {"name": self.name, "k": self.k}
 
+    def decode_attrs(self, data: str, aux: str | None = None) -> dict[str, Any]:
+        """As for every codec, plus the arrays holding the fitted mean and basis."""
+        out = super().decode_attrs(data, aux)
+        out["arrays"].update(mean=PCA_MEAN, basis=PCA_BASIS)
+        return out
+
 
 class PCAInt8Codec(PCACodec):
     """PCA-k coefficients quantised per tile and per coefficient to affine int8.
@@ -253,6 +300,13 @@ class PCAInt8Codec(PCACodec):
         "rank-k truncation error + ||scale||_2 / 2 per token (int8 step per coefficient, "
         "scale = per-tile coefficient range / 255) + float32 rounding"
     )
+
+    formula = (
+        "value = coeff @ basis.T + mean, with coeff = "
+        + _INT8_FORMULA.replace("channel c", "component c")
+        + "; basis is [channel, component], mean is [channel]"
+    )
+    numpy_expr = _INT8_NUMPY + " @ basis.T + mean"
 
     def aux_shape(self, channels: int) -> tuple[int, ...] | None:
         """(scale, offset) per coefficient."""

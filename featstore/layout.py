@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import zlib
@@ -14,13 +15,14 @@ import fsspec
 import numpy as np
 import zarr
 
-from featstore.codecs import PCACodec, get_codec
+from featstore.codecs import PCA_BASIS, PCA_MEAN, FeatureCodec, PCACodec, get_codec
 from featstore.errors import StoreFormatError
 from featstore.geometry import LevelGeometry
 from featstore.schema import (
     FORMAT_VERSION,
     LevelSpec,
     StoreSchema,
+    TeacherEntry,
     TeacherSpec,
     TileRecord,
     fingerprint_parts,
@@ -30,6 +32,27 @@ ATTR_KEY = "featstore"
 TILE_STR_FIELDS = ("tile_id", "source", "split", "pixel_hash", "crs")
 # Per-shard provenance (see _provenance_array); absent from stores written before it existed.
 SHARD_FINGERPRINT = "shard_fingerprint"
+# Layout texts written as attrs, for readers without featstore.
+AUX_LAYOUT = (
+    "codec side data [tile, 2, channel]: index 0 = scale, index 1 = offset of the int8 affine map "
+    "(per tile and per stored channel)"
+)
+STATS_LAYOUT = (
+    "per shard [shard, 3, channel]: (token count, sum, sum of squares) of the decoded features"
+)
+CHECKSUM_LAYOUT = (
+    "crc32 (zlib) of each tile's bytes of each array in attrs['arrays'] (columns in that order)"
+)
+DONE_LAYOUT = "1 when the tile's shard was written completely (written last per shard)"
+# How to read the store without featstore (root attrs; the card of issue 16 builds on it).
+READING = (
+    "Open with xarray.open_datatree(STORE, engine='zarr'). Axis 'tile' is the same in every "
+    "group: tiles/ holds each tile's id, source, window and split; done[tile] == 1 marks tiles "
+    "written. teachers/<name>/<level> holds one teacher's encoded tokens [tile, y, x, channel or "
+    "component]; its attrs['decode'] gives the formula, the numpy expression and the arrays of "
+    "the same group it uses (tile axis first), attrs['geometry'] where its tokens sit on the "
+    "tile. pixels/ (when kept) holds the tile's RGB image and label mask."
+)
 # Every chunk is written even when it equals the fill value, so a missing key always means loss.
 ARRAY_CONFIG = {"write_empty_chunks": True}
 
@@ -111,7 +134,70 @@ def stats_path(teacher: str, key: str) -> str:
 
 def pca_paths(teacher: str) -> tuple[str, str]:
     """(mean, basis) arrays of a teacher's PCA codec."""
-    return f"teachers/{teacher}/pca_mean", f"teachers/{teacher}/pca_basis"
+    return f"teachers/{teacher}/{PCA_MEAN}", f"teachers/{teacher}/{PCA_BASIS}"
+
+
+def stored_channel_dim(codec: FeatureCodec) -> str:
+    """Dimension name of a stored array's last axis: PCA stores coefficients, not channels (a
+    separate name, so xarray does not see one ``channel`` dimension with two sizes)."""
+    return "component" if isinstance(codec, PCACodec) else "channel"
+
+
+def geometry_attrs(geo: LevelGeometry) -> dict[str, Any]:
+    """A level's geometry as store attrs (``LevelGeometry``'s docstring, in numbers)."""
+    return {
+        "scale": geo.level.scale,
+        "flipped": geo.level.flipped,
+        "tile_px": geo.tile_size,
+        "render_px": geo.render,
+        "canvas_px": geo.canvas,
+        "input_px": geo.input_px,
+        "stride": geo.stride,
+        "grid": geo.grid,
+        "tokens_per_tile_px": geo.tokens_per_tile_px,
+        "convention": (
+            "the tile (h-flipped first when flipped) is resized to render_px, padded right/bottom "
+            "to canvas_px, resized to input_px and encoded to a grid x grid token map; token j's "
+            "centre is at input px (j + 0.5) * stride, i.e. tile px (j + 0.5) / "
+            "tokens_per_tile_px (x measured from the right edge when flipped)"
+        ),
+    }
+
+
+def _decode_attrs(entry: TeacherEntry, key: str) -> dict[str, Any]:
+    codec = get_codec(entry.codec)
+    has_aux = codec.aux_shape(entry.spec.channels) is not None
+    return codec.decode_attrs(key, f"{key}_aux" if has_aux else None)
+
+
+def level_array_attrs(schema: StoreSchema, entry: TeacherEntry, level: LevelSpec) -> dict[str, Any]:
+    """Attrs of a level array for readers without featstore: its decode recipe and geometry."""
+    return {
+        "geometry": geometry_attrs(stored_geometry(schema, entry.spec, level)),
+        "decode": _decode_attrs(entry, level.key),
+    }
+
+
+def teacher_group_attrs(entry: TeacherEntry) -> dict[str, Any]:
+    """Readable summary of a teacher group (beside the full ``teacher`` entry)."""
+    spec = entry.spec
+    return {
+        "decode": _decode_attrs(entry, "<level>"),
+        "layer": spec.layer,
+        "weights": spec.weights,
+        "weights_sha256": spec.weights_sha256,
+        "preprocessing": {
+            "resize": spec.resize.to_dict(),
+            "order": (
+                "canvas RGB in [0, 1] resized to input_px with torch.nn.functional.interpolate"
+                "(**resize), then (x - mean) / std per channel"
+            ),
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "input_size_at_base": spec.input_size,
+        },
+        "channels": spec.channels,
+    }
 
 
 def readable_grid(geo: LevelGeometry) -> int:
@@ -202,16 +288,45 @@ def write_tiles(group: zarr.Group, tiles: Sequence[TileRecord]) -> None:
     transform[:] = np.array([t.transform or (np.nan,) * 6 for t in tiles], dtype=np.float64)
 
 
+def _json(value: Any) -> Any:
+    """``value`` as it reads back from zarr attrs (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def published_attr_problems(group: zarr.Group, schema: StoreSchema) -> list[str]:
+    """Decode/geometry attrs that disagree with the header schema (a reader without featstore
+    would decode wrongly from them). Absent attrs are fine: stores written before them."""
+    out = []
+    for entry in schema.teachers:
+        name = entry.spec.name
+        expected = {f"teachers/{name}": teacher_group_attrs(entry)}
+        for level in entry.levels:
+            expected[feature_path(name, level.key)] = level_array_attrs(schema, entry, level)
+        for path, want in expected.items():
+            if path not in group:
+                continue
+            attrs = dict(group[path].attrs)
+            out += [
+                f"attrs of {path}: {k!r} is {attrs[k]!r}, the header schema gives "
+                f"{_json(v)!r}; re-run `featcache extract` or restore the attrs"
+                for k, v in want.items()
+                if k in attrs and attrs[k] != _json(v)
+            ]
+    return out
+
+
 def _feature_arrays(group: zarr.Group, schema: StoreSchema, n: int) -> None:
     tps, n_shards = schema.tiles_per_shard, schema.n_shards(n)
     for entry in schema.teachers:
         name, channels = entry.spec.name, entry.spec.channels
         codec = get_codec(entry.codec)
         stored = codec.stored_channels(channels)
+        ch_dim = stored_channel_dim(codec)
         tgroup = group.require_group(f"teachers/{name}")
-        tgroup.attrs["teacher"] = entry.to_dict()
+        tgroup.attrs.update(teacher=entry.to_dict(), **teacher_group_attrs(entry))
         for level in entry.levels:
-            g, key = stored_geometry(schema, entry.spec, level).grid, level.key
+            geo = stored_geometry(schema, entry.spec, level)
+            g, key = geo.grid, level.key
             arr = group.create_array(
                 feature_path(name, key),
                 shape=(n, g, g, stored),
@@ -222,12 +337,13 @@ def _feature_arrays(group: zarr.Group, schema: StoreSchema, n: int) -> None:
                 # Lossless compression gains ~5% on float features: not worth the read cost.
                 compressors=None,
                 config=ARRAY_CONFIG,
-                dimension_names=("tile", f"y_{key}", f"x_{key}", "channel"),
+                # Per-level y/x names: levels' grids differ in size within one group.
+                dimension_names=("tile", f"y_{key}", f"x_{key}", ch_dim),
             )
-            arr.attrs["level"] = level.to_dict()
+            arr.attrs.update(level=level.to_dict(), **level_array_attrs(schema, entry, level))
             aux = codec.aux_shape(channels)
             if aux is not None:
-                group.create_array(
+                aux_arr = group.create_array(
                     aux_path(name, key),
                     shape=(n, *aux),
                     dtype="float32",
@@ -236,21 +352,37 @@ def _feature_arrays(group: zarr.Group, schema: StoreSchema, n: int) -> None:
                     fill_value=0,
                     compressors=None,
                     config=ARRAY_CONFIG,
+                    dimension_names=("tile", "scale_offset", ch_dim),
                 )
-            group.create_array(
+                aux_arr.attrs["layout"] = AUX_LAYOUT
+            stats = group.create_array(
                 stats_path(name, key),
                 shape=(n_shards, 3, channels),
                 chunks=(1, 3, channels),
                 dtype="float64",
                 fill_value=0,
                 config=ARRAY_CONFIG,
+                dimension_names=("shard", "count_sum_sumsq", "channel"),
             )
+            stats.attrs["layout"] = STATS_LAYOUT
         if isinstance(codec, PCACodec):
-            mean_p, basis_p = pca_paths(name)
-            group.create_array(mean_p, shape=(channels,), dtype="float32", fill_value=np.nan)
-            group.create_array(
-                basis_p, shape=(channels, stored), dtype="float32", fill_value=np.nan
-            )
+            _pca_arrays(group, name, channels, stored)
+
+
+def _pca_arrays(group: zarr.Group, name: str, channels: int, k: int) -> None:
+    mean_p, basis_p = pca_paths(name)
+    mean = group.create_array(
+        mean_p, shape=(channels,), dtype="float32", fill_value=np.nan, dimension_names=("channel",)
+    )
+    mean.attrs["layout"] = "PCA mean [channel] of the teacher's features (NaN until fitted)"
+    basis = group.create_array(
+        basis_p,
+        shape=(channels, k),
+        dtype="float32",
+        fill_value=np.nan,
+        dimension_names=("channel", "component"),
+    )
+    basis.attrs["layout"] = "PCA basis [channel, component], orthonormal columns (NaN until fitted)"
 
 
 def _provenance_array(group: zarr.Group, n_shards: int) -> None:
@@ -276,6 +408,7 @@ def build_store(
 ) -> None:
     """Create every array of a fresh store, then write the header (last)."""
     n, tps, t = len(tiles), schema.tiles_per_shard, schema.tile_size
+    group.attrs["reading"] = READING
     write_tiles(group, tiles)
     if schema.store_pixels:
         group.create_array(
@@ -307,9 +440,10 @@ def build_store(
         dtype="uint32",
         fill_value=0,
         config=ARRAY_CONFIG,
+        dimension_names=("tile", "checksum_column"),
     )
-    checksum.attrs["arrays"] = names
-    group.create_array(
+    checksum.attrs.update(arrays=names, layout=CHECKSUM_LAYOUT)
+    done = group.create_array(
         "done",
         shape=(n,),
         chunks=(tps,),
@@ -318,6 +452,7 @@ def build_store(
         config=ARRAY_CONFIG,
         dimension_names=("tile",),
     )
+    done.attrs["layout"] = DONE_LAYOUT
     _provenance_array(group, schema.n_shards(n))
     # The header goes last: a crash before this line leaves a group that opens as "not a store".
     group.attrs[ATTR_KEY] = {
@@ -338,15 +473,20 @@ __all__ = [
     "aux_path",
     "build_store",
     "checksum_arrays",
+    "geometry_attrs",
+    "level_array_attrs",
     "feature_path",
     "open_root",
     "pca_paths",
+    "published_attr_problems",
     "read_header",
     "read_tiles",
     "readable_grid",
     "stats_path",
     "store_fs",
+    "stored_channel_dim",
     "stored_geometry",
+    "teacher_group_attrs",
     "tile_crcs",
     "write_tiles",
 ]

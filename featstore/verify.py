@@ -65,6 +65,7 @@ def _verify(url: str, storage_options: dict[str, Any] | None, check_data: bool) 
             problems += [f"{p}; {REEXTRACT}" for p in found]
     problems += _header_problems(meta, schema, tiles, done)
     problems += _teacher_attr_problems(group, schema, broken)
+    problems += L.published_attr_problems(group, schema)  # what readers without featstore use
     problems += _checksum_table_problems(group, schema, broken)
     problems += _pca_problems(group, schema, broken)
     if "checksum" not in broken:

@@ -116,7 +116,9 @@ class ExtractConfig:
     def validate(self) -> ExtractConfig:
         """Check option values (no I/O) and return self; raise `ExtractConfigError` otherwise."""
         if not self.teachers:
-            raise ExtractConfigError("no teacher given: pass at least one --teacher NAME")
+            raise ExtractConfigError(
+                "no teacher given: pass at least one --teacher NAME (or teachers: in --config)"
+            )
         if len(set(self.teachers)) != len(self.teachers):
             raise ExtractConfigError(f"--teacher names repeat: {list(self.teachers)}")
         unknown = sorted(set(self.weights) - set(self.teachers))
@@ -264,3 +266,74 @@ def parse_scheduler(text: str) -> tuple[str, int | str | None]:
         f"--scheduler {text!r} is not understood; use local, local:N (N worker processes) "
         "or tcp://host:port (an existing dask scheduler)"
     )
+
+
+# --- extraction config files (`featcache extract --config FILE`, written by `featcache plan`) ---
+
+# Fields a config file may not set: SOURCE and STORE are the command's arguments.
+_FILE_EXCLUDED = ("source", "out")
+
+
+def extract_file_fields() -> tuple[str, ...]:
+    """The ``ExtractConfig`` field names a config file may set (all but source and out)."""
+    return tuple(f.name for f in dataclasses.fields(ExtractConfig) if f.name not in _FILE_EXCLUDED)
+
+
+def _file_value(path: str, key: str, value: Any) -> Any:
+    """One file value in the type ``ExtractConfig`` holds (YAML lists -> tuples, text codecs)."""
+    where = f"--config {path}: {key}"
+    if key == "scales":
+        value = parse_scales(value) if isinstance(value, str) else value
+        if not isinstance(value, list | tuple):
+            raise ExtractConfigError(f"{where} must be a list of numbers, e.g. [0.5, 1.0, 2.0]")
+        try:
+            return tuple(float(s) for s in value)
+        except (TypeError, ValueError):
+            raise ExtractConfigError(f"{where} must be a list of numbers, got {value!r}") from None
+    if key in ("teachers", "bands") and isinstance(value, list | tuple):
+        return tuple(value)
+    if key == "teachers" and isinstance(value, str):
+        return (value,)
+    if key == "codec" and isinstance(value, str):
+        return parse_codec(value)
+    if key in ("codec", "weights") and not isinstance(value, dict):
+        raise ExtractConfigError(f"{where} must be a mapping, got {value!r}")
+    return value
+
+
+def load_extract_config(path: str) -> dict[str, Any]:
+    """The ``ExtractConfig`` fields set by the YAML file ``path`` (keys = field names).
+
+    Values are checked later, by ``ExtractConfig.validate``, like option values; here only the
+    file itself: readable, a mapping, known keys, list/text forms turned into the fields' types.
+    """
+    import yaml
+
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ExtractConfigError(f"--config {path}: cannot read it as YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ExtractConfigError(f"--config {path}: expected a mapping of ExtractConfig fields")
+    allowed = extract_file_fields()
+    unknown = sorted(str(k) for k in data if k not in allowed)
+    if unknown:
+        hint = " (give SOURCE and STORE as arguments)" if set(unknown) & set(_FILE_EXCLUDED) else ""
+        raise ExtractConfigError(
+            f"--config {path}: unknown keys {unknown}{hint}; allowed: {', '.join(allowed)}"
+        )
+    return {k: _file_value(path, k, v) for k, v in data.items()}
+
+
+def extract_config_yaml(fields: dict[str, Any], comment: str = "") -> str:
+    """YAML text of ``fields`` (ExtractConfig field names) that ``load_extract_config`` reads
+    back to the same values; ``comment`` lines go first, as ``#`` comments."""
+    import yaml
+
+    bad = sorted(set(fields) - set(extract_file_fields()))
+    if bad:
+        raise ExtractConfigError(f"not settable in an extraction config file: {bad}")
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+    head = "".join(f"# {line}\n" for line in comment.splitlines())
+    return head + yaml.safe_dump(plain, sort_keys=False)

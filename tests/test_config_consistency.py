@@ -182,7 +182,10 @@ EXTRACT_RENAMED = {
     "store_pixels": "no_pixels",
 }
 # extract options that set no ExtractConfig field, with why.
-EXTRACT_CLI_ONLY = {"quiet": "progress display of this command, not an extraction setting"}
+EXTRACT_CLI_ONLY = {
+    "quiet": "progress display of this command, not an extraction setting",
+    "config_file": "a YAML file of fields (--config), not a field",
+}
 
 
 def test_every_extract_config_field_has_an_extract_option_and_back() -> None:
@@ -290,6 +293,66 @@ def test_bank_cli_defaults_equal_build_view_bank_defaults(
     assert set(differ) == set(BANK_CLI_DIFFERS), differ
     # the CLI's `--k 8 --seed 0 --batch-size 16` (its --help), written out
     assert (passed["k"], passed["seed"], passed["batch_size"]) == (8, 0, 16)
+
+
+def test_an_extract_config_file_round_trips(tmp_path: Path) -> None:
+    """`extract_config_yaml` -> `load_extract_config` gives back every field's value and type."""
+    from pipelines.config import extract_config_yaml, load_extract_config
+
+    fields = {
+        "teachers": ("dinov2_vitb14", "clip_vitl14"),
+        "weights": {"dinov2_vitb14": "w.pt"},
+        "scales": (0.5, 1.0, 2.0),
+        "flip": False,
+        "codec": {"name": "pca-int8", "k": 64},
+        "keep_padding": False,
+        "tile_size": 256,
+        "bands": (3, 2, 1),
+        "limit": None,
+    }
+    path = tmp_path / "x.yaml"
+    path.write_text(extract_config_yaml(fields, comment="a comment\nand another"))
+    assert path.read_text().startswith("# a comment\n# and another\n")
+    assert load_extract_config(str(path)) == fields
+    cfg = ExtractConfig(source="s", out="o", **load_extract_config(str(path))).validate()
+    assert (cfg.scales, cfg.codec) == ((0.5, 1.0, 2.0), {"name": "pca-int8", "k": 64})
+    path.write_text("scales: 1,2\ncodec: int8\nteachers: dinov2_vitb14\n")  # text forms
+    assert load_extract_config(str(path)) == {
+        "scales": (1.0, 2.0),
+        "codec": {"name": "int8"},
+        "teachers": ("dinov2_vitb14",),
+    }
+    path.write_text("out: somewhere\nscale: [1]\n")
+    with pytest.raises(ExtractConfigError, match=r"--config .*x.yaml.*\['out', 'scale'\].*SOURCE"):
+        load_extract_config(str(path))
+
+
+def test_extract_config_file_fills_defaults_and_typed_options_win(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import pipelines.extract
+    from featcache.cli_extract import extract_command
+
+    seen: list[Any] = []
+
+    def fake(cfg: Any, progress: bool = True) -> str:
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipelines.extract, "run_extraction", fake)
+    path = tmp_path / "c.yaml"
+    path.write_text("teachers: [dinov2_vitb14]\nscales: [1, 2]\nflip: false\ncodec: int8\n")
+    args = ["--config", str(path), "SRC", "STORE", "--scales", "1", "--no-pixels"]
+    result = CliRunner().invoke(extract_command, args)
+    assert len(seen) == 1, result.output
+    cfg = seen[0]
+    assert cfg.scales == (1.0,)  # typed on the command line: wins over the file's [1, 2]
+    assert (cfg.flip, cfg.codec, cfg.teachers) == (False, {"name": "int8"}, ("dinov2_vitb14",))
+    assert cfg.store_pixels is False and (cfg.source, cfg.out) == ("SRC", "STORE")
+    assert ExtractConfig(source="SRC", out="STORE").batch_size == cfg.batch_size  # untouched
+    result = CliRunner().invoke(extract_command, ["SRC", "STORE"])  # neither gives a teacher
+    assert result.exit_code != 0 and not seen[1:]
+    assert "--teacher NAME (or teachers: in --config)" in str(result.exception)
 
 
 def test_multi_scales_cover_the_rescale_range_at_quarter_octaves() -> None:

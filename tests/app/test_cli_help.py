@@ -37,7 +37,17 @@ def _options(cmd: click.Command) -> list[click.Option]:
 
 def test_the_walk_sees_every_command() -> None:
     names = {path.split()[-1] for path, _ in _commands(main)}
-    assert {"extract", "info", "train", "evaluate", "predict", "export", "audit", "bank"} <= names
+    assert {
+        "extract",
+        "info",
+        "train",
+        "evaluate",
+        "predict",
+        "export",
+        "audit",
+        "bank",
+        "plan",
+    } <= names
 
 
 def test_every_option_of_every_command_has_help() -> None:
@@ -110,6 +120,7 @@ def _probe(*args: str) -> dict:
         ("audit", "--quiet"),
         ("bank", "--quiet"),
         ("extract", "--quiet"),
+        ("plan", "--quiet"),
         ("evaluate", "--no-progress"),
         ("predict", "--no-progress"),
         ("train", "--no-progress"),
