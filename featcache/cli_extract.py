@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from featcache.cli_source import source_options, source_values
-from featstore.constants import DEFAULT_CROP, MULTI_SCALES
+from featstore.constants import DEFAULT_CODEC, DEFAULT_CROP, MULTI_SCALES
 
 
 def _config(source: str, store: str, **opts: Any) -> Any:
@@ -160,7 +160,7 @@ def _echo_label_warnings() -> Iterator[None]:
 )
 @click.option(
     "--codec",
-    default="fp16",
+    default=DEFAULT_CODEC,
     show_default=True,
     help="fp16 | int8 | pca:K | pca-int8:K (PCA-K coefficients as int8), or any codec "
     "registered in featstore.codecs.",

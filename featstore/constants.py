@@ -37,7 +37,12 @@ MULTI_SCALES: tuple[float, ...] = (0.5, 0.59, 0.71, 0.84, 1.0, 1.19, 1.41, 1.68,
 # Mask value of ignored pixels (mmseg's convention; uint8 masks).
 IGNORE_INDEX = 255
 
+# The default codec of cached grids: per-channel int8, the knee of the measured bytes-vs-cosine
+# frontier (BENCHMARKS.md §6: half of fp16's bytes at a cosine change of 3e-5 on the real Lite0).
+DEFAULT_CODEC = "int8"
+
 __all__ = [
+    "DEFAULT_CODEC",
     "CLIP_MEAN",
     "CLIP_STD",
     "DEFAULT_CROP",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from featstore.codecs import CODECS, get_codec
-from featstore.constants import DEFAULT_CROP, IGNORE_INDEX, MULTI_SCALES
+from featstore.constants import DEFAULT_CODEC, DEFAULT_CROP, IGNORE_INDEX, MULTI_SCALES
 from featstore.errors import CodecError, FeatcacheError
 
 
@@ -97,7 +97,7 @@ class ExtractConfig:
     scales: tuple[float, ...] = MULTI_SCALES
     flip: bool = True
     keep_padding: bool = True
-    codec: dict[str, Any] = field(default_factory=lambda: {"name": "fp16"})
+    codec: dict[str, Any] = field(default_factory=lambda: {"name": DEFAULT_CODEC})
     batch_size: int = 8
     device: str = "cpu"
     scheduler: str = "local"

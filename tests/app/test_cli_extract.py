@@ -81,7 +81,7 @@ def test_info_shows_the_key_fields(store: Path) -> None:
         "s1.00:",
         "s0.50f:",
         "grid 5x5",
-        "'fp16'",
+        "'int8'",  # the default codec
         fp,
         "on disk",
     ):

@@ -222,7 +222,7 @@ def test_every_array_named_and_bank_decodes_by_its_attrs(tmp_path: Path) -> None
     for path, arr in arrays:
         names = arr.metadata.dimension_names
         assert names is not None and len(names) == arr.ndim, path
-    tree = xr.open_datatree(store, engine="zarr")
+    tree = xr.open_datatree(store, engine="zarr", consolidated=False)  # none written yet
     fs = open_store(store)
     for teacher in (TEACHER, clip):
         group = tree[f"teachers/{teacher}"]

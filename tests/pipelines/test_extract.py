@@ -49,6 +49,7 @@ def _cfg(source: Path, out: Path, **kw: object) -> ExtractConfig:
         limit=5,
         scales=(1.0,),
         flip=False,
+        codec={"name": "fp16"},  # these tests compare with a direct forward to fp16 precision
     )
     base.update(kw)
     return ExtractConfig(**base)  # type: ignore[arg-type]
@@ -224,6 +225,7 @@ def test_real_efficientnet_lite0_on_loveda(loveda_sample: Path, tmp_path: Path) 
         tiles_per_shard=2,
         batch_size=2,
         limit=3,
+        codec={"name": "fp16"},  # compared with a direct forward to fp16 precision
     )
     run_extraction(cfg, progress=False)
     assert verify_store(cfg.out) == []
