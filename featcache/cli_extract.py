@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from featcache.cli_source import source_options, source_values
+from featcache.cli_source import source_options, source_values, teacher_options
 from featstore.constants import DEFAULT_CODEC, DEFAULT_CROP, MULTI_SCALES
 
 
@@ -107,27 +107,7 @@ def _echo_label_warnings() -> Iterator[None]:
 @click.command("extract")
 @click.argument("source", type=click.Path())
 @click.argument("store")
-@click.option(
-    "--teacher",
-    "-t",
-    multiple=True,
-    help="Teacher registry name (repeatable), e.g. dinov2_vitb14, clip_vitl14 (required, here "
-    "or as teachers: in --config).",
-)
-@click.option(
-    "--weights",
-    multiple=True,
-    metavar="NAME=PATH",
-    help="Weights of a teacher: a local checkpoint file, or a pretrained tag where the "
-    "model hub is reachable (repeatable).",
-)
-@click.option("--tiny", is_flag=True, help="Tiny random-init teachers (smoke runs, tests).")
-@click.option(
-    "--random-weights",
-    is_flag=True,
-    help="Accept random init for full-size teachers given no --weights (refused "
-    "otherwise; efficientnet_lite0 still loads its shipped weights).",
-)
+@teacher_options(required=False)
 @click.option(
     "--config",
     "config_file",

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from featcache.cli_source import source_options, source_values
+from featcache.cli_source import source_options, source_values, teacher_options
 from featstore.constants import DEFAULT_CROP
 
 
@@ -38,26 +38,7 @@ def _base_config(source: str, opts: dict[str, Any]) -> Any:
 
 @click.command("plan")
 @click.argument("source", type=click.Path())
-@click.option(
-    "--teacher",
-    "-t",
-    multiple=True,
-    required=True,
-    help="Teacher registry name (repeatable), as for extract.",
-)
-@click.option(
-    "--weights",
-    multiple=True,
-    metavar="NAME=PATH",
-    help="Weights of a teacher, as for extract (repeatable).",
-)
-@click.option("--tiny", is_flag=True, help="Tiny random-init teachers (smoke runs, tests).")
-@click.option(
-    "--random-weights",
-    is_flag=True,
-    help="Accept random init for full-size teachers given no --weights (smoke runs only: "
-    "random features say little about a real teacher's frontier).",
-)
+@teacher_options(required=True)
 @click.option(
     "--budget",
     required=True,

@@ -1,10 +1,12 @@
-"""The options that say how to read a dataset, shared by `extract` and `train --source`.
+"""Options shared by several commands, defined once.
 
-One definition, so a source read for a store and a source read for online training take the same
-options with the same meaning: layout and split file, the label convention of generic layouts,
-and the bands used as RGB. The values land on the fields of the same names of
-``pipelines.config.ExtractConfig`` and ``trainer.config.DataConfig`` (``SOURCE_FIELDS``), and
-``pipelines.sources.open_configured`` reads them from either.
+* The teachers to build (`extract`, `plan`): names, weights, tiny, random weights.
+* How to read a dataset (`extract`, `plan`, `train --source`): a source read for a store and a
+  source read for online training take the same options with the same meaning: layout and split
+  file, the label convention of generic layouts, and the bands used as RGB. The values land on
+  the fields of the same names of ``pipelines.config.ExtractConfig`` and
+  ``trainer.config.DataConfig`` (``SOURCE_FIELDS``), and ``pipelines.sources.open_configured``
+  reads them from either.
 """
 
 from __future__ import annotations
@@ -108,6 +110,43 @@ def source_options(with_defaults: bool) -> Callable[[Any], Any]:
     return decorate
 
 
+def teacher_options(required: bool) -> Callable[[Any], Any]:
+    """Decorator adding ``--teacher/-t`` (repeatable), ``--weights NAME=PATH``, ``--tiny`` and
+    ``--random-weights`` (the teachers a command builds). ``required``: ``--teacher`` must be
+    given on the command line (`extract` may take them from ``--config`` instead)."""
+    options = [
+        click.option(
+            "--teacher",
+            "-t",
+            multiple=True,
+            required=required,
+            help="Teacher registry name (repeatable), e.g. dinov2_vitb14, clip_vitl14"
+            + ("." if required else " (required, here or as teachers: in --config)."),
+        ),
+        click.option(
+            "--weights",
+            multiple=True,
+            metavar="NAME=PATH",
+            help="Weights of a teacher: a local checkpoint file, or a pretrained tag where the "
+            "model hub is reachable (repeatable).",
+        ),
+        click.option("--tiny", is_flag=True, help="Tiny random-init teachers (smoke runs, tests)."),
+        click.option(
+            "--random-weights",
+            is_flag=True,
+            help="Accept random init for full-size teachers given no --weights (refused "
+            "otherwise; efficientnet_lite0 still loads its shipped weights).",
+        ),
+    ]
+
+    def decorate(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 def source_values(opts: dict[str, Any]) -> dict[str, Any]:
     """The given source options as config fields (``--bands 3,2,1`` parsed; None: not given)."""
     from pipelines.config import parse_bands
@@ -117,4 +156,10 @@ def source_values(opts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["LAYOUT_CHOICES", "SOURCE_FIELDS", "source_options", "source_values"]
+__all__ = [
+    "LAYOUT_CHOICES",
+    "SOURCE_FIELDS",
+    "source_options",
+    "source_values",
+    "teacher_options",
+]
