@@ -210,3 +210,24 @@ def test_batched_fetch_equals_item_by_item_with_one_read_per_level(
     calls.clear()
     first = next(iter(loader))
     assert calls and first["index"].tolist() == [it["index"] for it in one[:4]]
+
+
+def test_encoded_grids_are_pinned_by_the_dataloader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DataLoader's pin_memory reaches the tensors inside an `EncodedGrid` (no GPU here:
+    the tensors' pin_memory is replaced by a recording copy)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from featviews.sources import EncodedGrid
+
+    pinned: list[int] = []
+
+    def fake_pin(t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        pinned.append(t.numel())
+        return t.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    grid = EncodedGrid(torch.zeros(2, 2, 3, dtype=torch.int8), torch.ones(2, 3))
+    out = pin_memory({"grids": {DINO: [grid]}})
+    got = out["grids"][DINO][0]
+    assert isinstance(got, EncodedGrid) and pinned == [12, 6]
+    assert torch.equal(got.data, grid.data) and torch.equal(got.aux, grid.aux)
