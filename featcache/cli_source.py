@@ -46,6 +46,17 @@ SOURCE_FIELDS = {
 }
 
 
+def _all_of(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    """One decorator applying ``options`` in order (as if stacked above the command)."""
+
+    def decorate(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 def source_options(with_defaults: bool) -> Callable[[Any], Any]:
     """Decorator adding the source-reading options to a command.
 
@@ -102,12 +113,7 @@ def source_options(with_defaults: bool) -> Callable[[Any], Any]:
         click.option("--bands", default=None, help="1-based source bands used as RGB, e.g. 3,2,1."),
     ]
 
-    def decorate(command: Any) -> Any:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate
+    return _all_of(options)
 
 
 def teacher_options(required: bool) -> Callable[[Any], Any]:
@@ -139,12 +145,7 @@ def teacher_options(required: bool) -> Callable[[Any], Any]:
         ),
     ]
 
-    def decorate(command: Any) -> Any:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate
+    return _all_of(options)
 
 
 def source_values(opts: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from featstore.constants import SCALE_RANGE
 from featstore.geometry import LevelGeometry
 from featstore.schema import LevelSpec, TeacherSpec
 from featviews.bank import bank_targets_to_student, draw_bank_item
+from featviews.decode import decode_on_device
 from featviews.draw import GridAlign, ViewParams, draw_view
 from featviews.geometry import ViewGeometry, token_valid
 from featviews.levels import blend_levels
@@ -197,8 +198,6 @@ class TargetSource:
         """A grid of teacher ``name`` on ``device``, decoded to float32 when it is encoded."""
         if not isinstance(grid, EncodedGrid):  # already decoded (tests, the view bank)
             return grid.to(device, non_blocking=True)
-        from featviews.decode import decode_on_device
-
         data = grid.data.to(device, non_blocking=True)
         aux = None if grid.aux is None else grid.aux.to(device, non_blocking=True)
         return decode_on_device(self.ctx.store.codec(name), data, aux)

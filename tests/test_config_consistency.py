@@ -520,3 +520,22 @@ def test_train_source_options_reach_open_source(tmp_path: Path, monkeypatch: Any
     assert seen["path"] == "data" and seen["layout"] == "folder"
     assert seen["class_names"] == "a,b" and seen["reduce_zero_label"] is True
     assert seen["ignore_index"] == 9 and seen["bands"] == (3, 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [("scales: [1, 2\n", "cannot read it as YAML"), ("- 1\n- 2\n", "expected a mapping")],
+)
+def test_extract_refuses_a_bad_config_file_before_writing(
+    tmp_path: Path, text: str, says: str
+) -> None:
+    """A config file that is not YAML, or not a mapping: exit 1 with the file named, no store."""
+    from featcache.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    store = tmp_path / "store.zarr"
+    result = CliRunner().invoke(main, ["extract", "--config", str(path), "SRC", str(store)])
+    assert result.exit_code == 1, result.output
+    assert f"--config {path}: {says}" in result.output
+    assert not store.exists()
