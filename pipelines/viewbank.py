@@ -26,6 +26,7 @@ from featstore.constants import SCALE_RANGE
 from featstore.errors import FeatcacheError
 from featviews.bank import draw_bank_params
 from featviews.render import render_tile_views
+from pipelines.shards import torch_threads
 
 
 class ViewBankError(FeatcacheError):
@@ -92,18 +93,6 @@ def bank_shard_arrays(
     params = draw_bank_params(tile_indices, spec, tile_size)
     feats = compute_bank_features(teachers, images, params, spec.crop, batch_size, device)
     return params, feats
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Fixed torch intra-op threads (fixed counts keep CPU numerics reproducible on resume)."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def load_bank_teachers(
@@ -222,7 +211,8 @@ def build_view_bank(
         flip_p=flip_p,
         teachers=() if tuple(names) == store.teacher_names else names,
     )
-    with _threads(threads):
+    # fixed thread counts keep CPU numerics reproducible on resume; None: leave torch as it is
+    with torch_threads(threads) if threads else contextlib.nullcontext():
         teachers = load_bank_teachers(store, names, by_name, tiny, device, random_weights)
         writer = add_bank(store_url, spec, overwrite=overwrite)
         _write_pending(store, writer, teachers, batch_size, device, progress)
