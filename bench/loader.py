@@ -13,11 +13,14 @@ straight through featstore's writer) and 512 px tiles. Measured:
 * the cost of the scale blend: the same data path on a store of the default levels
   (``MULTI_SCALES`` + flip, random DINOv2-B-sized grids), nearest level vs the default blend.
 
+* the item stage alone (items + collate, with the default blend) on stores of the default levels,
+  per codec (the default int8 and fp16): item by item (``ds[k]``) vs the DataLoader's batched
+  fetch (``__getitems__``), interleaved in one run (``--items-only``);
 * the cost of checksum-verified reads (``open_store(verify_reads=...)``, on by default since
   issue 11): ``read_half`` of every tile and the items stage of the data path, verification on vs
   off, interleaved repetitions in one run.
 
-Usage: ``python bench/loader.py [--quick] [--blend-only] [--verify-only]``.
+Usage: ``python bench/loader.py [--quick] [--blend-only] [--verify-only] [--items-only]``.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ NAME, GRID, CH, TILE, CROP = "dinov2_vitb14", 37, 768, 512, 518
 BATCH = 8
 
 
-def build_store(url: str, n: int, tps: int = 16, levels: tuple = ()) -> float:  # noqa: ANN001
-    """Write ``n`` tiles of random fp16 features + random pixels; return the write seconds.
+def build_store(url: str, n: int, tps: int = 16, levels: tuple = (), codec: str = "fp16") -> float:
+    """Write ``n`` tiles of random features + random pixels; return the write seconds.
 
-    ``levels``: the cached ``LevelSpec`` set (default: ``s1.00`` only).
+    ``levels``: the cached ``LevelSpec`` set (default: ``s1.00`` only); ``codec``: the store's
+    codec (a name `featstore.codecs` knows, e.g. ``fp16`` or the CLI default ``int8``).
     """
     import numpy as np
 
@@ -70,7 +74,7 @@ def build_store(url: str, n: int, tps: int = 16, levels: tuple = ()) -> float:  
         CROP,
         class_names=tuple(f"c{i}" for i in range(7)),
         tiles_per_shard=tps,
-        teachers=(TeacherEntry(spec, tuple(levels) or (LevelSpec(1.0),)),),
+        teachers=(TeacherEntry(spec, tuple(levels) or (LevelSpec(1.0),), {"name": codec}),),
     )
     grids = {
         lv.key: LevelGeometry.from_specs(TILE, CROP, lv, spec).grid
@@ -131,24 +135,31 @@ def random_reads(url: str, n_reads: int) -> dict[str, Any]:
     }
 
 
+def _datasets(url: str, scale_blend: float) -> tuple[Any, tuple[Any, Any]]:
+    """The warp target source of the store's levels and its labeled and unlabeled datasets."""
+    from featstore import open_store
+    from featviews.sources import SourceContext, ViewSampling, WarpSource
+    from trainer.data import StoreDataset
+
+    store = open_store(url)
+    levels = {NAME: store.levels(NAME)}
+    sampling = ViewSampling(TILE, CROP, CROP, scale_blend=scale_blend)
+    geoms = {(NAME, lv.key): store.level_geometry(NAME, lv.key) for lv in store.levels(NAME)}
+    source = WarpSource(SourceContext(sampling, levels, geoms, store))
+    every = list(range(len(store)))
+    return source, tuple(StoreDataset(store, every, source, s == 0, 0, stream=s) for s in (0, 1))
+
+
 def data_path(url: str, n_steps: int, scale_blend: float = 0.0) -> dict[str, Any]:
     """Per-stage seconds of the 8+8 data path (items+collate, render, targets), on the CPU."""
     import numpy as np
     import torch
 
-    from featstore import open_store
-    from featviews.sources import SourceContext, ViewSampling, WarpSource
-    from trainer.data import StoreDataset, collate
+    from trainer.data import collate
     from trainer.step import render_batch
 
-    store = open_store(url)
-    n = len(store)
-    levels = {NAME: store.levels(NAME)}
-    sampling = ViewSampling(TILE, CROP, CROP, scale_blend=scale_blend)
-    geoms = {(NAME, lv.key): store.level_geometry(NAME, lv.key) for lv in store.levels(NAME)}
-    targets = WarpSource(SourceContext(sampling, levels, geoms, store))
-    ds_l = StoreDataset(store, list(range(n)), targets, True, 0, stream=0)
-    ds_u = StoreDataset(store, list(range(n)), targets, False, 0, stream=1)
+    targets, (ds_l, ds_u) = _datasets(url, scale_blend)
+    n = len(ds_l)
     rng = np.random.default_rng(2)
     dev = torch.device("cpu")
     t = {"items": 0.0, "render": 0.0, "targets": 0.0}
@@ -189,6 +200,69 @@ def blend_cost(url: str, n_tiles: int, n_steps: int) -> dict[str, Any]:
         "nearest": data_path(url, n_steps, 0.0),
         "blend": data_path(url, n_steps, width),
     }
+
+
+def item_stage(url: str, n_steps: int, scale_blend: float) -> dict[str, Any]:
+    """Seconds per 8+8 step of the item stage (items + collate), two ways interleaved in one
+    run: item by item (``ds[k]``: one read per tile, level and array) and the DataLoader's
+    batched fetch (``__getitems__``: every chunk of the batch in one round trip)."""
+    import numpy as np
+
+    from trainer.data import collate
+
+    _, sets = _datasets(url, scale_blend)
+    n = len(sets[0])
+    ways = {
+        "item by item": lambda ds, ks: collate([ds[k] for k in ks]),
+        "batched": lambda ds, ks: collate(ds.__getitems__(ks)),
+    }
+    rng = np.random.default_rng(3)
+    t = dict.fromkeys(ways, 0.0)
+    for step in range(n_steps + 1):
+        ks = [[int(k) for k in rng.integers(0, n, BATCH)] for _ in sets]
+        for way, fetch in ways.items():
+            t0 = time.perf_counter()
+            for ds, pos in zip(sets, ks, strict=True):
+                fetch(ds, pos)
+            if step:  # step 0 warms up
+                t[way] += time.perf_counter() - t0
+    return {way: v / n_steps for way, v in t.items()}
+
+
+def item_stage_codecs(tmp: str, n_tiles: int, n_steps: int) -> dict[str, Any]:
+    """``item_stage`` with the default blend on stores of the default levels, per codec."""
+    from featstore import LevelSpec
+    from featstore.constants import DEFAULT_CODEC
+    from pipelines.config import MULTI_SCALES
+    from trainer.config import DistillConfig
+
+    levels = tuple(LevelSpec(s, f) for f in (False, True) for s in MULTI_SCALES)
+    width = DistillConfig().scale_blend
+    out: dict[str, Any] = {"tiles": n_tiles, "levels": len(levels), "width": width}
+    for codec in dict.fromkeys((DEFAULT_CODEC, "fp16")):
+        url = f"{tmp}/{codec}.zarr"
+        build_store(url, n_tiles, tps=4, levels=levels, codec=codec)
+        out[codec] = item_stage(url, n_steps, width)
+    return out
+
+
+def item_stage_table(res: dict[str, Any]) -> str:
+    """Per codec: ms per 8+8 step and steps/s of one process, item by item vs batched."""
+    rows = []
+    for codec, per in res.items():
+        if not isinstance(per, dict):
+            continue
+        one, batched = per["item by item"], per["batched"]
+        rows.append(
+            [
+                codec,
+                f"{1000 * one:.0f} ms ({1 / one:.1f}/s)",
+                f"{1000 * batched:.0f} ms ({1 / batched:.1f}/s)",
+                f"{one / batched:.2f}",
+            ]
+        )
+    head = ["codec", "item by item", "batched fetch", "speed-up"]
+    return C.markdown_table(head, rows)
 
 
 def blend_table(blend: dict[str, Any]) -> str:
@@ -294,7 +368,18 @@ def main() -> None:
         action="store_true",
         help="only the cost of checksum-verified reads (verify on vs off)",
     )
+    ap.add_argument(
+        "--items-only",
+        action="store_true",
+        help="only the item stage with the blend, per codec, item by item vs batched",
+    )
     args = ap.parse_args()
+    if args.items_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = item_stage_codecs(tmp, 8 if args.quick else 16, 3 if args.quick else 10)
+        print(item_stage_table(res))
+        C.write_json("loader_items", res)
+        return
     if args.verify_only:
         with tempfile.TemporaryDirectory() as tmp:
             build_store(f"{tmp}/store.zarr", 32 if args.quick else 64)

@@ -196,6 +196,12 @@ class _BatchReads:
         aux = None if pairs[0][1] is None else np.stack([a for _, a in pairs])
         return np.stack([d for d, _ in pairs]), aux
 
+    def read_batches_encoded(
+        self, requests: Sequence[tuple[str, str, Sequence[int]]]
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """``FeatureStore.read_batches_encoded`` through the cache."""
+        return [self.read_batch_encoded(name, rows, key) for name, key, rows in requests]
+
     def codec(self, name: str) -> Any:
         """The store's codec of teacher ``name`` (the sources decode with it)."""
         return self.store.codec(name)

@@ -206,7 +206,7 @@ class TargetSource:
         self, tile_indices: Sequence[int], rngs: Sequence[np.random.Generator]
     ) -> list[dict[str, Any]]:
         """``read_item`` for a batch of items: the same views and grids, but each (teacher,
-        level) the batch needs is read in one batched store read (``read_batch_encoded``)."""
+        level) the batch needs is one selection, all read at once (``read_batches_encoded``)."""
         return self._read_views(tile_indices, [self.draw(rng) for rng in rngs])
 
     def _read_views(
@@ -227,9 +227,12 @@ class TargetSource:
             }
             for v in views
         ]
-        for (name, key), where in uses.items():
-            rows = [int(tile_indices[k]) for k, _ in where]
-            data, aux = self.ctx.store.read_batch_encoded(name, rows, key)
+        requests = [
+            (name, key, [int(tile_indices[k]) for k, _ in where])
+            for (name, key), where in uses.items()
+        ]
+        reads = self.ctx.store.read_batches_encoded(requests) if requests else []
+        for where, (data, aux) in zip(uses.values(), reads, strict=True):
             for r, (k, j) in enumerate(where):
                 grid = EncodedGrid.from_numpy(data[r], None if aux is None else aux[r])
                 if j is None:

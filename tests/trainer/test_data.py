@@ -178,21 +178,24 @@ def test_batched_fetch_equals_item_by_item_with_one_read_per_level(
     store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`__getitems__` (the DataLoader's batched fetch) gives the items `ds[k]` gives, and reads
-    each (teacher, level) the batch needs once, not once per item."""
+    each (teacher, level) the batch needs once, not once per item, all in one call."""
     st = open_store(store)
     levels = {DINO: st.levels(DINO)}
     src = warp_source(store=st, levels=levels, scale_blend=0.25)
     ds = StoreDataset(st, [0, 1, 2, 3, 4, 5], src, True, 7, length=12)
     one = [ds[k] for k in range(12)]
     calls: list[tuple[str, str, int]] = []
-    real = st.read_batch_encoded
+    round_trips: list[int] = []
+    real = st.read_batches_encoded
 
-    def counted(name: str, rows: list[int], key: str, **kw: Any) -> Any:
-        calls.append((name, key, len(rows)))
-        return real(name, rows, key, **kw)
+    def counted(requests: list[tuple[str, str, list[int]]], **kw: Any) -> Any:
+        round_trips.append(len(requests))
+        calls.extend((name, key, len(rows)) for name, key, rows in requests)
+        return real(requests, **kw)
 
-    monkeypatch.setattr(st, "read_batch_encoded", counted)
+    monkeypatch.setattr(st, "read_batches_encoded", counted)
     batch = ds.__getitems__(list(range(12)))
+    assert round_trips == [len(calls)]  # every level of the batch in one call
     wanted = {(DINO, it["view"].levels[DINO].key) for it in one}
     wanted |= {(DINO, lv.key) for it in one for lv, _ in it["view"].blend.get(DINO, ())}
     assert sorted((n, k) for n, k, _ in calls) == sorted(wanted)  # one read per level
