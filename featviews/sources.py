@@ -232,7 +232,7 @@ class TargetSource:
             for (name, key), where in uses.items()
         ]
         reads = self.ctx.store.read_batches_encoded(requests) if requests else []
-        for where, (data, aux) in zip(uses.values(), reads, strict=True):
+        for ((name, _), where), (data, aux) in zip(uses.items(), reads, strict=True):
             for r, (k, j) in enumerate(where):
                 grid = EncodedGrid.from_numpy(data[r], None if aux is None else aux[r])
                 if j is None:

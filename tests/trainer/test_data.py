@@ -234,3 +234,19 @@ def test_encoded_grids_are_pinned_by_the_dataloader(monkeypatch: pytest.MonkeyPa
     got = out["grids"][DINO][0]
     assert isinstance(got, EncodedGrid) and pinned == [12, 6]
     assert torch.equal(got.data, grid.data) and torch.equal(got.aux, grid.aux)
+
+
+def test_batched_fetch_keeps_each_teacher_s_grids_apart(tmp_path: Path) -> None:
+    """With two teachers, every item's grid of each teacher is that teacher's stored tile and
+    level (`read_encoded`), batched or item by item."""
+    st = open_store(build_store(tmp_path, n_images=3, teachers=(DINO, CLIP), scales=(1.0, 2.0)))
+    levels = {name: st.levels(name) for name in (DINO, CLIP)}
+    src = warp_source(store=st, levels=levels, scale_blend=0.25)
+    ds = StoreDataset(st, [0, 1, 2], src, False, 3, length=6)
+    batch = ds.__getitems__(list(range(6)))
+    for k, item in enumerate(batch):
+        assert set(item["grids"]) == {DINO, CLIP}
+        for name in (DINO, CLIP):
+            stored, _ = st.read_encoded(name, item["index"], item["view"].levels[name].key)
+            assert np.array_equal(item["grids"][name].data.numpy(), stored)
+            assert torch.equal(item["grids"][name].data, ds[k]["grids"][name].data)
