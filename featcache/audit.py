@@ -19,23 +19,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from featcache.audit_grid import (
-    CompareGrid,
-    bank_fidelity,
-    grid_valid,
-    make_grid,
-    online_on,
-    sample_on,
+from featcache.audit_context import (
+    AuditContext,
+    Config,
+    bank_checks,
+    cosine,
+    identity_checks,
+    tile_images,
 )
+from featcache.audit_grid import CompareGrid, grid_valid, make_grid, online_on, sample_on
+from featcache.audit_reads import BatchReads, ReencodedReads
 from featcache.audit_result import AuditResult, Check, FactorRow
 from featstore import LevelGeometry, LevelSpec, open_store
+from featstore.codecs import FeatureCodec
 from featstore.constants import SCALE_RANGE
 from featstore.errors import FeatcacheError, MissingTeacherError
 from featstore.teacher_names import resolve_teacher_name
@@ -60,40 +62,6 @@ class AuditError(FeatcacheError, ValueError):
     """The audit cannot run on this store / teacher; the message says how to fix it."""
 
 
-@dataclass
-class _Ctx:
-    """What every batch needs: the store, the teacher and the sizes."""
-
-    store: Any
-    name: str
-    teacher: Any
-    device: torch.device
-    tile: int
-    base: int
-    crop: int
-    n: int
-    configs: dict[str, tuple[tuple[LevelSpec, ...], float]]  # label -> (levels, scale_blend)
-    grid: CompareGrid
-    other: CompareGrid
-    geoms: dict[str, LevelGeometry] = field(default_factory=dict)
-
-    def geom(self, key: str) -> LevelGeometry:
-        if key not in self.geoms:
-            self.geoms[key] = self.store.level_geometry(self.name, key)
-        return self.geoms[key]
-
-    def online(self, views: torch.Tensor, grid: CompareGrid | None = None) -> torch.Tensor:
-        """Teacher on ``[B, 3, V, V]`` views, expressed on ``grid`` (default: the audit's)."""
-        return online_on(grid or self.grid, self.teacher(views), self.teacher)
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-token cosine ``[...]`` of ``[..., C]`` tensors (0 where either is all zero)."""
-    num = (a * b).sum(-1)
-    den = a.norm(dim=-1) * b.norm(dim=-1)
-    return num / den.clamp(min=1e-12)
-
-
 def default_level_sets(keys: Sequence[str]) -> dict[str, list[str]]:
     """``s1.00 only`` / ``all scales`` / ``all scales + flip`` (duplicates dropped)."""
     levels = [LevelSpec.from_key(k) for k in keys]
@@ -111,18 +79,27 @@ def default_level_sets(keys: Sequence[str]) -> dict[str, list[str]]:
 
 
 NEAREST = " (nearest level)"
+CODEC_SEP = " | "
+
+
+def config_label(level_set: str, codec: str | None) -> str:
+    """A configuration's column label: the level set's, with the candidate codec's after
+    ``CODEC_SEP`` when the audit re-encodes the store (``audit_store(codecs=...)``)."""
+    return level_set if codec is None else f"{level_set}{CODEC_SEP}{codec}"
 
 
 def _with_blend(
-    sets: dict[str, tuple[LevelSpec, ...]], blend: float
-) -> dict[str, tuple[tuple[LevelSpec, ...], float]]:
+    sets: dict[str, tuple[LevelSpec, ...]], blend: float, codecs: Sequence[str] = ()
+) -> dict[str, Config]:
     """Every set with the blend rule; when blending, each set of several scales is also
-    reported with its nearest level only (just before it), so the table shows what mixing buys."""
-    out: dict[str, tuple[tuple[LevelSpec, ...], float]] = {}
-    for label, levels in sets.items():
-        if blend > 0 and len({lv.scale for lv in levels}) > 1:
-            out[label + NEAREST] = (levels, 0.0)
-        out[label] = (levels, blend)
+    reported with its nearest level only (just before it), so the table shows what mixing buys.
+    With candidate ``codecs`` every such configuration is repeated under each codec."""
+    out: dict[str, Config] = {}
+    for codec in codecs or [None]:
+        for label, levels in sets.items():
+            if blend > 0 and len({lv.scale for lv in levels}) > 1:
+                out[config_label(label + NEAREST, codec)] = (levels, 0.0, codec)
+            out[config_label(label, codec)] = (levels, blend, codec)
     return out
 
 
@@ -166,48 +143,7 @@ def _store_teacher(
 # ----------------------------------------------------------------------------- per batch
 
 
-def _images(ctx: _Ctx, idx: Sequence[int]) -> torch.Tensor:
-    arr = np.stack([ctx.store.read_image(int(i)) for i in idx])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(ctx.device)
-
-
-class _BatchReads:
-    """The store as the audit's target sources see it: each (tile, level) grid decoded once per
-    batch (the configurations overlap: nested sets, each with and without the blend)."""
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-        self.cache: dict[tuple[str, int, str], tuple[np.ndarray, np.ndarray | None]] = {}
-
-    def read_encoded(
-        self, name: str, tile_index: int, key: str
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``FeatureStore.read_encoded``, cached."""
-        k = (name, int(tile_index), key)
-        if k not in self.cache:
-            self.cache[k] = self.store.read_encoded(name, int(tile_index), key)
-        return self.cache[k]
-
-    def read_batch_encoded(
-        self, name: str, rows: Sequence[int], key: str
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``FeatureStore.read_batch_encoded`` through the cache (tile by tile)."""
-        pairs = [self.read_encoded(name, i, key) for i in rows]
-        aux = None if pairs[0][1] is None else np.stack([a for _, a in pairs])
-        return np.stack([d for d, _ in pairs]), aux
-
-    def read_batches_encoded(
-        self, requests: Sequence[tuple[str, str, Sequence[int]]]
-    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """``FeatureStore.read_batches_encoded`` through the cache."""
-        return [self.read_batch_encoded(name, rows, key) for name, key, rows in requests]
-
-    def codec(self, name: str) -> Any:
-        """The store's codec of teacher ``name`` (the sources decode with it)."""
-        return self.store.codec(name)
-
-
-def _source(ctx: _Ctx, levels: Sequence[LevelSpec], blend: float, reads: _BatchReads) -> Any:
+def _source(ctx: AuditContext, levels: Sequence[LevelSpec], blend: float, reads: Any) -> Any:
     """The trainer's warp target source for one configuration (levels, blend width)."""
     sampling = ViewSampling(ctx.tile, ctx.crop, ctx.base, scale_blend=blend)
     geoms = {(ctx.name, lv.key): ctx.geom(lv.key) for lv in levels}
@@ -215,7 +151,7 @@ def _source(ctx: _Ctx, levels: Sequence[LevelSpec], blend: float, reads: _BatchR
 
 
 def _targets_on(
-    src: Any, ctx: _Ctx, batch: dict[str, Any], grid: CompareGrid, geom: ViewGeometry
+    src: Any, ctx: AuditContext, batch: dict[str, Any], grid: CompareGrid, geom: ViewGeometry
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The source's targets of the views, read at ``grid``'s points."""
     return src.stream_targets(ctx.name, grid.n, batch, geom, grid.centres(geom.device))
@@ -239,7 +175,7 @@ def _near_edge(boxes: torch.Tensor, grid: CompareGrid) -> torch.Tensor:
 
 
 def _exact_scale(
-    ctx: _Ctx, images: torch.Tensor, params: Sequence[ViewParams], geom: ViewGeometry
+    ctx: AuditContext, images: torch.Tensor, params: Sequence[ViewParams], geom: ViewGeometry
 ) -> torch.Tensor:
     """Targets from a cache rendered at exactly each view's scale (best one-level warp)."""
     from featviews.render import render_level
@@ -259,7 +195,7 @@ def _exact_scale(
 
 
 def _audit_batch(
-    ctx: _Ctx,
+    ctx: AuditContext,
     idx: Sequence[int],
     params: Sequence[ViewParams],
     gen: torch.Generator,
@@ -268,7 +204,7 @@ def _audit_batch(
 ) -> None:
     """Accumulate per-view token sums of one batch of views into ``acc``."""
     geom = ViewGeometry.from_params(params, ctx.device)
-    images = _images(ctx, idx)
+    images = tile_images(ctx, idx)
     views = render_views(images, geom)
     raw = ctx.teacher(views)
     online = online_on(ctx.grid, raw, ctx.teacher)
@@ -284,9 +220,12 @@ def _audit_batch(
     def add(key: str, cos: torch.Tensor, w: torch.Tensor) -> None:
         acc.setdefault(key, []).append(torch.stack([(cos * w).sum((1, 2)), w.sum((1, 2))], 1))
 
-    reads = _BatchReads(ctx.store)
-    for label, (levels, blend) in ctx.configs.items():
-        src = _source(ctx, levels, blend, reads)
+    # the store's grids are read once per batch; each candidate codec re-encodes them once
+    reads = BatchReads(ctx.store)
+    readers: dict[str | None, Any] = {None: reads}
+    readers.update({c: ReencodedReads(reads, {ctx.name: codec}) for c, codec in ctx.codecs.items()})
+    for label, (levels, blend, codec) in ctx.configs.items():
+        src = _source(ctx, levels, blend, readers[codec])
         batch = src.read_batch(idx, params)
         target, tvalid = _targets_on(src, ctx, batch, ctx.grid, geom)
         add(f"{label}|plain", cosine(target, online), valid * tvalid)
@@ -306,99 +245,6 @@ def _audit_batch(
     acc.setdefault("zoom", []).extend(p.size / p.tile for p in params)
     acc.setdefault("partial", []).extend(p.size > p.crop for p in params)
     acc.setdefault("flip", []).extend(p.flip for p in params)
-
-
-def _identity_cases(ctx: _Ctx) -> list[tuple[str, str, ViewParams, str]]:
-    """(label, level key, view, note): views whose cached target must equal the online one."""
-    s2 = LevelSpec(2.0).render_px(ctx.base)
-    exact, mirrored = (
-        "must be 1.0 (to codec precision)",
-        "reference: below 1 unless the teacher is flip-invariant",
-    )
-    zoom = (
-        "1.0 when tokens depend only on nearby pixels at a size-independent phase; "
-        "below 1: context cut by the crop, or size-dependent (TF SAME) padding"
-    )
-    return [
-        (
-            "identity view vs s1.00",
-            "s1.00",
-            ViewParams(ctx.base, 0, 0, False, ctx.tile, ctx.base),
-            exact,
-        ),
-        (
-            "flipped identity vs s1.00f",
-            "s1.00f",
-            ViewParams(ctx.base, 0, 0, True, ctx.tile, ctx.base),
-            exact,
-        ),
-        (
-            "flipped identity vs s1.00 (mirrored read)",
-            "s1.00",
-            ViewParams(ctx.base, 0, 0, True, ctx.tile, ctx.base),
-            mirrored,
-        ),
-        (
-            f"zoom identity (S={s2}, origin crop) vs s2.00",
-            "s2.00",
-            ViewParams(s2, 0, 0, False, ctx.tile, ctx.base),
-            zoom,
-        ),
-    ]
-
-
-def _identity_checks(ctx: _Ctx, tiles: Sequence[int]) -> list[Check]:
-    """Identity, flipped identity (and the mirrored read) and zoom identity checks."""
-    keys = {lv.key for lv in ctx.store.levels(ctx.name)}
-    checks = []
-    for label, key, p, note in _identity_cases(ctx):
-        if key not in keys:
-            checks.append(Check(label, float("nan"), 0, note=f"store has no level {key}"))
-            continue
-        lg = ctx.geom(key)
-        # student grid: n = the level's own grid so both sides read whole tokens (the zoomed
-        # view's tokens are not the level's: there, the student grid the loss reads)
-        grid = make_grid(ctx.grid.kind, ctx.teacher, ctx.base, ctx.n if key == "s2.00" else lg.grid)
-        geom = ViewGeometry.from_params([p] * len(tiles), ctx.device)
-        online = ctx.online(render_views(_images(ctx, tiles), geom), grid)
-        grids = [torch.from_numpy(ctx.store.read(ctx.name, int(i), key)) for i in tiles]
-        target, tv = sample_on(grid, grids, [lg] * len(tiles), geom)
-        w = tv * grid_valid(grid, geom)
-        cos = cosine(target, online)
-        checks.append(Check(label, _wmean(cos, w), int(w.sum()), note=note))
-        if key == "s2.00":
-            c = grid.centres(ctx.device) < ctx.base / 2  # away from the crop's right/bottom
-            quarter = w * (c.view(1, -1, 1) & c.view(1, 1, -1))
-            checks.append(
-                Check(
-                    "  same, top-left quarter of the view",
-                    _wmean(cos, quarter),
-                    int(quarter.sum()),
-                    note="context effects are smaller here",
-                )
-            )
-    return checks
-
-
-def _wmean(cos: torch.Tensor, w: torch.Tensor) -> float:
-    total = float(w.sum())
-    return float((cos * w).sum()) / total if total else float("nan")
-
-
-def _bank_checks(ctx: _Ctx, tiles: Sequence[int], max_views: int, batch_size: int) -> list[Check]:
-    """The exact view bank on its own views (empty when the store has no bank of the teacher)."""
-    store = ctx.store
-    if max_views <= 0 or not store.has_bank or ctx.name not in store.bank.teachers:
-        return []
-    banked = [int(i) for i in tiles if store.bank.done()[int(i)]]
-    res = bank_fidelity(
-        store, ctx.name, ctx.teacher, banked, ctx.n, max_views, batch_size, ctx.device
-    )
-    note = "must be 1.0 (to codec precision)"
-    return [
-        Check(f"bank grid vs teacher on the bank view ({g} grid)", *res[g], note=note)
-        for g in (ctx.grid.kind, ctx.other.kind)
-    ]
 
 
 # ----------------------------------------------------------------------------- public
@@ -426,6 +272,9 @@ def audit_store(
     aligned_views: int = 0,
     progress: bool = False,
     random_weights: bool = False,
+    codecs: Mapping[str, FeatureCodec] | None = None,
+    tiles: Sequence[int] | None = None,
+    views: Sequence[tuple[int, ViewParams]] | None = None,
 ) -> AuditResult:
     """Audit the fidelity of cached targets against the teacher run on the views.
 
@@ -462,6 +311,16 @@ def audit_store(
         progress: Show a progress bar over the drawn views.
         random_weights: Accept random init for a full-size teacher without weights, as the
             extraction did (``--random-weights``).
+        codecs: Candidate codecs ``{label: codec}`` (fitted when they need a fit): every
+            configuration is audited under each, its cached grids re-encoded from the store
+            with the codec and decoded on the device as training decodes them
+            (``featcache.audit_reads.ReencodedReads``); columns ``config_label(set, label)``.
+            The teacher still runs once per view for all of them. Identity checks stay
+            codec-free. None: the store's own codec.
+        tiles: Tile indices the views are drawn from (and the identity checks use); default
+            every done tile. The planner passes the tiles its PCA bases were not fitted on.
+        views: Exactly these ``(tile index, view)`` pairs instead of ``n_views`` random draws
+            (e.g. identity views, whose answer is known).
 
     Returns:
         The audit result (``to_markdown`` / ``to_json``).
@@ -481,6 +340,8 @@ def audit_store(
             f"store {store_url} holds no pixels; re-extract without --no-pixels "
             "so the audit can render the views"
         )
+    if views is not None:
+        n_views = len(views)
     if n_views < 1 or batch_size < 1:
         raise AuditError(f"--views ({n_views}) and batch size ({batch_size}) must be >= 1")
     dev = torch.device(device)
@@ -491,7 +352,7 @@ def audit_store(
     if grid not in ("teacher", "student"):
         raise AuditError(f"grid must be 'teacher' or 'student', got {grid!r} (--grid)")
     other = "student" if grid == "teacher" else "teacher"
-    ctx = _Ctx(
+    ctx = AuditContext(
         store,
         teacher_name,
         teacher,
@@ -501,14 +362,15 @@ def audit_store(
         crop,
         n,
         _with_blend(
-            _resolve_sets(store, teacher_name, level_sets), 0.0 if grid_aligned else scale_blend
+            _resolve_sets(store, teacher_name, level_sets),
+            0.0 if grid_aligned else scale_blend,
+            list(codecs or {}),
         ),
         make_grid(grid, teacher, crop, n),
         make_grid(other, teacher, crop, n),
+        dict(codecs or {}),
     )
-    done = np.flatnonzero(store.done())
-    if done.size == 0:
-        raise AuditError(f"store {store_url} has no done tiles; run the extraction first")
+    done = _view_tiles(store, store_url, tiles)
     rng = np.random.default_rng(seed)
     gen = torch.Generator(device=dev).manual_seed(seed)
     align = None
@@ -516,16 +378,14 @@ def audit_store(
         align = GridAlign.from_levels([ctx.geom(lv.key) for lv in store.levels(teacher_name)])
     acc: dict[str, Any] = {}
     with torch.no_grad():
-        identity = _identity_checks(ctx, [int(i) for i in done[:identity_tiles]])
+        identity = identity_checks(ctx, [int(i) for i in done[:identity_tiles]])
         bar = tqdm(total=n_views, desc="audit", unit="view", disable=not progress)
-        for start in range(0, n_views, batch_size):
-            count = min(batch_size, n_views - start)
-            idx = [int(i) for i in rng.choice(done, size=count)]
-            params = [draw_view(rng, ctx.tile, crop, OFFICIAL_SCALE_RANGE, 0.5, align) for _ in idx]
+        for idx, params in _view_batches(ctx, rng, done, n_views, batch_size, align, views):
             _audit_batch(ctx, idx, params, gen, acc, ceiling)
-            bar.update(count)
+            bar.update(len(idx))
         bar.close()
-        bank = _bank_checks(ctx, [int(i) for i in done], bank_views, batch_size)
+        all_done = np.flatnonzero(store.done())
+        bank = bank_checks(ctx, [int(i) for i in all_done], bank_views, batch_size)
     result = _summarise(ctx, acc, identity, ceiling)
     result.bank = bank
     if aligned_views > 0 and not grid_aligned:
@@ -560,8 +420,48 @@ def audit_store(
         seconds=round(time.perf_counter() - t0, 2),
         scale_blend=0.0 if grid_aligned else scale_blend,
         level_sets={k: [lv.key for lv in v[0]] for k, v in ctx.configs.items()},
+        codecs={k: c.to_dict() for k, c in ctx.codecs.items()},
+        view_tiles=[int(i) for i in done],
     )
     return result
+
+
+def _view_tiles(store: Any, store_url: str, tiles: Sequence[int] | None) -> np.ndarray:
+    """The done tiles views are drawn from: all of them, or those of ``tiles``."""
+    done = np.flatnonzero(store.done())
+    if done.size == 0:
+        raise AuditError(f"store {store_url} has no done tiles; run the extraction first")
+    if tiles is None:
+        return done
+    chosen = np.asarray(sorted({int(i) for i in tiles}), dtype=np.int64)
+    missing = np.setdiff1d(chosen, done)
+    if chosen.size == 0 or missing.size:
+        raise AuditError(
+            f"audit tiles {chosen.tolist()} of {store_url}: {missing.tolist()} are not done "
+            f"tiles (done: {done.tolist()}); choose done tiles"
+        )
+    return chosen
+
+
+def _view_batches(
+    ctx: AuditContext,
+    rng: np.random.Generator,
+    pool: np.ndarray,
+    n_views: int,
+    batch_size: int,
+    align: GridAlign | None,
+    views: Sequence[tuple[int, ViewParams]] | None,
+) -> Any:
+    """Batches ``(tile indices, views)``: the given ``views``, else random draws from ``pool``."""
+    for start in range(0, n_views, batch_size):
+        if views is not None:
+            chunk = views[start : start + batch_size]
+            yield [int(i) for i, _ in chunk], [p for _, p in chunk]
+            continue
+        count = min(batch_size, n_views - start)
+        idx = [int(i) for i in rng.choice(pool, size=count)]
+        draw = [draw_view(rng, ctx.tile, ctx.crop, OFFICIAL_SCALE_RANGE, 0.5, align) for _ in idx]
+        yield idx, draw
 
 
 def _aligned_reference(
@@ -604,7 +504,9 @@ def _aligned_reference(
     )
 
 
-def _summarise(ctx: _Ctx, acc: dict[str, Any], identity: list[Check], ceiling: bool) -> AuditResult:
+def _summarise(
+    ctx: AuditContext, acc: dict[str, Any], identity: list[Check], ceiling: bool
+) -> AuditResult:
     zoom = np.asarray(acc["zoom"])
     masks: list[tuple[str, str, np.ndarray]] = [("all views", "overall", np.ones_like(zoom, bool))]
     masks += [("rescale", label, (zoom >= lo) & (zoom < hi)) for lo, hi, label in ZOOM_BINS]
@@ -678,4 +580,12 @@ def _summarise(ctx: _Ctx, acc: dict[str, Any], identity: list[Check], ceiling: b
     return AuditResult(identity=identity, factors=rows, references=refs, configs=labels)
 
 
-__all__ = ["AuditError", "AuditResult", "audit_store", "cosine", "default_level_sets"]
+__all__ = [
+    "CODEC_SEP",
+    "AuditError",
+    "AuditResult",
+    "audit_store",
+    "config_label",
+    "cosine",
+    "default_level_sets",
+]

@@ -49,14 +49,17 @@ def _base_config(source: str, opts: dict[str, Any]) -> Any:
     default=8,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Sample tiles extracted (the first N of SOURCE); PCA is fitted on half of them.",
+    help=(
+        "Sample tiles extracted (the first N of SOURCE); PCA is fitted on the first half, the "
+        "audit views are drawn from the other half."
+    ),
 )
 @click.option(
     "--views",
     default=32,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Random views per teacher in the fidelity audit.",
+    help="Random views per teacher in the fidelity audit (shared by every candidate).",
 )
 @click.option(
     "--pca-k",
@@ -92,10 +95,13 @@ def _base_config(source: str, opts: dict[str, Any]) -> Any:
 def plan_command(source: str, quiet: bool, **opts: Any) -> None:
     """Plan the storage of SOURCE's cache under a per-tile --budget.
 
-    Extracts a sample of tiles, audits candidate configurations (level sets, scale blend,
-    codec) against the teachers run on random views, prints the bytes-vs-cosine frontier,
-    saves it (PNG, JSON) in --out and writes the best configuration under the budget as
-    extract.yaml for `featcache extract --config`. Exit 1 when nothing fits.
+    Extracts a sample of tiles and measures every candidate configuration (level set, scale
+    blend, codec and PCA k) against the teachers run on random views: the sample's tokens are
+    re-encoded with each candidate codec and read as training reads them, so the cosine
+    includes the codec loss (the old product-rule estimate is printed beside it). Prints the
+    bytes-vs-cosine frontier, saves it (PNG, JSON) in --out and writes the best configuration
+    under the budget as extract.yaml for `featcache extract --config`. Exit 1 when nothing
+    fits.
     """
     from featcache.plan import parse_budget, parse_pca_ks, plan_storage, refusal, write_outputs
 
@@ -114,7 +120,8 @@ def plan_command(source: str, quiet: bool, **opts: Any) -> None:
         raise refusal(result.candidates, budget)
     click.echo(
         f"best under the budget: {result.best.label} "
-        f"({result.best.bytes_per_tile / 2**20:.4f} MiB/tile, cosine {result.best.cosine:.4f})"
+        f"({result.best.bytes_per_tile / 2**20:.4f} MiB/tile, measured cosine "
+        f"{result.best.cosine:.4f})"
     )
 
 

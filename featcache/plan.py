@@ -2,18 +2,21 @@
 
 1. Extract a small sample of tiles with the largest candidate level set (``MULTI_SCALES`` +
    flip) in fp16, into a temporary store.
-2. Score every candidate configuration (level set x scale blend x codec):
-   - the *cache* cosine: ``featcache.audit.audit_store`` on the sample, per teacher, with the
-     candidate's levels as a level set (mean token cosine of the cached target vs the teacher
-     run on random RS-MTDF views, at the audit's teacher grid);
-   - the *codec* cosine: the codec's round trip on the sample's stored tokens of the candidate's
-     levels (PCA fitted on the first half of the sample tiles' scale-1 tokens, as extraction
-     fits on scale 1, and scored on the other half, as ``bench/codecs.py`` does).
-   Combination rule (an estimate, stated in every output): per teacher, ``cache cosine x codec
-   cosine``; then the mean over teachers (each teacher weighs the same). For two unit-norm
-   errors that are independent of each other in a high-dimensional space the cosines of the
-   chain multiply; the audit of a store re-encoded with the codec would measure it directly,
-   at one more audit per codec.
+2. Measure every candidate configuration (level set x scale blend x codec) with one audit
+   per teacher (``featcache.audit.audit_store(codecs=...)``): the mean token cosine between the
+   candidate's cached target and the teacher run on random RS-MTDF views (at the audit's
+   teacher grid). A candidate's cached grids are the sample store's stored tokens of its levels
+   re-encoded with its codec and decoded on the device as training decodes them
+   (``featcache.audit_reads.ReencodedReads``), read through the trainer's ``warp`` source; the
+   teacher runs once per view for all candidates. Fit/score split: a PCA basis is fitted as
+   extraction fits it (scale-1 tokens, at most ``PCA_MAX_TOKENS`` evenly spaced) on the first
+   half of the sample tiles, and the audit draws its views only from the other half, so no
+   basis is scored on the tiles it was fitted on (one sample tile: it serves both, stated in
+   the meta).
+   For comparison the old *estimate (product rule)* is kept beside it: cache cosine (the same
+   audit under fp16, which re-encodes the fp16 sample exactly) x codec round-trip cosine on the
+   held-out tiles' stored tokens of the candidate's levels. Both are means over teachers
+   (each teacher weighs the same); the outputs report how far they differ.
 3. Bytes per tile from the sample store's stored shapes: per teacher and level,
    ``grid**2 x stored_channels x itemsize(stored_dtype)`` plus the codec's float32 side data
    (``aux_shape``), summed over the levels and teachers (the PCA basis, stored once per
@@ -50,8 +53,14 @@ LEVEL_SETS: dict[str, tuple[tuple[float, ...], bool]] = {
 DEFAULT_PCA_KS = (64, 128, 256)
 AUX_ITEMSIZE = 4  # codecs' side data (int8 scale and offset) are float32 (featstore.codecs)
 RULE = (
-    "estimated cosine = mean over teachers of (cache cosine from the audit x codec round-trip "
-    "cosine on held-out sample tiles)"
+    "measured cosine = mean over teachers of the audit's mean token cosine between the "
+    "candidate's cached target (sample tokens of its levels re-encoded with its codec, decoded "
+    "on the device; PCA fitted on the other sample tiles) and the teacher run on random views "
+    "of the held-out sample tiles"
+)
+ESTIMATE_RULE = (
+    "estimate (product rule) = mean over teachers of (cache cosine, the same audit under fp16 x "
+    "codec round-trip cosine on the held-out tiles' stored tokens); kept for comparison"
 )
 _UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 _BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
@@ -108,15 +117,15 @@ class Candidate:
     bytes_per_tile: int = 0
     cache_cosine: float = float("nan")
     codec_cosine: float = float("nan")
-    cosine: float = float("nan")
+    cosine: float = float("nan")  # measured (RULE)
+    estimate: float = float("nan")  # product rule (ESTIMATE_RULE)
     on_frontier: bool = False
     per_teacher: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def codec_text(self) -> str:
         """The codec as ``--codec`` writes it (``pca-int8:64``)."""
-        extra = [str(v) for k, v in self.codec.items() if k != "name"]
-        return ":".join([self.codec["name"], *extra])
+        return codec_text(self.codec)
 
     @property
     def label(self) -> str:
@@ -126,6 +135,12 @@ class Candidate:
         d = dataclasses.asdict(self)
         d["label"] = self.label
         return d
+
+
+def codec_text(codec: dict[str, Any]) -> str:
+    """A codec as ``--codec`` writes it (``pca-int8:64``): the candidates' codec label."""
+    extra = [str(v) for k, v in codec.items() if k != "name"]
+    return ":".join([codec["name"], *extra])
 
 
 def level_keys(scales: tuple[float, ...], flip: bool) -> list[str]:
@@ -181,19 +196,36 @@ def split_sample(tiles: int) -> tuple[list[int], list[int]]:
     return list(range(half)), list(range(half, tiles))
 
 
-def codec_level_cosines(
-    store: Any, name: str, codec: dict[str, Any], keys: list[str]
-) -> dict[str, tuple[float, int]]:
-    """Per level key: (sum of token cosines, tokens) of ``codec``'s round trip of the sample's
-    held-out tiles; a PCA basis is fitted first on the fit tiles' scale-1 tokens."""
+def fit_codec(store: Any, name: str, codec: Any, fit: list[int], fit_key: str = "s1.00") -> Any:
+    """``codec`` (a spec or a codec) ready to encode teacher ``name``: a PCA basis is fitted as
+    extraction fits it, on the ``fit`` tiles' ``fit_key`` (scale-1) tokens, at most
+    ``PCA_MAX_TOKENS`` of them evenly spaced (``pipelines.extract.pca_samples``)."""
     from featstore import get_codec
+    from pipelines.extract import PCA_MAX_TOKENS
 
     c = get_codec(codec)
-    fit, scored = split_sample(int(store.done().sum()))
-    if c.needs_fit:  # pca, pca-int8: as extraction, a basis from scale-1 tokens
-        fit_key = "s1.00" if "s1.00" in keys else keys[0]
+    if c.needs_fit and getattr(c, "basis", None) is None:
         tokens = np.concatenate([store.read(name, i, fit_key) for i in fit])
-        c.fit(tokens.reshape(-1, tokens.shape[-1]))
+        tokens = tokens.reshape(-1, tokens.shape[-1])
+        step = max(1, -(-len(tokens) // PCA_MAX_TOKENS))
+        c.fit(tokens[::step])
+    return c
+
+
+def fit_codecs(store: Any, name: str, codecs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Codec label (``codec_text``) -> codec of teacher ``name``, fitted on the fit tiles."""
+    fit, _ = split_sample(int(store.done().sum()))
+    return {codec_text(c): fit_codec(store, name, c, fit) for c in codecs}
+
+
+def codec_level_cosines(
+    store: Any, name: str, codec: Any, keys: list[str]
+) -> dict[str, tuple[float, int]]:
+    """Per level key: (sum of token cosines, tokens) of ``codec``'s round trip of the sample's
+    held-out tiles (the product rule's codec factor); an unfitted PCA codec is fitted first on
+    the fit tiles' scale-1 tokens (``fit_codec``)."""
+    fit, scored = split_sample(int(store.done().sum()))
+    c = fit_codec(store, name, codec, fit, "s1.00" if "s1.00" in keys else keys[0])
     out = {}
     for key in keys:
         x = np.stack([store.read(name, i, key) for i in scored])
@@ -210,14 +242,24 @@ def codec_cosine(stats: dict[str, tuple[float, int]], keys: list[str]) -> float:
     return total / tokens if tokens else float("nan")
 
 
+Measured = dict[tuple[str, float, str], float]  # (level set, blend, codec label) -> cosine
+
+
 def audit_cosines(
-    store_url: str, name: str, cfg: Any, views: int, seed: int, blend: float
-) -> dict[tuple[str, float], float]:
-    """Cache cosine per (level set, blend) of teacher ``name`` (as typed; weights from
-    ``cfg.weights``): one audit of every candidate set;
-    with ``blend`` > 0 the audit also reports each multi-scale set with its nearest level only
-    (blend 0), so both blends come from the same views."""
-    from featcache.audit import NEAREST, audit_store
+    store_url: str,
+    name: str,
+    cfg: Any,
+    views: int,
+    seed: int,
+    blend: float,
+    codecs: dict[str, Any],
+    tiles: list[int],
+) -> Measured:
+    """Measured cosine per (level set, blend, codec) of teacher ``name`` (as typed; weights
+    from ``cfg.weights``): one audit of every candidate set under every codec, views drawn from
+    ``tiles``; with ``blend`` > 0 each multi-scale set is also read with its nearest level only
+    (blend 0), so every candidate comes from the same views and one teacher pass per view."""
+    from featcache.audit import NEAREST, audit_store, config_label
 
     sets = {label: level_keys(*spec) for label, spec in LEVEL_SETS.items()}
     result = audit_store(
@@ -234,15 +276,16 @@ def audit_cosines(
         bank_views=0,
         identity_tiles=1,
         device=cfg.device,
+        codecs=codecs,
+        tiles=tiles,
     )
     row = result.row("all views", "overall").cosine
-    out = {}
-    for label, (scales, _) in LEVEL_SETS.items():
-        if len(scales) == 1:  # one scale: nothing to blend, one candidate (blend 0)
-            out[(label, 0.0)] = row[label]
-            continue
-        out[(label, blend)] = row[label]
-        out[(label, 0.0)] = row[label + NEAREST] if blend > 0 else row[label]
+    out: Measured = {}
+    for codec in codecs:
+        for label, (scales, _) in LEVEL_SETS.items():
+            out[(label, blend if len(scales) > 1 else 0.0, codec)] = row[config_label(label, codec)]
+            if len(scales) > 1 and blend > 0:  # one scale: nothing to blend, blend 0 only
+                out[(label, 0.0, codec)] = row[config_label(label + NEAREST, codec)]
     return out
 
 
@@ -250,27 +293,54 @@ def audit_cosines(
 
 
 def score_candidates(
-    store: Any, cache: dict[str, dict[tuple[str, float], float]], ks: tuple[int, ...]
+    store: Any, measured: dict[str, Measured], codecs: dict[str, dict[str, Any]]
 ) -> list[Candidate]:
-    """Every (level set, blend, codec) with its bytes per tile and cosines (``RULE``)."""
+    """Every (level set, blend, codec) with its bytes per tile, measured cosine (``RULE``) and
+    the product-rule estimate (``ESTIMATE_RULE``); ``codecs``: per teacher, label -> the fitted
+    codec the audit used (the round trip uses the same basis)."""
     names = [e.spec.name for e in store.schema.teachers]
-    channels = min(e.spec.channels for e in store.schema.teachers)
     all_keys = level_keys(*LEVEL_SETS["9 scales + flip"])
+    configs = sorted({(label, blend) for label, blend, _ in measured[names[0]]})
     out = []
-    for codec in codec_candidates(ks, channels):
-        stats = {n: codec_level_cosines(store, n, codec, all_keys) for n in names}
-        for (label, blend), _ in sorted(cache[names[0]].items(), key=lambda kv: kv[0]):
+    for label_codec, codec in codecs[names[0]].items():
+        stats = {n: codec_level_cosines(store, n, codecs[n][label_codec], all_keys) for n in names}
+        for label, blend in configs:
             scales, flip = LEVEL_SETS[label]
             keys = level_keys(scales, flip)
-            cand = Candidate(label, scales, flip, blend, codec, tile_bytes(store, keys, codec))
+            spec = codec.to_dict()
+            cand = Candidate(label, scales, flip, blend, spec, tile_bytes(store, keys, spec))
             for n in names:
-                cc, kc = cache[n][(label, blend)], codec_cosine(stats[n], keys)
-                cand.per_teacher[n] = {"cache": cc, "codec": kc, "estimate": cc * kc}
-            cand.cache_cosine = float(np.mean([v["cache"] for v in cand.per_teacher.values()]))
-            cand.codec_cosine = float(np.mean([v["codec"] for v in cand.per_teacher.values()]))
-            cand.cosine = float(np.mean([v["estimate"] for v in cand.per_teacher.values()]))
+                cache, kc = measured[n][(label, blend, "fp16")], codec_cosine(stats[n], keys)
+                cand.per_teacher[n] = {
+                    "measured": measured[n][(label, blend, label_codec)],
+                    "cache": cache,
+                    "codec": kc,
+                    "estimate": cache * kc,
+                }
+            for attr, key in (
+                ("cosine", "measured"),
+                ("estimate", "estimate"),
+                ("cache_cosine", "cache"),
+                ("codec_cosine", "codec"),
+            ):
+                setattr(cand, attr, float(np.mean([v[key] for v in cand.per_teacher.values()])))
             out.append(cand)
     return out
+
+
+def estimate_gap(cands: list[Candidate]) -> dict[str, Any]:
+    """How far the product rule is from the measurement: mean and largest |measured -
+    estimate| over the candidates, and the largest signed difference (measured - estimate)."""
+    diffs = np.array([c.cosine - c.estimate for c in cands], np.float64)
+    if diffs.size == 0:
+        return {"mean_abs": float("nan"), "max_abs": float("nan"), "max_signed": float("nan")}
+    worst = int(np.abs(diffs).argmax())
+    return {
+        "mean_abs": float(np.abs(diffs).mean()),
+        "max_abs": float(abs(diffs[worst])),
+        "max_signed": float(diffs[worst]),
+        "worst": cands[worst].label,
+    }
 
 
 def mark_frontier(cands: list[Candidate]) -> list[Candidate]:
@@ -320,6 +390,7 @@ class PlanResult:
         return {
             "budget_bytes": self.budget,
             "rule": RULE,
+            "estimate_rule": ESTIMATE_RULE,
             "meta": self.meta,
             "best": None if self.best is None else self.best.label,
             "candidates": [c.to_dict() for c in self.candidates],
@@ -352,33 +423,27 @@ def plan_storage(
     seed: int = 0,
     progress: bool = False,
 ) -> PlanResult:
-    """Extract a sample of ``base.source``, score every candidate, pick the best under
+    """Extract a sample of ``base.source``, measure every candidate, pick the best under
     ``budget`` bytes per tile (``best`` None when nothing fits: see ``refusal``)."""
     from featstore import open_store
-    from featstore.teacher_names import resolve_teacher_name
     from pipelines.extract import run_extraction
 
     if tiles < 1 or views < 1:
         raise PlanError(f"--tiles ({tiles}) and --views ({views}) must be >= 1")
-    blend = default_blend()
     with tempfile.TemporaryDirectory(prefix="featcache-plan-") as tmp:
         url = run_extraction(sample_config(base, tiles, str(Path(tmp) / "sample.zarr")), progress)
         store = open_store(url)
         names = [e.spec.name for e in store.schema.teachers]
-        # audited by the names typed (their --weights keys); keyed by the stored names
-        cache = {
-            resolve_teacher_name(store.schema, t): audit_cosines(url, t, base, views, seed, blend)
-            for t in base.teachers
-        }
-        cands = mark_frontier(score_candidates(store, cache, pca_ks))
+        cands = mark_frontier(_measure(store, url, base, views, seed, pca_ks))
         n_tiles = int(store.done().sum())
     fit, scored = split_sample(n_tiles)
     meta = {
         "source": base.source,
         "teachers": names,
         "sample_tiles": n_tiles,
-        "pca_fit_tiles": len(fit),
-        "codec_scored_tiles": len(scored),
+        "pca_fit_tiles": fit,
+        "audit_view_tiles": scored,
+        "fit_tiles_scored": fit == scored,  # one sample tile: the basis is scored where fitted
         "views": views,
         "seed": seed,
         "blends": sorted({c.blend for c in cands}),
@@ -386,8 +451,27 @@ def plan_storage(
         "base_size": base.base_size,
         "keep_padding": base.keep_padding,
         "random_weights": bool(base.tiny or base.random_weights),
+        "measured_minus_estimate": estimate_gap(cands),
     }
     return PlanResult(cands, budget, choose(cands, budget), meta)
+
+
+def _measure(
+    store: Any, url: str, base: Any, views: int, seed: int, pca_ks: tuple[int, ...]
+) -> list[Candidate]:
+    """Every candidate of the sample store measured: codecs fitted per teacher on the fit
+    tiles, one audit per teacher on the held-out tiles (``audit_cosines``)."""
+    from featstore.teacher_names import resolve_teacher_name
+
+    specs = codec_candidates(pca_ks, min(e.spec.channels for e in store.schema.teachers))
+    _, scored = split_sample(int(store.done().sum()))
+    blend = default_blend()
+    codecs, measured = {}, {}
+    for typed in base.teachers:  # audited by the names typed (their --weights keys)
+        name = resolve_teacher_name(store.schema, typed)
+        codecs[name] = fit_codecs(store, name, specs)
+        measured[name] = audit_cosines(url, typed, base, views, seed, blend, codecs[name], scored)
+    return score_candidates(store, measured, codecs)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -407,21 +491,39 @@ def markdown(result: PlanResult) -> str:
                 c.label,
                 f"{c.bytes_per_tile / 2**20:.4f}",
                 _cos(c.cosine),
+                _cos(c.estimate),
+                _diff(c.cosine - c.estimate),
                 _cos(c.cache_cosine),
                 _cos(c.codec_cosine),
                 flag,
             ]
         )
     table = markdown_table(
-        ["configuration", "MiB/tile", "cosine", "cache cosine", "codec cosine", "on frontier"],
+        [
+            "configuration",
+            "MiB/tile",
+            "cosine (measured)",
+            "estimate (product rule)",
+            "measured - estimate",
+            "cache cosine (fp16)",
+            "codec round trip",
+            "on frontier",
+        ],
         rows,
     )
     m = result.meta
+    gap = m.get("measured_minus_estimate", {})
     head = (
         f"Storage plan for {', '.join(m.get('teachers', []))} on {m.get('sample_tiles')} sample "
-        f"tiles of {m.get('source')} ({m.get('views')} audit views, seed {m.get('seed')}); "
-        f"budget {result.budget / 2**20:.4f} MiB per tile. Cosine: {RULE}."
+        f"tiles of {m.get('source')} ({m.get('views')} audit views of tiles "
+        f"{m.get('audit_view_tiles')}, PCA fitted on tiles {m.get('pca_fit_tiles')}, seed "
+        f"{m.get('seed')}); budget {result.budget / 2**20:.4f} MiB per tile. Cosine: {RULE}. "
+        f"Beside it, the {ESTIMATE_RULE}: |measured - estimate| mean "
+        f"{_diff(gap.get('mean_abs', float('nan')))}, largest "
+        f"{_diff(gap.get('max_signed', float('nan')))} ({gap.get('worst', '-')})."
     )
+    if m.get("fit_tiles_scored"):
+        head += " One sample tile: the PCA bases are scored on the tile they were fitted on."
     if m.get("random_weights"):
         head += (
             " Random-init teachers (--tiny / --random-weights): their tokens are nearly low-rank, "
@@ -433,6 +535,10 @@ def markdown(result: PlanResult) -> str:
 def _cos(x: float) -> str:
     # five decimals: int8 and fp16 differ in the fifth (four would show false ties)
     return "–" if x != x else f"{x:.5f}"
+
+
+def _diff(x: float) -> str:
+    return "–" if x != x else f"{x:+.5f}"
 
 
 def extract_fields(best: Candidate, base: Any) -> dict[str, Any]:
@@ -457,6 +563,7 @@ def extract_fields(best: Candidate, base: Any) -> dict[str, Any]:
 
 def write_outputs(result: PlanResult, base: Any, out_dir: str | Path) -> dict[str, Path]:
     """plan.json, frontier.png and (when something fits) extract.yaml in ``out_dir``."""
+    from featcache.plan_plot import plot_frontier
     from pipelines.config import extract_config_yaml
 
     out = Path(out_dir)
@@ -465,44 +572,17 @@ def write_outputs(result: PlanResult, base: Any, out_dir: str | Path) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "plan.json", "png": out / "frontier.png"}
     paths["json"].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    plot_frontier(result, paths["png"])
+    plot_frontier(result, paths["png"])  # featcache.plan_plot (matplotlib only when writing)
     best = result.best
     if best is not None:
         paths["yaml"] = out / "extract.yaml"
         comment = (
             f"written by featcache plan: {best.label}\n"
             f"{best.bytes_per_tile} B ({best.bytes_per_tile / 2**20:.4f} MiB) per tile, "
-            f"estimated cosine {best.cosine:.4f}\n"
+            f"measured cosine {best.cosine:.4f} (product-rule estimate {best.estimate:.4f})\n"
             f"use: featcache extract --config {paths['yaml']} SOURCE STORE\n"
             f"train with --scale-blend {best.blend:g} (distill.scale_blend: not an extraction "
             "setting)"
         )
         paths["yaml"].write_text(extract_config_yaml(extract_fields(best, base), comment))
     return paths
-
-
-def plot_frontier(result: PlanResult, path: Path) -> None:
-    """PNG: cosine against MiB per tile (log), the frontier as a line, the budget and choice."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cands = result.candidates
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([c.bytes_per_tile / 2**20 for c in cands], [c.cosine for c in cands], s=14, c="grey")
-    front = sorted((c for c in cands if c.on_frontier), key=lambda c: c.bytes_per_tile)
-    ax.plot([c.bytes_per_tile / 2**20 for c in front], [c.cosine for c in front], "o-", c="C0")
-    for c in front:
-        ax.annotate(c.label, (c.bytes_per_tile / 2**20, c.cosine), fontsize=6)
-    ax.axvline(result.budget / 2**20, ls="--", c="C3", label="budget")
-    if result.best is not None:
-        b = result.best
-        ax.scatter([b.bytes_per_tile / 2**20], [b.cosine], s=80, marker="*", c="C3", label="chosen")
-    ax.set_xscale("log")
-    ax.set_xlabel("MiB per tile (all teachers)")
-    ax.set_ylabel("estimated mean token cosine vs online teacher")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

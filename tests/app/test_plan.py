@@ -186,25 +186,33 @@ def test_codec_loss_orders_the_codecs(plan: Any) -> None:
     assert fp16.codec_cosine > 1 - 1e-5  # fp16 rounding only
     assert fp16.codec_cosine >= int8.codec_cosine > pca8.codec_cosine
     assert fp16.cache_cosine == int8.cache_cosine == pca8.cache_cosine  # codec-free audit
-    assert fp16.cosine >= int8.cosine > pca8.cosine
+    # the sample is fp16: its fp16 re-encoding is exact, so measured = the cache cosine
+    assert fp16.cosine == fp16.cache_cosine
+    # measured, int8's steps are noise around fp16 (either side: they can move a token's
+    # direction towards the teacher's as well as away); PCA-8 of 32 channels loses clearly
+    assert abs(int8.cosine - fp16.cosine) < 1e-4
+    assert int8.cosine > pca8.cosine + 1e-3
+    for c in (fp16, int8, pca8):  # the product rule, written out
+        assert c.estimate == pytest.approx(c.cache_cosine * c.codec_cosine, abs=1e-12)
 
 
 def test_budget_fitting_only_scale_one_chooses_it(plan: Any) -> None:
     # every "scale 1 only" fits 2000 B; the smallest other set needs S3_PCA8 = 2784 B
     best = choose(plan.candidates, 2000)
-    assert (best.level_set, best.codec_text, best.bytes_per_tile) == (
-        "scale 1 only",
-        "fp16",
-        S1_FP16,
-    )
+    assert best.level_set == "scale 1 only" and best.bytes_per_tile <= S1_FP16
+    # measured, fp16 and int8 keep the same up to int8's steps (noise either side); PCA-8/16 of
+    # the 32 channels lose clearly, so one of the two lossless codecs wins
+    assert best.codec_text in ("fp16", "int8")
+    assert best.cosine >= _find(plan, "scale 1 only", "fp16").cosine - 1e-4
 
 
 def test_budget_fitting_everything_chooses_the_highest_cosine(plan: Any) -> None:
     best = choose(plan.candidates, 2**30)
     assert best.cosine == max(c.cosine for c in plan.candidates)
-    # more levels, fp16: the least lossy configuration of the grid
-    assert (best.level_set, best.codec_text) == ("9 scales + flip", "fp16")
     assert best.on_frontier
+    # a lossless codec on the level set whose cache (the fp16 audit, codec-free) is best
+    assert best.codec_text in ("fp16", "int8")
+    assert best.cache_cosine == max(c.cache_cosine for c in plan.candidates)
 
 
 # --- the command: table, files, YAML for extract --config, refusal -------------------------------
