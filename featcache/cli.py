@@ -29,6 +29,7 @@ _COMMAND_MODULES = (
     "featcache.cli_export",
     "featcache.cli_splits",
     "featcache.cli_plan",
+    "featcache.cli_text",
 )
 
 

@@ -301,6 +301,7 @@ def _padding_note(padding_tokens: str) -> str:
 
 def _info_lines(url: str) -> list[str]:
     from featstore import get_codec, open_store
+    from featstore.text import text_summary
     from pipelines.sources.classtable import class_table_lines
 
     store = open_store(url)
@@ -320,6 +321,7 @@ def _info_lines(url: str) -> list[str]:
         f"pixels:      {'stored' if schema.store_pixels else 'not stored'}",
         f"padding:     {_padding_note(schema.padding_tokens)}",
         f"fingerprint: {store.fingerprint}",
+        f"text:        {text_summary(store) or '-'}",  # Co2S class embeddings (`featcache text`)
     ]
     for entry in schema.teachers:
         spec, codec = entry.spec, get_codec(entry.codec)

@@ -31,6 +31,7 @@ _EXPORTS = {
     "LevelGeometry": "featstore.geometry",
     "LevelSpec": "featstore.schema",
     "MissingTeacherError": "featstore.errors",
+    "MissingTextError": "featstore.text",
     "PCACodec": "featstore.codecs",
     "PCAInt8Codec": "featstore.codecs",
     "ResizeSpec": "featstore.schema",
@@ -43,6 +44,8 @@ _EXPORTS = {
     "StoreWriter": "featstore.writer",
     "TeacherEntry": "featstore.schema",
     "TeacherSpec": "featstore.schema",
+    "TextEmbeddings": "featstore.text",
+    "TextInputs": "featstore.text",
     "TileNotDoneError": "featstore.errors",
     "TileRecord": "featstore.schema",
     "add_bank": "featstore.bank",
@@ -50,8 +53,10 @@ _EXPORTS = {
     "fingerprint": "featstore.schema",
     "get_codec": "featstore.codecs",
     "open_store": "featstore.reader",
+    "read_text_embeddings": "featstore.text",
     "register_codec": "featstore.codecs",
     "verify_store": "featstore.verify",
+    "write_text_embeddings": "featstore.text",
 }
 
 

@@ -41,7 +41,15 @@ IGNORE_INDEX = 255
 # frontier (BENCHMARKS.md §6: half of fp16's bytes at a cosine change of 3e-5 on the real Lite0).
 DEFAULT_CODEC = "int8"
 
+# Co2S's class prompts: one template, no ensemble (official model/text_embeddings.py), and the
+# text variant its training reads (official builder: the concept average, whatever the config
+# says). `featcache text` writes every variant; `featstore.text` reads them.
+CO2S_PROMPT_TEMPLATE = "a photo of a {concept}"
+CO2S_TEXT_VARIANT = "conceptavg"
+
 __all__ = [
+    "CO2S_PROMPT_TEMPLATE",
+    "CO2S_TEXT_VARIANT",
     "DEFAULT_CODEC",
     "CLIP_MEAN",
     "CLIP_STD",
