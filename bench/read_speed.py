@@ -71,8 +71,9 @@ class ShardFiles:
     def read(self, indices: np.ndarray, out: np.ndarray, crc: bool) -> None:
         flat = out.reshape(len(out), -1).view(np.uint8)
         for k, i in enumerate(indices):
-            offset, nbytes = self.ranges[i]
-            flat[k] = np.frombuffer(os.pread(self.fds[i // self.tps], nbytes, offset), np.uint8)
+            offset, _ = self.ranges[i]  # the chunk also holds its 4-byte crc32c (issue 16)
+            tile = flat.shape[1]
+            flat[k] = np.frombuffer(os.pread(self.fds[i // self.tps], tile, offset), np.uint8)
             if crc:
                 CRC32(flat[k])
 

@@ -29,7 +29,9 @@ _COMMAND_MODULES = (
     "featcache.cli_export",
     "featcache.cli_splits",
     "featcache.cli_plan",
+    "featcache.cli_repair",
     "featcache.cli_text",
+    "featcache.cli_publish",
 )
 
 

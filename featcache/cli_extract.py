@@ -73,6 +73,7 @@ def _fields(source: str, store: str, **opts: Any) -> Any:
         tiles_per_shard=opts["tiles_per_shard"],
         store_pixels=not opts["no_pixels"],
         overwrite=opts["overwrite"],
+        add=opts["add"],
         break_lock=opts["break_lock"],
         threads=opts["threads"],
         base_size=opts["base_size"],
@@ -194,6 +195,13 @@ def _echo_label_warnings() -> Iterator[None]:
     "at STORE is refused, never deleted).",
 )
 @click.option(
+    "--add",
+    is_flag=True,
+    help="Add the given teachers (or new --scales/--flip levels of stored teachers) to the "
+    "finished store at STORE, keeping what it holds as it is; teachers it holds must be given "
+    "with their stored settings. Re-run the same command to resume a killed addition.",
+)
+@click.option(
     "--break-lock",
     is_flag=True,
     help="Remove another writer's lock on STORE (featcache.lock) first: only when "
@@ -217,6 +225,7 @@ def extract_command(
     file's settings replace the defaults; options typed on the command line still win.
     """
     from pipelines.extract import run_extraction
+    from pipelines.incremental import run_addition
 
     if config_file:
         cfg = _with_config_file(_fields(source, store, **opts), config_file)
@@ -226,7 +235,7 @@ def extract_command(
     if note:
         click.echo(note)
     with _echo_label_warnings():
-        url = run_extraction(cfg, progress=not quiet)
+        url = (run_addition if cfg.add else run_extraction)(cfg, progress=not quiet)
     summary = _summary(url)
     click.echo(f"wrote {url}")
     click.echo("\n".join(summary))
@@ -333,15 +342,27 @@ def _info_lines(url: str) -> list[str]:
                 f"  level {level.key}: scale {level.scale:g}"
                 f"{' flipped' if level.flipped else ''}, grid {g}x{g} x "
                 f"{codec.stored_channels(spec.channels)} ch, {size} on disk"
+                f"{_added_note(schema, spec.name, level.key)}"
             )
     return lines
+
+
+def _added_note(schema: Any, teacher: str, key: str) -> str:
+    """Which `extract --add` added the level (nothing for the original extraction's levels)."""
+    part = schema.part_of(teacher, key)
+    return "" if part is None else f", added later (extract --add, part {part.name})"
 
 
 @click.command("info")
 @click.argument("store")
 def info_command(store: str) -> None:
     """Describe STORE: dataset, tiles, splits, classes, teachers, levels, sizes, fingerprint."""
+    from pipelines.publish import read_card
+
     lines = _info_lines(store)
+    card = read_card(store)  # a published store's dataset card (`featcache publish`)
+    if card:
+        lines += ["", "card (README.md in the store):", card.rstrip()]
     click.echo("\n".join(lines))
 
 

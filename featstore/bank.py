@@ -82,16 +82,22 @@ def bank_checksum_arrays(schema: StoreSchema) -> list[str]:
 
 
 def nbytes_per_tile(schema: StoreSchema, teacher: str) -> int:
-    """Stored bytes of one tile's bank of ``teacher``: K views x (grid bytes + aux bytes)."""
+    """Stored bytes of one tile's bank of ``teacher``: K views x (grid bytes + aux bytes), each
+    chunk with its crc32c."""
     entry = schema.teacher(teacher)
     codec = get_codec(entry.codec)
     g = bank_grid(schema, teacher)
+    crc = CRC32C_BYTES * len(L.CHUNK_CHECKSUM)
     per_view = g * g * codec.stored_channels(entry.spec.channels)
     per_view *= np.dtype(codec.stored_dtype).itemsize
+    per_view += crc
     aux = codec.aux_shape(entry.spec.channels)
     if aux is not None:
-        per_view += int(np.prod(aux)) * 4
+        per_view += int(np.prod(aux)) * 4 + crc
     return _spec(schema).k * per_view
+
+
+CRC32C_BYTES = 4  # what zarr's crc32c codec appends to each chunk
 
 
 def create_bank_arrays(group: zarr.Group, schema: StoreSchema, n: int) -> None:
@@ -121,7 +127,7 @@ def create_bank_arrays(group: zarr.Group, schema: StoreSchema, n: int) -> None:
             dtype=codec.stored_dtype,
             chunks=(1, 1, g, g, c),
             shards=(tps, k, g, g, c),
-            compressors=None,
+            compressors=L.CHUNK_CHECKSUM,
             **common,
             dimension_names=("tile", "view", "y_bank", "x_bank", ch_dim),
         )
@@ -135,7 +141,7 @@ def create_bank_arrays(group: zarr.Group, schema: StoreSchema, n: int) -> None:
                 dtype="float32",
                 chunks=(1, k, *aux),
                 shards=(tps, k, *aux),
-                compressors=None,
+                compressors=L.CHUNK_CHECKSUM,
                 **common,
                 dimension_names=("tile", "view", "scale_offset", ch_dim),
             )
@@ -362,6 +368,7 @@ class BankWriter(_BankBase):
                 f"{len(pending)} bank shard(s) pending, e.g. {pending[:10]}"
             )
         self._group["bank"].attrs["bank"] = {"spec": self.spec.to_dict(), "complete": True}
+        L.consolidate_group(self._group)  # the bank's arrays and attrs, for remote readers
 
 
 class BankReader(_BankBase):

@@ -8,7 +8,9 @@ A lock held from another host cannot be checked from here: only ``--break-lock``
 
 Dask workers do not take the lock: the client process holds it for the whole run, and workers
 carry the client's run id and stop when the lock names another run (``StoreWriter``). Each
-shard records the fingerprint of the extraction that wrote it, checked by ``verify``.
+shard records the fingerprint of the extraction that wrote it, checked by ``verify``. A dask
+task holds its shard's own lock file (``shard_lock_name``, an ``flock`` taken by
+``pipelines.distributed.shard_lock``), so a retried or duplicate task never interleaves writes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from featstore.errors import StoreLockedError
 
 LOCK_FILE = "featcache.lock"
+SHARD_LOCK_PREFIX = "featcache.shard-"
 
 
 @dataclass(frozen=True)
@@ -38,11 +41,14 @@ class LockInfo:
     run_id: str
     # Start time of the PID in clock ticks since boot (Linux): tells a reused PID from the holder.
     pid_start: int | None = None
+    # Dask worker address of a shard lock's holder ("" otherwise), for messages.
+    worker: str = ""
 
     def describe(self) -> str:
         """One line naming the holder, for error messages."""
+        where = f" on dask worker {self.worker}" if self.worker else ""
         return (
-            f"run {self.run_id} of {self.owner} (PID {self.pid} on host {self.host}, "
+            f"run {self.run_id}{where} of {self.owner} (PID {self.pid} on host {self.host}, "
             f"started {self.started})"
         )
 
@@ -69,7 +75,7 @@ def _owner() -> str:
         return f"uid {os.getuid()}"
 
 
-def current(run_id: str) -> LockInfo:
+def current(run_id: str, worker: str = "") -> LockInfo:
     """A lock record for this process."""
     pid = os.getpid()
     return LockInfo(
@@ -79,22 +85,29 @@ def current(run_id: str) -> LockInfo:
         started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         run_id=run_id,
         pid_start=_pid_start(pid),
+        worker=worker,
     )
 
 
-def lock_path(store_dir: str) -> str:
-    """The lock file of a local store directory."""
-    return os.path.join(store_dir, LOCK_FILE)
+def lock_path(store_dir: str, name: str = LOCK_FILE) -> str:
+    """The lock file ``name`` (default: the writer lock) of a local store directory."""
+    return os.path.join(store_dir, name)
 
 
-def read_lock(store_dir: str) -> LockInfo | None:
+def shard_lock_name(k: int) -> str:
+    """File name of shard ``k``'s lock: held by the one dask task writing that shard, so a
+    retried or duplicate task never interleaves its writes with another's."""
+    return f"{SHARD_LOCK_PREFIX}{k}.lock"
+
+
+def read_lock(store_dir: str, name: str = LOCK_FILE) -> LockInfo | None:
     """The lock of ``store_dir``, or None when there is none.
 
     An unreadable lock file (e.g. cut short by a crash between create and write) reads as a
     holder that cannot be identified: it is never taken over silently.
     """
     try:
-        with open(lock_path(store_dir), encoding="utf-8") as f:
+        with open(lock_path(store_dir, name), encoding="utf-8") as f:
             data: dict[str, Any] = json.load(f)
         return LockInfo(**data)
     except FileNotFoundError:
@@ -173,6 +186,7 @@ def held_by(store_dir: str, run_id: str) -> bool:
 
 __all__ = [
     "LOCK_FILE",
+    "SHARD_LOCK_PREFIX",
     "LockInfo",
     "acquire",
     "current",
@@ -182,5 +196,6 @@ __all__ = [
     "locked_message",
     "read_lock",
     "remove_lock",
+    "shard_lock_name",
     "write_lock",
 ]

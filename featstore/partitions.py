@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from featstore.errors import StoreError
-from featstore.layout import is_local, store_fs
+from featstore.layout import is_local, refresh_consolidated, store_fs
 from featstore.schema import TileRecord
 
 SETS = ("labeled", "unlabeled", "val")
@@ -390,6 +390,8 @@ def write_partition(
         _write_whole(fs, group_node, json.dumps(_GROUP_NODE).encode(), local)
     doc = dict(_GROUP_NODE, attributes={ATTR: partition.to_dict()})
     _write_whole(fs, node, json.dumps(doc, indent=1).encode(), local)
+    # a plain zarr reader trusts a consolidated copy: it must list the new partition too
+    refresh_consolidated(url, storage_options)
 
 
 def read_partition(url: str, name: str, storage_options: dict[str, Any] | None = None) -> Partition:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -54,8 +55,16 @@ _CRC_MISMATCH = (
 _ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 
 
+def _read_failure(err: BaseException) -> str:
+    """What a failed tile read says: a chunk failing its own crc32c (the codec chain's last
+    inner codec) is the same damage as a crc32 mismatch, and is reported as one."""
+    if "checksum" in str(err).lower():
+        return _CRC_MISMATCH
+    return f"cannot be read ({type(err).__name__}: {err})"
+
+
 def open_store(
-    url: str,
+    url: str | zarr.storage.ZipStore,
     *,
     require_complete: bool = False,
     storage_options: dict[str, Any] | None = None,
@@ -64,13 +73,15 @@ def open_store(
     """Open a store read-only.
 
     Args:
-        url: local path or fsspec URL.
+        url: local folder, ``.zip`` file, fsspec URL (``http://``, ``zip://...::``,
+            ``memory://``...) or a zarr ``ZipStore`` (reopened by path, read-only: every
+            process, e.g. each DataLoader worker, opens its own).
         require_complete: raise ``IncompleteStoreError`` unless the store was finalized.
         storage_options: passed to fsspec for remote URLs.
         verify_reads: compare every tile read with the crc32 recorded when it was written
             (``TileDataError`` on a mismatch); costs about one crc32 pass over the bytes read.
     """
-    url = str(url)
+    url = str(url.path) if isinstance(url, zarr.storage.ZipStore) else str(url)
     group = L.open_root(url, "r", storage_options)
     store = FeatureStore(url, group, L.read_header(group, url), verify_reads, storage_options)
     if require_complete and not store.complete:
@@ -102,7 +113,8 @@ class FeatureStore:
         self.url = url
         self._storage_options = storage_options
         self.verify_reads = bool(verify_reads)
-        self._group = group
+        self._root: zarr.Group | None = group
+        self._pid = os.getpid()
         self._meta = meta
         self.schema = StoreSchema.from_dict(meta["schema"])
         self.fingerprint: str = meta["fingerprint"]
@@ -110,11 +122,34 @@ class FeatureStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._codecs: dict[str, FeatureCodec] = {}
         self._tiles: list[TileRecord] | None = None
-        self._done = np.asarray(group["done"][:]).astype(bool)
+        # levels added later (``extract --add``) have their own done and checksum tables
+        self._done = L.read_done(group, self.schema)
         self._bank: BankReader | None = None
         self._specs: dict[str, ArraySpec] | None = None
         self._crcs: np.ndarray | None = None
-        self._crc_cols = {p: c for c, p in enumerate(L.checksum_arrays(self.schema))}
+        self._crc_cols = {p: c for c, p in enumerate(L.all_checksum_arrays(self.schema))}
+
+    @property
+    def _group(self) -> zarr.Group:
+        """The root group, opened in this process.
+
+        A forked DataLoader worker must not use its parent's group: an HTTP filesystem's session
+        belongs to the parent's event loop ("Timeout context manager should be used inside a
+        task"), and a zip's file handle shares its offset with the parent (``Bad CRC-32``). So
+        each process reopens the store on its first access; a local store reopens as cheaply.
+        """
+        if self._root is None or self._pid != os.getpid():
+            self._root = L.open_root(self.url, "r", self._storage_options)
+            self._pid = os.getpid()
+            self._arrays, self._bank = {}, None  # bound to the old group
+        return self._root
+
+    def __getstate__(self) -> dict[str, Any]:
+        # spawned workers (DataLoader "spawn"/"forkserver") get the store without its zarr
+        # objects and reopen it themselves
+        state = dict(self.__dict__)
+        state.update(_root=None, _arrays={}, _bank=None)
+        return state
 
     def __len__(self) -> int:
         return int(self._done.shape[0])
@@ -156,11 +191,12 @@ class FeatureStore:
         return key
 
     def _array(self, path: str) -> zarr.Array:
+        group = self._group  # first: in a new process it drops the parent's arrays
         if path not in self._arrays:
             problems = self.array_problems([path])
             if problems:
                 raise StoreFormatError(f"store {self.url!r}: {problems[0]}; {self._fix()}")
-            self._arrays[path] = self._group[path]
+            self._arrays[path] = group[path]
         return self._arrays[path]
 
     def _fix(self) -> str:
@@ -207,7 +243,7 @@ class FeatureStore:
     def _recorded_crcs(self) -> np.ndarray:
         if self._crcs is None:
             try:
-                self._crcs = np.asarray(self._group["checksum"][:])
+                self._crcs = L.read_checksums(self._group, self.schema)
             except Exception as err:  # noqa: BLE001 - any damage to the checksum table
                 raise StoreFormatError(
                     f"store {self.url!r}: the checksum table is unreadable "
@@ -221,9 +257,7 @@ class FeatureStore:
         try:
             data = np.ascontiguousarray(arr[i])
         except Exception as err:  # noqa: BLE001 - a truncated or garbled shard fails in many ways
-            raise self._tile_error(
-                path, i, f"cannot be read ({type(err).__name__}: {err})"
-            ) from err
+            raise self._tile_error(path, i, _read_failure(err)) from err
         col = self._crc_cols.get(path)
         if (
             self.verify_reads
@@ -276,10 +310,10 @@ class FeatureStore:
         self._meta = L.read_header(self._group, self.url)
         self.schema = StoreSchema.from_dict(self._meta["schema"])
         self.fingerprint = self._meta["fingerprint"]
-        self._done = np.asarray(self._group["done"][:]).astype(bool)
+        self._done = L.read_done(self._group, self.schema)
         self._bank = None
         self._specs, self._crcs, self._arrays = None, None, {}
-        self._crc_cols = {p: c for c, p in enumerate(L.checksum_arrays(self.schema))}
+        self._crc_cols = {p: c for c, p in enumerate(L.all_checksum_arrays(self.schema))}
 
     @property
     def has_bank(self) -> bool:
@@ -289,8 +323,9 @@ class FeatureStore:
     @property
     def bank(self) -> BankReader:
         """The exact view bank (``StoreFormatError`` when the store has none)."""
+        group = self._group  # first: in a new process it drops the parent's bank reader
         if self._bank is None:
-            self._bank = BankReader(self.url, self._group, self.schema)
+            self._bank = BankReader(self.url, group, self.schema)
         return self._bank
 
     def _check_done(self, i: int) -> int:
@@ -355,7 +390,7 @@ class FeatureStore:
                 data into (reuse it across batches: fresh buffers cost page faults).
         """
         group = self._level_group(teacher, level, indices)
-        bufs = self._read_groups([group], _batch_pipeline(pipeline), out)[0]
+        bufs = self._read_groups([group], self._read_pipeline(pipeline), out)[0]
         return bufs[0], (bufs[1] if len(bufs) > 1 else None)
 
     def read_batches_encoded(
@@ -373,7 +408,7 @@ class FeatureStore:
         groups = [self._level_group(t, lv, idx) for t, lv, idx in requests]
         return [
             (bufs[0], bufs[1] if len(bufs) > 1 else None)
-            for bufs in self._read_groups(groups, _batch_pipeline(pipeline))
+            for bufs in self._read_groups(groups, self._read_pipeline(pipeline))
         ]
 
     def read_pixels(
@@ -385,8 +420,21 @@ class FeatureStore:
         rows = [self._check_done(i) for i in indices]
         paths = ["pixels/image"] + (["pixels/mask"] if masks else [])
         groups = [([path], rows) for path in paths]
-        bufs = self._read_groups(groups, _batch_pipeline(pipeline))
+        bufs = self._read_groups(groups, self._read_pipeline(pipeline))
         return bufs[0][0], (bufs[1][0] if masks else None)
+
+    def _read_pipeline(self, pipeline: str | None) -> str:
+        """``_batch_pipeline(pipeline)``, with zarr-python for remote stores: zarrs hangs on an
+        fsspec HTTP store (zarrs 0.2.3), so only local and ``memory://`` stores use it."""
+        name = _batch_pipeline(pipeline)
+        if name != "zarrs" or L.is_local(self.url) or self.url.startswith("memory://"):
+            return name
+        if pipeline is not None:
+            raise ValueError(
+                f"read pipeline 'zarrs' reads local stores only, not {self.url!r}; "
+                "use pipeline=None or 'zarr'"
+            )
+        return "zarr"
 
     def _level_group(
         self, teacher: str, level: LevelLike, indices: Sequence[int]
@@ -480,8 +528,7 @@ class FeatureStore:
     def _check_outcome(self, path: str, i: int, res: BaseException | int | None) -> None:
         """Raise ``_read_tile``'s error for a failed read or a crc32 mismatch of tile ``i``."""
         if isinstance(res, BaseException):
-            what = f"cannot be read ({type(res).__name__}: {res})"
-            raise self._tile_error(path, i, what) from res
+            raise self._tile_error(path, i, _read_failure(res)) from res
         if res is not None and res != int(self._recorded_crcs()[i, self._crc_cols[path]]):
             raise self._tile_error(path, i, _CRC_MISMATCH)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -301,11 +302,42 @@ class BankSpec:
         return cls(**kw)
 
 
+@dataclass(frozen=True)
+class StorePart:
+    """Teacher levels added to a finished store (``extract --add``), with their own bookkeeping.
+
+    The arrays of ``levels`` (``(teacher, level key)`` pairs) are covered by
+    ``parts/<name>/checksum`` and ``parts/<name>/done`` instead of the root ``checksum`` and
+    ``done``, so adding them writes none of the store's existing chunks. Where the levels are
+    kept is layout, not content: parts are left out of the fingerprint, so a store grown by
+    additions has the fingerprint of a fresh extraction of the same teachers and levels.
+    """
+
+    name: str
+    levels: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        levels = tuple((str(t), str(k)) for t, k in self.levels)
+        if not self.name or "/" in self.name or not levels:
+            raise ValueError(f"StorePart {self.name!r} needs a plain name and at least one level")
+        object.__setattr__(self, "levels", levels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        return {"name": self.name, "levels": [list(tk) for tk in self.levels]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StorePart:
+        """Inverse of ``to_dict``."""
+        return cls(str(d["name"]), tuple(tuple(tk) for tk in d["levels"]))
+
+
 # Recorded statistics, not identity: left out of the fingerprint (see ``fingerprint``).
 # Left out of the fingerprint: they describe the data or how to report on it, not what is
 # computed, so recording them never blocks resuming an identical extraction.
 # ``edge_rule`` too: the tile ids (window offsets) and pixel hashes already pin how scenes were cut.
-_STATS_FIELDS = ("label_stats", "eval_protocol", "edge_rule")
+# ``parts`` too: they say where added levels are bookkept, not what the store holds.
+_STATS_FIELDS = ("label_stats", "eval_protocol", "edge_rule", "parts")
 
 # What a level stores of its canvas: "kept" every token of the padded canvas (official
 # behaviour, and every store written before the choice existed); "cropped" only the top-left
@@ -366,6 +398,7 @@ class StoreSchema:
     eval_protocol: dict[str, Any] | None = None
     edge_rule: str = ""
     padding_tokens: str = "kept"
+    parts: tuple[StorePart, ...] = ()
 
     def __post_init__(self) -> None:
         for attr in ("tile_size", "base_size", "tiles_per_shard"):
@@ -378,10 +411,12 @@ class StoreSchema:
             )
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
         object.__setattr__(self, "teachers", tuple(self.teachers))
+        object.__setattr__(self, "parts", tuple(self.parts))
         self._check_label_fields()
         names = [t.spec.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"StoreSchema.teachers has duplicate names: {names}")
+        self._check_parts()
         if self.bank is not None:
             unknown = sorted(set(self.bank.teachers) - set(names))
             if unknown:
@@ -389,6 +424,16 @@ class StoreSchema:
                     f"BankSpec.teachers {unknown} are not teachers of the schema ({names}); "
                     "bank only stored teachers"
                 )
+
+    def _check_parts(self) -> None:
+        """Every level a part names is a level of the schema, added by one part only."""
+        have = {(t.spec.name, lv.key) for t in self.teachers for lv in t.levels}
+        named = [tk for p in self.parts for tk in p.levels]
+        unknown = sorted(set(named) - have)
+        if unknown or len(set(named)) != len(named):
+            raise ValueError(
+                f"StoreSchema.parts name levels the schema lacks ({unknown}) or a level twice"
+            )
 
     def _check_label_fields(self) -> None:
         colors = tuple(tuple(int(v) for v in c) for c in self.class_colors)
@@ -414,6 +459,23 @@ class StoreSchema:
         if self.bank is None:
             return ()
         return self.bank.teachers or self.teacher_names
+
+    def part_of(self, teacher: str, key: str) -> StorePart | None:
+        """The part that added level ``key`` of ``teacher`` (None: the original extraction)."""
+        return next((p for p in self.parts if (teacher, key) in p.levels), None)
+
+    def up_to_part(self, n: int) -> StoreSchema:
+        """The schema as it was after the first ``n`` parts (0: the original extraction).
+
+        Its fingerprint is the one the shards of that stage were written under (provenance).
+        """
+        later = {tk for p in self.parts[n:] for tk in p.levels}
+        entries = []
+        for entry in self.teachers:
+            levels = tuple(lv for lv in entry.levels if (entry.spec.name, lv.key) not in later)
+            if levels:
+                entries.append(dataclasses.replace(entry, levels=levels))
+        return dataclasses.replace(self, teachers=tuple(entries), parts=self.parts[:n])
 
     @property
     def teacher_names(self) -> tuple[str, ...]:
@@ -470,6 +532,8 @@ class StoreSchema:
         # "cropped" is in the fingerprint (it changes the stored arrays' shapes).
         if self.padding_tokens != "kept":
             d["padding_tokens"] = self.padding_tokens
+        if self.parts:
+            d["parts"] = [p.to_dict() for p in self.parts]
         return d
 
     @classmethod
@@ -482,6 +546,7 @@ class StoreSchema:
         kw["teachers"] = tuple(TeacherEntry.from_dict(t) for t in kw["teachers"])
         if kw.get("bank") is not None:
             kw["bank"] = BankSpec.from_dict(kw["bank"])
+        kw["parts"] = tuple(StorePart.from_dict(p) for p in kw.get("parts", ()))
         return cls(**kw)
 
 
@@ -564,6 +629,7 @@ __all__ = [
     "BankSpec",
     "LevelSpec",
     "ResizeSpec",
+    "StorePart",
     "StoreSchema",
     "TeacherEntry",
     "TeacherSpec",

@@ -338,6 +338,7 @@ def write_text_embeddings(store: Any, emb: TextEmbeddings, overwrite: bool = Fal
         StoreLockedError: another writer holds the store.
     """
     url, group, meta = _open(store, "r+")
+    options = None if isinstance(store, str | Path) else getattr(store, "_storage_options", None)
     if text_is_current(url, emb.inputs, overwrite):
         return False
     class_names = tuple(meta["schema"].get("class_names", ()))
@@ -358,6 +359,7 @@ def write_text_embeddings(store: Any, emb: TextEmbeddings, overwrite: bool = Fal
         _write_arrays(tgroup, emb)
         # Marked complete last: a reader refuses a group cut short before this line.
         tgroup.attrs[TEXT_ATTR] = dict(header, complete=True)
+        L.refresh_consolidated(url, options)
     finally:
         if held is not None:
             lock.remove_lock(L.local_path(url), held)

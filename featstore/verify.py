@@ -9,6 +9,8 @@ readable strings; verify never raises on a damaged store.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Container
 from typing import Any
 
@@ -25,11 +27,15 @@ from featstore.integrity import (
     open_array,
     spec_problems,
 )
+from featstore.parts import part_provenance_problems
 from featstore.schema import StoreSchema, fingerprint, fingerprint_parts
 from featstore.writer import _merge_stats, shard_provenance_problems
 
 MAX_LISTED = 20
-REEXTRACT = "re-extract the store (`featcache extract` into a new store, or with --overwrite)"
+REEXTRACT = (
+    "repair it (`featcache repair SOURCE STORE` with the options it was extracted with), or "
+    "re-extract the store (`featcache extract` into a new store, or with --overwrite)"
+)
 
 
 def verify_store(
@@ -81,6 +87,14 @@ def _verify(url: str, storage_options: dict[str, Any] | None, check_data: bool) 
         problems += _label_stats_problems(group, schema, done, broken)
     problems += _stats_problems(group, meta, schema, broken | bad_stats)
     problems += _bank_problems(group, schema, url, storage_options, check_data)
+    problems += _part_problems(group, schema, url, storage_options, check_data, tiles)
+    problems += _metadata_problems(group, meta, schema, tiles, broken)
+    # after the edit itself is named: a stale consolidated copy follows from most edits
+    problems += [
+        f"{path}: its consolidated metadata (in the root zarr.json) differs from its own "
+        "zarr.json; run `featcache repair STORE` (it rewrites the consolidated copy)"
+        for path in L.consolidated_mismatch(url, storage_options)
+    ]
     # Every done shard must come from the header's extraction (two writers, issue 11 #4).
     # Not when the header or index was edited: shards then differ from the edit, not each other.
     if not any(p.startswith("fingerprint mismatch") for p in problems):
@@ -92,7 +106,8 @@ def _open(
     url: str, storage_options: dict[str, Any] | None
 ) -> list[str] | tuple[zarr.Group, dict[str, Any], StoreSchema, np.ndarray]:
     try:
-        group = L.open_root(url, "r", storage_options)
+        # every node's own zarr.json: an edit hidden behind the consolidated copy is reported
+        group = L.open_root(url, "r", storage_options, consolidated=False)
         meta = L.read_header(group, url)
     except (StoreError, KeyError, ValueError, OSError) as err:
         return [f"cannot open {url!r} as a feature store: {err}"]
@@ -111,6 +126,10 @@ def _open(
         done = None
     if done is None:
         return [f"{err}: which tiles were written is unknown; {REEXTRACT}"]
+    try:  # levels added later (`extract --add`) count as written only where their part is done
+        done &= L.read_done(group, schema)
+    except Exception as exc:  # noqa: BLE001 - a missing or damaged part table
+        return [f"the done table of added levels is unreadable ({exc}); {REEXTRACT}"]
     return group, meta, schema, done
 
 
@@ -277,6 +296,29 @@ def _missing_files(
     )
 
 
+def _part_problems(
+    group: zarr.Group,
+    schema: StoreSchema,
+    url: str,
+    storage_options: dict[str, Any] | None,
+    check_data: bool,
+    tiles: list[Any] | None,
+) -> list[str]:
+    """Files, checksums and provenance of the levels added by `extract --add` (each part has
+    its own done and checksum tables; not-done tiles are reported with the others)."""
+    fs, root = L.store_fs(url, storage_options)
+    out = []
+    for index, part in enumerate(schema.parts):
+        done = np.asarray(group[L.part_path(part, L.PART_DONE)][:]).astype(bool)
+        names = L.part_checksum_arrays(schema, part)
+        table = L.part_path(part, L.PART_CHECKSUM)
+        out += _missing_for(group, schema, names, table, done, fs, root)
+        if check_data:
+            out += _crc_problems(group, schema, names, table, done)
+        out += part_provenance_problems(group, schema, index, tiles, done)
+    return out
+
+
 def _missing_for(
     group: zarr.Group,
     schema: StoreSchema,
@@ -309,6 +351,21 @@ def _read_shard(arr: zarr.Array, sl: slice) -> tuple[np.ndarray | None, str | No
         return None, f"{type(err).__name__}: {err}"
 
 
+def _unreadable_tiles(arr: zarr.Array, path: str, sl: slice, err: str | None) -> list[str]:
+    """A shard that cannot be read whole, read tile by tile: with each chunk's crc32c (issue 16)
+    the damaged tiles are named and the others still read."""
+    bad = [i for i in range(sl.start, sl.stop) if _read_shard(arr, slice(i, i + 1))[0] is None]
+    if not bad:  # only the whole-shard read fails (e.g. its index): the shard is named
+        return [f"cannot read {path} tiles {sl.start}..{sl.stop - 1}: {err}"]
+    return [_tile_read_problem(path, i, sl, _read_shard(arr, slice(i, i + 1))[1]) for i in bad]
+
+
+def _tile_read_problem(path: str, i: int, sl: slice, err: str | None) -> str:
+    if "checksum" in str(err).lower():  # the chunk's own crc32c: the same damage as a crc32 one
+        return f"checksum mismatch in {path} tile {i} (corrupted or lost chunk)"
+    return f"cannot read {path} tile {i} (shard of tiles {sl.start}..{sl.stop - 1}): {err}"
+
+
 def _crc_problems(
     group: zarr.Group,
     schema: StoreSchema,
@@ -326,7 +383,7 @@ def _crc_problems(
         for _, sl in _done_shards(schema, done):
             data, err = _read_shard(arr, sl)
             if data is None:
-                out.append(f"cannot read {path} tiles {sl.start}..{sl.stop - 1}: {err}")
+                out += _unreadable_tiles(arr, path, sl, err)
                 continue
             bad = np.flatnonzero(L.tile_crcs(data) != stored[sl, col]) + sl.start
             out += [
@@ -347,6 +404,19 @@ def _shard_stats(decoded: np.ndarray) -> np.ndarray:
             np.square(x).sum(axis=(0, 1, 2)),
         ]
     )
+
+
+def _stats_match(stored: np.ndarray, recomputed: np.ndarray, codec: FeatureCodec) -> bool:
+    """Whether a shard's recorded statistics are those of its decoded features.
+
+    Exact where decoding is elementwise (fp16, int8): the writer's float64 sums of the same
+    bytes in the same order give the same bits on any machine, so even a flip of a statistic's
+    lowest bit is caught (bench/corruption.py). PCA decodes with a matmul whose rounding depends
+    on the BLAS build, so there the sums are compared to a relative 1e-9.
+    """
+    if isinstance(codec, PCACodec):
+        return bool(np.allclose(stored, recomputed, rtol=1e-9, atol=0.0))
+    return bool(np.array_equal(stored, recomputed))
 
 
 def _decode_problems(
@@ -396,9 +466,7 @@ def _level_decode_problems(
         where = f"{name}/{key} tiles {sl.start}..{sl.stop - 1}"
         if not np.isfinite(decoded).all():
             out.append(f"{where} decode to non-finite values")
-        elif stats is not None and not np.allclose(
-            stats[k], _shard_stats(decoded), rtol=1e-9, atol=0.0
-        ):
+        elif stats is not None and not _stats_match(stats[k], _shard_stats(decoded), codec):
             out.append(
                 f"per-shard statistics {stats_p}[{k}] do not match the features of "
                 f"{where} (the array is damaged); {REEXTRACT}"
@@ -529,4 +597,178 @@ def _bank_problems(
     return out
 
 
-__all__ = ["verify_store"]
+# Metadata checked field by field above (spec_problems, _teacher_attr_problems,
+# published_attr_problems, _checksum_table_problems): not reported twice.
+_CHECKED_FIELDS = {"data_type", "shape", "fill_value"}
+_CHECKED_ATTRS = {"teacher", "level", "arrays"}
+# Not compared with the skeleton: attributes (key by key below); consolidated_metadata (a copy of
+# the children's, checked on open by layout.consolidated_problem).
+_UNCOMPARED_FIELDS = {"attributes", "consolidated_metadata"}
+
+
+def _metadata_problems(
+    group: zarr.Group,
+    meta: dict[str, Any],
+    schema: StoreSchema,
+    tiles: list[Any] | None,
+    broken: set[str],
+) -> list[str]:
+    """Every node's zarr.json must be what ``build_store`` writes for the header's schema.
+
+    Catches what no field check names: an edited attribute (``layout``, ``reading``, ...), chunk
+    grid, codecs or dimension names. Built in memory from the header and the tile index, so it
+    costs no data read.
+    """
+    if tiles is None or schema.bank is not None:  # an unreadable index is reported already
+        return []
+    skeleton = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    L.build_store(skeleton, schema, tiles, str(meta.get("fingerprint", "")))
+    checked = _CHECKED_ATTRS | _published_keys(schema)
+    # the consolidation stamp is checked whenever the store is opened (L.consolidated_problem)
+    root_skip = checked | {L.ATTR_KEY, L.CONSOLIDATED_KEY}
+    out = _node_problems("the root group", group, skeleton, root_skip)
+    for path, want in skeleton.members(max_depth=None):
+        if path in broken:
+            continue
+        try:
+            got = group[path]
+        except Exception:  # noqa: BLE001 - missing/unreadable: reported by the array checks
+            continue
+        out += _node_problems(path, got, want, checked)
+    return out
+
+
+def _node_problems(where: str, got: Any, want: Any, skip_attrs: set[str]) -> list[str]:
+    a, b = _plain(got.metadata.to_dict()), _plain(want.metadata.to_dict())
+    out = []
+    # Only what the store has: stores written before dimension names and descriptive attrs
+    # lack them, and are sound (tests/featstore/test_open_without_featcache.py).
+    for key in sorted(set(a) - _CHECKED_FIELDS - _UNCOMPARED_FIELDS):
+        if key == "codecs" and a[key] == _without_chunk_crc(b.get(key)):
+            continue  # written before the chunks' crc32c: sound, only without that check
+        if a[key] is not None and a[key] != b.get(key) and where != "the root group":
+            out.append(
+                f"{where}: zarr.json {key} is {a.get(key)!r}, the schema gives {b.get(key)!r}"
+            )
+    got_attrs, want_attrs = a.get("attributes", {}), b.get("attributes", {})
+    for key in sorted(set(got_attrs) - skip_attrs):
+        if got_attrs.get(key) == want_attrs.get(key):
+            continue
+        out.append(f"{where}: attribute {key!r} differs from what the store writes")
+    return [f"{p} (its zarr.json was edited or damaged); {REEXTRACT}" for p in out]
+
+
+def _without_chunk_crc(codecs: Any) -> Any:
+    """``codecs`` without the crc32c that shards' inner codecs end with (issue 16)."""
+    out = _plain(codecs)
+    for codec in out if isinstance(out, list) else []:
+        if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
+            conf = codec["configuration"]
+            conf["codecs"] = [c for c in conf["codecs"] if c.get("name") != "crc32c"]
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Metadata as JSON reads it back (tuples as lists, numpy scalars as text)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _published_keys(schema: StoreSchema) -> set[str]:
+    """Attribute keys that ``published_attr_problems`` compares itself (absent ones are fine:
+    stores written before them)."""
+    keys: set[str] = set()
+    for entry in schema.teachers:
+        keys |= set(L.teacher_group_attrs(entry))
+        for level in entry.levels:
+            keys |= set(L.level_array_attrs(schema, entry, level))
+    return keys
+
+
+def damaged_shards(url: str, storage_options: dict[str, Any] | None = None) -> dict[int, list[str]]:
+    """The structured variant of ``verify_store`` for repair: shard -> why it must be rewritten.
+
+    A shard is named when it is not done, or any of its per-shard files (features, aux, pixels,
+    per-shard stats, checksums, done, provenance) is unreadable, differs from its checksum or
+    from the statistics of its decoded features (exactly, as the writer computed them), or was
+    written by another extraction. The store's metadata (zarr.json, header) must be sound: a
+    repair restores it first. Raises ``StoreError`` when the store cannot be opened at all.
+    """
+    group = L.open_root(str(url), "r", storage_options, consolidated=False)
+    schema = StoreSchema.from_dict(L.read_header(group, str(url))["schema"])
+    n = int(group["done"].shape[0])
+    # root shards carry the original extraction's fingerprint (levels added later: parts)
+    base = dataclasses.replace(schema.up_to_part(0), bank=None)
+    want_fp = fingerprint(base, L.read_tiles(group))
+    out: dict[int, list[str]] = {}
+    for k in range(schema.n_shards(n)):
+        r = schema.shard_range(k, n)
+        reasons = _shard_reasons(group, schema, k, slice(r.start, r.stop), want_fp)
+        if reasons:
+            out[k] = reasons
+    return out
+
+
+def _shard_reasons(
+    group: zarr.Group, schema: StoreSchema, k: int, sl: slice, want_fp: str
+) -> list[str]:
+    done, err = _read_shard(group["done"], sl)
+    if err:
+        return [f"done unreadable: {err}"]
+    if not done.astype(bool).all():
+        return ["not done"]
+    crcs, err = _read_shard(group["checksum"], sl)
+    if err:
+        return [f"checksum unreadable: {err}"]
+    fps, err = _read_shard(group[L.SHARD_FINGERPRINT], slice(k, k + 1))
+    out = [] if err is None and str(fps[0]) == want_fp else ["provenance fingerprint differs"]
+    for col, path in enumerate(L.checksum_arrays(schema)):
+        data, err = _read_shard(group[path], sl)
+        if err or not np.array_equal(L.tile_crcs(data), crcs[:, col]):
+            out.append(f"{path}: {err or 'checksum mismatch'}")
+    for part in schema.parts:
+        out += _part_shard_reasons(group, schema, part, sl)
+    if not out:
+        out += _shard_stats_reasons(group, schema, k, sl)
+    return out
+
+
+def _part_shard_reasons(group: zarr.Group, schema: StoreSchema, part: Any, sl: slice) -> list[str]:
+    """Damage to the levels an `extract --add` wrote in this shard (an unfinished addition is
+    not damage: re-running it resumes)."""
+    done, err = _read_shard(group[L.part_path(part, L.PART_DONE)], sl)
+    if err:
+        return [f"done of added levels {part.name} unreadable: {err}"]
+    if not done.astype(bool).all():
+        return []
+    crcs, err = _read_shard(group[L.part_path(part, L.PART_CHECKSUM)], sl)
+    if err:
+        return [f"checksum of added levels {part.name} unreadable: {err}"]
+    out = []
+    for col, path in enumerate(L.part_checksum_arrays(schema, part)):
+        data, err = _read_shard(group[path], sl)
+        if err or not np.array_equal(L.tile_crcs(data), crcs[:, col]):
+            out.append(f"{path}: {err or 'checksum mismatch'}")
+    return out
+
+
+def _shard_stats_reasons(group: zarr.Group, schema: StoreSchema, k: int, sl: slice) -> list[str]:
+    out = []
+    for entry in schema.teachers:
+        codec = _codec(group, entry, set())
+        if codec is None:
+            return [f"teacher {entry.spec.name!r}: PCA basis unusable"]
+        has_aux = codec.aux_shape(entry.spec.channels) is not None
+        for level in entry.levels:
+            name, key = entry.spec.name, level.key
+            data = np.asarray(group[L.feature_path(name, key)][sl])
+            aux = np.asarray(group[L.aux_path(name, key)][sl]) if has_aux else None
+            stats, err = _read_shard(group[L.stats_path(name, key)], slice(k, k + 1))
+            decoded = codec.decode(data, aux)
+            if err or not np.isfinite(decoded).all():
+                out.append(f"{L.stats_path(name, key)}[{k}]: {err or 'non-finite features'}")
+            elif not _stats_match(stats[0], _shard_stats(decoded), codec):
+                out.append(f"{L.stats_path(name, key)}[{k}] differs from the features")
+    return out
+
+
+__all__ = ["damaged_shards", "verify_store"]

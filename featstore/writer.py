@@ -32,6 +32,7 @@ from featstore.errors import (
     StoreLockedError,
     StoreWriteError,
 )
+from featstore.faults import fault_point
 from featstore.schema import StoreSchema, TileRecord, dict_differences, fingerprint
 
 MAX_LISTED_SHARDS = 20
@@ -54,7 +55,10 @@ def _check_tiles(tiles: Sequence[TileRecord]) -> None:
 def _differences(
     meta: dict[str, Any], schema: StoreSchema, tiles: Sequence[TileRecord], group: zarr.Group
 ) -> list[str]:
-    diffs = [_padding_hint(d) for d in dict_differences(meta.get("schema"), schema.to_dict())]
+    stored = dict(meta.get("schema") or {})
+    stored.pop("parts", None)  # where added levels are bookkept: layout, not a difference
+    diffs = [_padding_hint(d) for d in dict_differences(stored, schema.to_dict())]
+    diffs += _teacher_hint(stored, schema)
     old = L.read_tiles(group)
     if len(old) != len(tiles):
         diffs.append(f"tiles: stored {len(old)} tiles != requested {len(tiles)}")
@@ -67,6 +71,18 @@ def _differences(
                 )
                 break
     return diffs or ["fingerprint differs (format version or hashing changed)"]
+
+
+def _teacher_hint(stored: dict[str, Any], schema: StoreSchema) -> list[str]:
+    """Name the teachers when they differ, and the option that adds teachers in place."""
+    have = [t["spec"]["name"] for t in stored.get("teachers", [])]
+    want = list(schema.teacher_names)
+    if have == want:
+        return []
+    return [
+        f"the store holds teachers {have}, this run asks for {want}: to add teachers or levels "
+        "to a finished store, run the same command with --add (keeps what it holds)"
+    ]
 
 
 def _padding_hint(diff: str) -> str:
@@ -276,6 +292,7 @@ def _create_fresh(
             lock.write_lock(tmp, lock.current(lock_id))
         if replace and os.path.exists(path):
             shutil.rmtree(path)  # a featstore store whose lock we hold (_require_store, acquire)
+        fault_point("create.before_rename")  # kill tests: a whole store built beside the target
         _rename(tmp, path, url)
     finally:
         if os.path.exists(tmp):
@@ -315,6 +332,9 @@ class StoreWriter:
         self.n_shards = self.schema.n_shards(self.n_tiles)
         self._codecs: dict[str, FeatureCodec] = {}
         self._checksum_names = L.checksum_arrays(self.schema)
+        # Bookkeeping arrays this writer commits shards to (a PartWriter uses its part's).
+        self._done_path, self._checksum_path = "done", "checksum"
+        self._provenance_path = L.SHARD_FINGERPRINT
 
     @classmethod
     def open(
@@ -328,9 +348,11 @@ class StoreWriter:
     def feature_fingerprint(self) -> str:
         """Fingerprint of the extraction without a view bank (a bank added later changes the
         header's fingerprint but not the shards written before it)."""
-        if self.schema.bank is None:
+        if self.schema.bank is None and not self.schema.parts:
             return self.fingerprint
-        return fingerprint(dataclasses.replace(self.schema, bank=None), self.tiles)
+        # levels added later (parts) are written under their own provenance (featstore.parts)
+        base = dataclasses.replace(self.schema.up_to_part(0), bank=None)
+        return fingerprint(base, self.tiles)
 
     def release_lock(self) -> None:
         """Give up the writer lock this run holds (no-op without one)."""
@@ -350,6 +372,11 @@ class StoreWriter:
             )
 
     @property
+    def complete(self) -> bool:
+        """Whether the header says the store was finalized."""
+        return bool(self._meta.get("complete"))
+
+    @property
     def tiles(self) -> list[TileRecord]:
         """The tile index."""
         return L.read_tiles(self._group)
@@ -362,12 +389,30 @@ class StoreWriter:
 
     def done(self) -> np.ndarray:
         """bool ``[N]``: tiles whose shard is committed."""
-        return np.asarray(self._group["done"][:]).astype(bool)
+        return np.asarray(self._group[self._done_path][:]).astype(bool)
 
     def shard_done(self, k: int) -> bool:
         """Whether shard ``k`` is committed."""
         r = self.shard_tiles(k)
-        return bool(np.asarray(self._group["done"][r.start : r.stop]).all())
+        return bool(np.asarray(self._group[self._done_path][r.start : r.stop]).all())
+
+    def shard_intact(self, k: int) -> bool:
+        """Whether every per-tile array of shard ``k`` still matches its recorded checksums
+        (unreadable data counts as not intact)."""
+        sl = slice(self.shard_tiles(k).start, self.shard_tiles(k).stop)
+        try:
+            stored = np.asarray(self._group[self._checksum_path][sl])
+            for col, path in enumerate(self._checksum_names):
+                if not np.array_equal(L.tile_crcs(self._group[path][sl]), stored[:, col]):
+                    return False
+        except (OSError, ValueError, RuntimeError):  # truncated or undecodable chunk files
+            return False
+        return True
+
+    def uncommit_shard(self, k: int) -> None:
+        """Clear shard ``k``'s done marker, so that it is rewritten whole (a damaged shard)."""
+        r = self.shard_tiles(k)
+        self._group[self._done_path][r.start : r.stop] = 0
 
     def pending_shards(self) -> list[int]:
         """Shards not yet committed, ascending."""
@@ -445,15 +490,19 @@ class StoreWriter:
         sl = slice(tiles.start, tiles.stop)
         for path, data in arrays.items():
             if not path.endswith("_stats"):
+                fault_point("write.array")  # kill tests: between the arrays of a shard
                 self._group[path][sl] = data
         for path, data in arrays.items():
             if path.endswith("_stats"):
                 self._group[path][k] = data
+        fault_point("write.before_checksum")
         crcs = np.stack([L.tile_crcs(arrays[p]) for p in self._checksum_names], axis=1)
-        self._group["checksum"][sl] = crcs
-        if L.SHARD_FINGERPRINT in self._group:  # stores written before provenance lack it
-            self._group[L.SHARD_FINGERPRINT][k] = self.feature_fingerprint
-        self._group["done"][sl] = 1
+        self._group[self._checksum_path][sl] = crcs
+        if self._provenance_path in self._group:  # stores written before provenance lack it
+            self._group[self._provenance_path][k] = self.feature_fingerprint
+        fault_point("write.before_done")  # all data written, the done marker not yet
+        self._group[self._done_path][sl] = 1
+        fault_point("write.after_done")
 
     def _encode_all(
         self, features: Mapping[str, Mapping[str, np.ndarray]], n: int
@@ -533,16 +582,25 @@ class StoreWriter:
                 f"cannot finalize {self.url!r}: {len(pending)} shard(s) pending, e.g. "
                 f"{pending[:10]}; write them (resume) before finalize()"
             )
+        if not L.read_done(self._group, self.schema).all():
+            raise IncompleteStoreError(
+                f"cannot finalize {self.url!r}: the levels added by `featcache extract --add` "
+                "are not all written; re-run that command to finish the addition"
+            )
         stats: dict[str, dict[str, Any]] = {}
         for entry in self.schema.teachers:
             name = entry.spec.name
-            stats[name] = {
-                lv.key: _merge_stats(self._group[L.stats_path(name, lv.key)][:])
-                for lv in entry.levels
-            }
+            stats[name] = {}
+            for lv in entry.levels:
+                fault_point("finalize.merge")  # kill tests: during the stats merge
+                stats[name][lv.key] = _merge_stats(self._group[L.stats_path(name, lv.key)][:])
+        fault_point("finalize.before_header")
         meta = dict(self._meta, complete=True, stats=stats)
         self._group.attrs[L.ATTR_KEY] = meta
         self._meta = meta
+        # last: a store killed before this line is complete, only slower to open remotely
+        fault_point("finalize.before_consolidate")
+        L.consolidate_group(self._group)
         return stats
 
 
@@ -567,7 +625,8 @@ def shard_provenance_problems(
     """
     if tiles is None or L.SHARD_FINGERPRINT not in group:
         return []
-    want = fingerprint(dataclasses.replace(schema, bank=None), tiles)
+    # the root table's shards hold the original extraction's levels (parts: featstore.parts)
+    want = fingerprint(dataclasses.replace(schema.up_to_part(0), bank=None), tiles)
     fps = [str(v) for v in group[L.SHARD_FINGERPRINT][:].tolist()]
     out = []
     for k, fp in enumerate(fps):

@@ -67,6 +67,9 @@ class ExtractConfig:
         overwrite: Delete any existing store at `out` and start over (needed when its
             fingerprint differs; without it a same-fingerprint store is resumed). Only a
             featcache store is ever deleted.
+        add: Add the teachers and levels that the finished store at `out` lacks, in place
+            (`pipelines.incremental.run_addition`): what it holds is kept byte for byte and
+            not recomputed; given teachers it already holds must have their stored settings.
         break_lock: Remove another writer's lock on `out` (`featcache.lock`) and go on; for a
             lock left by a dead process on another host (same-host stale locks are taken over).
         threads: Torch intra-op threads per process. Fixed (not "all cores") so that a resumed or
@@ -104,6 +107,7 @@ class ExtractConfig:
     tiles_per_shard: int = 16
     store_pixels: bool = True
     overwrite: bool = False
+    add: bool = False
     break_lock: bool = False
     threads: int = 1
     base_size: int = DEFAULT_CROP
@@ -148,7 +152,20 @@ class ExtractConfig:
             )
         parse_scheduler(self.scheduler)
         _check_codec(self.codec)
+        self._check_add()
         return self
+
+    def _check_add(self) -> None:
+        if not self.add:
+            return
+        if self.overwrite:
+            raise ExtractConfigError(
+                "--add keeps the store and adds to it, --overwrite deletes it: give one of them"
+            )
+        if self.scheduler != "local":
+            raise ExtractConfigError(
+                f"--add runs in this process; drop --scheduler {self.scheduler} (or use local)"
+            )
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys); also the key of the per-worker model cache."""

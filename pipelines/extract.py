@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from featstore import StoreSchema, TeacherEntry, create_store, get_codec
+from featstore.faults import fault_point
 from pipelines.config import ExtractConfig, parse_scheduler
 from pipelines.shards import (
     SLEEP_ENV,
@@ -145,6 +146,7 @@ def fit_pca(ctx: ExtractContext, writer: Any) -> None:
         if _has_pca(writer, name):
             continue
         mean, basis = get_codec(ctx.cfg.codec).fit(pca_samples(ctx, name))
+        fault_point("extract.pca")  # kill tests: basis fitted, not yet stored
         writer.set_pca(name, mean, basis)
 
 
@@ -186,6 +188,10 @@ def run_extraction(cfg: ExtractConfig, progress: bool = True) -> str:
     the store's writer lock until it returns or fails.
     """
     cfg.validate()
+    if cfg.add:  # the addition imports this module: it is called by its caller, not from here
+        raise ExtractionError(
+            "ExtractConfig.add is run by pipelines.incremental.run_addition, not run_extraction"
+        )
     mode, arg = parse_scheduler(cfg.scheduler)
     check_writable(cfg.out)
     check_not_source(cfg.source, cfg.out)
@@ -193,13 +199,16 @@ def run_extraction(cfg: ExtractConfig, progress: bool = True) -> str:
         check_device(cfg.device)
     run_id = uuid.uuid4().hex[:12]
     with contextlib.ExitStack() as stack:
-        client = None
+        client, worker_cfg = None, cfg
         if mode != "local":
-            from pipelines.distributed import connect
+            from pipelines.distributed import connect, prepare_workers
 
-            # Before the store exists: an unreachable scheduler leaves nothing behind.
-            client = stack.enter_context(connect(mode, arg))
-        source, records = open_tiles(cfg)
+            # Before the store exists: an unreachable scheduler, no worker or a path a worker
+            # cannot read leaves nothing behind. Workers get absolute paths (their own cwd).
+            client = stack.enter_context(connect(mode, arg, announce=progress))
+            worker_cfg = prepare_workers(client, cfg)
+        # Opened from the absolute path with dask: the source travels to the workers.
+        source, records = open_tiles(worker_cfg)
         # The driver builds teachers for validation, the schema and the PCA fit; with dask it
         # may have no accelerator, so it uses the CPU there and workers use cfg.device.
         ctx = make_context(cfg, source, records, cfg.device if mode == "local" else "cpu")
@@ -212,6 +221,8 @@ def run_extraction(cfg: ExtractConfig, progress: bool = True) -> str:
             break_lock=cfg.break_lock,
         )
         stack.callback(writer.release_lock)
+        fault_point("extract.after_create")
+        _refuse_damaged_complete_store(cfg, writer)
         with _disk_full_message(cfg.out):
             fit_pca(ctx, writer)
             shards = list(writer.pending_shards())
@@ -223,9 +234,27 @@ def run_extraction(cfg: ExtractConfig, progress: bool = True) -> str:
                     del ctx  # free the driver's teachers before the workers load theirs
                     from pipelines.distributed import run_shards_dask
 
-                    run_shards_dask(cfg, source, shards, client, run_id, bar)
+                    run_shards_dask(worker_cfg, source, shards, client, run_id, bar)
+            fault_point("extract.before_finalize")
             writer.finalize()
     return cfg.out
+
+
+def _refuse_damaged_complete_store(cfg: ExtractConfig, writer: Any) -> None:
+    """A finished store has nothing to resume: when it is damaged, say so and name the fix
+    (extract would otherwise print "wrote" over a store that fails verify)."""
+    from featstore.verify import verify_store
+
+    if not writer.complete or writer.pending_shards():
+        return
+    problems = verify_store(cfg.out)
+    if problems:
+        listed = "\n  - ".join(problems[:5])
+        raise ExtractionError(
+            f"STORE {cfg.out!r} is complete but damaged ({len(problems)} problem(s)):\n"
+            f"  - {listed}\nrun the same command with `featcache repair` in place of "
+            "`featcache extract` to re-extract the damaged shards"
+        )
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import torch
 
 from featstore import LevelSpec
 from featstore.errors import FeatcacheError
+from featstore.faults import fault_point
 from featviews.render import render_level
 from pipelines.config import ExtractConfig, ExtractConfigError
 
@@ -157,6 +158,7 @@ def compute_features(
         for start in range(0, len(tiles), bs):
             canvas = render_level(tiles[start : start + bs], level, ctx.cfg.base_size)
             for name, teacher in ctx.teachers.items():
+                fault_point("shard.forward")  # kill tests: during a teacher forward
                 grid = teacher(canvas).float().cpu().numpy()
                 out[name][level.key].append(grid)
     return {n: {k: np.concatenate(v) for k, v in lv.items()} for n, lv in out.items()}
@@ -188,15 +190,18 @@ def process_shard(
 ) -> int:
     """Compute and write shard group `k` (tiles loaded here unless `pixels` is given)."""
     indices = writer.shard_tiles(k)
+    fault_point("shard.start")
     images, masks = pixels if pixels is not None else load_tiles(ctx, indices)
     levels = level_specs(ctx.cfg.scales, ctx.cfg.flip)
     with torch_threads(ctx.cfg.threads):
         features = compute_features(ctx, images, levels)
     features = crop_padding(features, writer.schema)
+    fault_point("shard.before_write")
     if ctx.cfg.store_pixels:
         writer.write_shard(k, features=features, images=images, masks=masks)
     else:
         writer.write_shard(k, features=features)
+    fault_point("shard.after_write")
     delay = float(os.environ.get(SLEEP_ENV, "0") or 0)
     if delay > 0:
         time.sleep(delay)

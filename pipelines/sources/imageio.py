@@ -45,6 +45,7 @@ class SceneInfo:
         transform: Scene affine ``(a, b, c, d, e, f)`` as rasterio's ``Affine`` orders it, or None.
         crs: CRS string (e.g. ``"EPSG:32631"``) or None.
         expand_palette: Decode a palette ("P") image to RGB (images) instead of indices (masks).
+        nodata: The nodata value a GeoTIFF declares per band (None where none), or None.
     """
 
     path: Path
@@ -54,6 +55,7 @@ class SceneInfo:
     transform: tuple[float, ...] | None = None
     crs: str | None = None
     expand_palette: bool = False
+    nodata: tuple[float | None, ...] | None = None
 
     def window_transform(self, window: Window) -> tuple[float, ...] | None:
         """Affine of a window: the scene affine shifted to the window's top-left pixel."""
@@ -141,7 +143,9 @@ def _probe_geotiff(path: Path) -> SceneInfo:
         georef = ds.crs is not None or not ds.transform.is_identity
         transform = tuple(float(v) for v in tuple(ds.transform)[:6]) if georef else None
         crs = ds.crs.to_string() if ds.crs is not None else None
-        return SceneInfo(path, ds.height, ds.width, ds.count, transform, crs)
+        declared = tuple(ds.nodatavals)
+        nodata = declared if any(v is not None for v in declared) else None
+        return SceneInfo(path, ds.height, ds.width, ds.count, transform, crs, nodata=nodata)
 
 
 def _corrupt(path: Path, why: object) -> ImageReadError:

@@ -10,6 +10,7 @@ the scene holds more than one tile.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,6 +51,8 @@ from .labels import (
 from .layouts import FINDERS, SceneRef, detect_layout, find_split_file, normalize_split
 from .masks import decode_mask, index_plane
 from .tiling import Window, tile_windows
+
+LOG = logging.getLogger(__name__)
 
 __all__ = ["LAYOUTS", "TileSource", "open_source", "pixel_hash"]
 
@@ -98,6 +101,8 @@ class TileSource:
                 tiles.append((scene.ref.key + suffix, s_idx, window))
         tiles.sort(key=lambda t: t[0])
         _check_unique([t[0] for t in tiles], scenes, [t[1] for t in tiles])
+        _warn_small_scenes(scenes, tile_size)
+        _warn_nodata(scenes)
         self._tiles = tiles
         # Per tile: pixels of each class id, then ignored pixels; -1 for unlabeled tiles.
         self._counts = np.full((len(tiles), self.num_classes + 1), -1, np.int64)
@@ -202,6 +207,45 @@ class TileSource:
             transform=scene.image.window_transform(window),
             crs=scene.image.crs,
         )
+
+
+def _warn_small_scenes(scenes: list[_Scene], tile: int) -> None:
+    """Say when whole scenes are narrower than a tile: their tiles are mostly padding, which
+    the pad rule allows (DWL pads the last tile) but which is rarely meant for a whole scene."""
+    small = [s.image for s in scenes if min(s.image.height, s.image.width) < tile]
+    if not small:
+        return
+    side = min(min(s.height, s.width) for s in small)
+    LOG.warning(
+        "%d of %d scene(s) are smaller than --tile-size %d, e.g. %s (%dx%d px): their tiles are "
+        "padded (image 0, mask = the pad label) to %d px; pass --tile-size %d or less to cut "
+        "them without padding, if the padding is not intended",
+        len(small),
+        len(scenes),
+        tile,
+        small[0].path,
+        small[0].height,
+        small[0].width,
+        tile,
+        side,
+    )
+
+
+def _warn_nodata(scenes: list[_Scene]) -> None:
+    """Say that declared nodata values have no meaning here (no silent convention)."""
+    declaring = [s.image for s in scenes if s.image.nodata is not None]
+    if not declaring:
+        return
+    LOG.warning(
+        "%d image(s) declare a nodata value, e.g. %s (nodata %s per band): featcache has no "
+        "nodata convention, those pixels are read as ordinary pixel values and their mask "
+        "labels are used as they are. If they are not real ground, set their mask pixels to "
+        "the ignore value (255, or your --ignore-index), or fill them before caching (e.g. "
+        "gdal_fillnodata.py)",
+        len(declaring),
+        declaring[0].path,
+        list(declaring[0].nodata or ()),
+    )
 
 
 def _pad(arr: np.ndarray, tile: int, fill: int) -> np.ndarray:

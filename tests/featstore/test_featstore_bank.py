@@ -196,7 +196,7 @@ def test_storage_per_tile_is_k_grids(tmp_path: Any) -> None:
     write_levels(url, bank_schema(tps=tps), n)
     write_bank(url, n)
     store = open_store(url)
-    grid_bytes = G * G * C * 2  # float16
+    grid_bytes = G * G * C * 2 + 4  # float16, then the chunk's crc32c (issue 16)
     assert store.bank.nbytes_per_tile("tiny") == K * grid_bytes
     root = os.path.join(url, bank_path("tiny"), "c")
     disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)

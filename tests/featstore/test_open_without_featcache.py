@@ -146,12 +146,13 @@ def test_level_and_teacher_attrs(store: str, tmp_path: Path) -> None:
 def _strip_new_metadata(path: Path) -> int:
     """Make a store look written before issue 16: no dimension names, no decode/layout attrs."""
     new_attrs = ("decode", "geometry", "layout", "layer", "weights", "weights_sha256")
-    new_attrs += ("preprocessing", "channels")
+    new_attrs += ("preprocessing", "channels", "featstore_consolidated")
     stripped = 0
     for meta in path.rglob("zarr.json"):
         doc = json.loads(meta.read_text())
         had = "dimension_names" in doc
         doc.pop("dimension_names", None)
+        doc.pop("consolidated_metadata", None)  # consolidated metadata came later too
         attrs = doc.get("attributes", {})
         had |= any(k in attrs for k in new_attrs)
         doc["attributes"] = {k: v for k, v in attrs.items() if k not in new_attrs}

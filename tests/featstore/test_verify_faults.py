@@ -68,7 +68,8 @@ def test_edited_header_stats(store: Path) -> None:
     assert code == 1
     assert problems == [
         "header stats of f/s1.00 differ from the merged per-shard statistics "
-        "(teachers/f/s1.00_stats): the header was edited; re-extract the store "
+        "(teachers/f/s1.00_stats): the header was edited; repair it (`featcache repair SOURCE "
+        "STORE` with the options it was extracted with), or re-extract the store "
         "(`featcache extract` into a new store, or with --overwrite)"
     ]
 
