@@ -4,7 +4,8 @@ Runs every case of the catalogue in this process (the same builders and judge as
 `tests/app/test_bad_inputs.py`, known failures included), then writes RELIABILITY.md: one row per
 case (kind, first line of the message, names file/option, says fix, leaves nothing behind), the
 count "N clear of M", the date and the machine; and ``bench/out/reliability.json`` with the
-full outputs. A minute or two on 2 cores.
+full outputs. A minute or two on 2 cores. Only the catalogue is rewritten: the marker line
+``MARKER`` and everything after it (sections of other bench scripts) are kept.
 
 Usage: ``python bench/reliability.py [--out RELIABILITY.md] [--only KIND ...]``.
 """
@@ -25,6 +26,9 @@ sys.path.insert(0, str(C.ROOT / "tests" / "app"))
 from bad_inputs import CASES, KNOWN_FAILURES, Case, Verdict, build_shared, run_case  # noqa: E402
 
 _MSG_CHARS = 110
+# Text below this line of RELIABILITY.md is written by other bench scripts (kills, corruption,
+# training faults) and pasted by hand: rewriting the catalogue keeps it.
+MARKER = "<!-- sections below are written by other bench scripts -->"
 INTRO = """\
 Kinds of bad input and faults a careful operator tries before trusting featcache with a week of
 GPU time, one row each, run through the real CLI. A case is *clear* when the command ends in a
@@ -125,6 +129,14 @@ def render(cases: list[Case], verdicts: list[Verdict | str], seconds: float) -> 
     )
 
 
+def kept_sections(path: Path) -> str:
+    """The marker line and everything after it in PATH (the other scripts' sections); the
+    marker alone when PATH has none, so that they know where to go."""
+    text = path.read_text() if path.is_file() else ""
+    at = text.find(MARKER)
+    return "\n" + (text[at:] if at >= 0 else MARKER + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the catalogue and write the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -134,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     cases = [c for c in CASES if not args.only or c.kind in args.only]
     with tempfile.TemporaryDirectory(prefix="featcache-reliability-") as tmp:
         verdicts, seconds = run_all(cases, Path(tmp))
-    Path(args.out).write_text(render(cases, verdicts, seconds))
+    out = Path(args.out)
+    out.write_text(render(cases, verdicts, seconds) + kept_sections(out))
     payload: dict[str, Any] = {
         "seconds": seconds,
         "known_failures": KNOWN_FAILURES,

@@ -1,8 +1,9 @@
 """Checkpoints: student + EMA + optimizer + position + RNG states + config. Never a teacher.
 
-A checkpoint is written to a temporary file and renamed, so a kill mid-write leaves the previous
-``latest.pt`` intact. ``load_student`` rebuilds the student from the architecture recorded in the
-checkpoint; loading into a different architecture raises `CheckpointError` naming the fields.
+A checkpoint is written to a temporary file, fsynced and renamed (`trainer.durable`), so a kill
+or a full disk mid-write leaves the previous ``latest.pt`` intact. ``load_student`` rebuilds the
+student from the architecture recorded in the checkpoint; loading into a different architecture
+raises `CheckpointError` naming the fields.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import random
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 
 from featstore.errors import FeatcacheError
 from featstore.schema import dict_differences
+from trainer.durable import atomic_write
 from trainer.student import Student, StudentConfig
 
 FORMAT = "featcache-train/1"
@@ -70,11 +73,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    """Write ``state`` atomically and durably (`trainer.durable.atomic_write`: temporary file,
+    fsync, rename, fsync of the folder).
+
+    Raises:
+        RunWriteError: the disk is full or not writable; the message names ``path`` and the fix,
+            the previous checkpoint at ``path`` is intact and no temporary file is left.
+    """
+    payload = {"format": FORMAT, **state}
+    atomic_write(path, lambda fh: torch.save(payload, fh), what="checkpoint")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -150,6 +157,13 @@ def student_config_from(ckpt: dict[str, Any], path: str | Path) -> StudentConfig
             f"checkpoint {path} records no student_config (the student architecture); it was "
             "edited or written by another tool"
         )
+    if "method" in scfg:  # another method's model record (e.g. Co2S's students), not ours
+        raise CheckpointError(
+            f"checkpoint {path} holds a {scfg['method']!r} model, not the rs-mtdf/supervised "
+            f"student: resume it with --method {scfg['method']}; `featcache predict` and "
+            "`featcache evaluate` read it, `featcache export` does not yet (predict from the "
+            "checkpoint itself)"
+        )
     known = {f.name for f in dataclasses.fields(StudentConfig)}
     unknown = sorted(set(scfg) - known)
     if unknown:
@@ -196,8 +210,32 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str
     except RuntimeError as err:
         raise CheckpointError(
             f"{what} does not fit the model: {str(err)[:400]}; the checkpoint "
-            "was made for another architecture"
+            "was made for another architecture, or its recorded student_config was edited. "
+            "Fix: use a checkpoint of this model (the run's best.pt / latest.pt), or train "
+            "with the same model options"
         ) from err
+
+
+def check_class_count(
+    ckpt: dict[str, Any], data_classes: Sequence[str], path: str | Path, data: str
+) -> None:
+    """Refuse to evaluate a checkpoint on data with more classes than it predicts.
+
+    Its masks may hold labels the model has no output for, which no metric can count (the
+    confusion matrix would refuse them mid-run).
+
+    Raises:
+        CheckpointError: naming the checkpoint, the data and both class counts.
+    """
+    n = int(ckpt["student_config"]["num_classes"])
+    if len(data_classes) <= n:
+        return
+    raise CheckpointError(
+        f"checkpoint {path} predicts {n} classes ({', '.join(class_names(ckpt)[:8])}) but "
+        f"{data} has {len(data_classes)} ({', '.join(list(data_classes)[:8])}); the checkpoint "
+        "was trained on other data. Fix: evaluate it on the store it was trained on (--store), "
+        f"or use a checkpoint trained on this data (--num-classes {len(data_classes)})"
+    )
 
 
 def default_weights(ckpt: dict[str, Any]) -> str:
@@ -237,14 +275,14 @@ def load_student(
         ckpt = read_checkpoint(path)
         require_keys(ckpt, ("config", "student_config"), path, "rebuild its student")
         which = which or default_weights(ckpt)
-        state = _weight_set(ckpt, which, path)
+        state = weight_set(ckpt, which, path)
     ckpt["weights_used"] = which
     model = Student(student_config_from(ckpt, path))
     load_state(model, state, f"{path} [{which}]")
     return model.to(device).eval(), ckpt
 
 
-def _weight_set(ckpt: dict[str, Any], which: str, path: str | Path) -> dict[str, torch.Tensor]:
+def weight_set(ckpt: dict[str, Any], which: str, path: str | Path) -> dict[str, torch.Tensor]:
     """The ``ema`` / ``student`` state dict of a checkpoint, or a message naming ``--use``."""
     state = ckpt.get(which)
     if isinstance(state, dict) and state:
@@ -320,7 +358,7 @@ def export_student(checkpoint: str | Path, out: str | Path, which: str | None = 
     require_keys(ckpt, ("config",), checkpoint, "be exported")
     # clone: safetensors refuses tensors that share storage, and a state dict may hold views
     state = {
-        k: v.detach().clone().contiguous() for k, v in _weight_set(ckpt, which, checkpoint).items()
+        k: v.detach().clone().contiguous() for k, v in weight_set(ckpt, which, checkpoint).items()
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -381,6 +419,7 @@ __all__ = [
     "FORMAT",
     "RESUME_KEYS",
     "check_architecture",
+    "check_class_count",
     "class_colors",
     "class_names",
     "default_weights",
@@ -395,4 +434,5 @@ __all__ = [
     "set_rng_state",
     "student_config_dict",
     "student_config_from",
+    "weight_set",
 ]

@@ -4,13 +4,15 @@ TensorBoard scalars, all in the run's output folder."""
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from trainer.durable import append_durably, atomic_write
 
 
 def truncate_logs(out: Path, step: int) -> None:
@@ -18,7 +20,8 @@ def truncate_logs(out: Path, step: int) -> None:
 
     A run resumed from a checkpoint at ``step`` logs the later steps again; rows a killed run
     wrote after its last checkpoint would otherwise appear twice. Each file is rewritten through
-    a temporary file and a rename, so a kill here leaves it whole.
+    a temporary file, fsync and a rename (`trainer.durable.atomic_write`), so a kill here leaves
+    it whole.
     """
     csv_path, jsonl_path = out / "metrics.csv", out / "eval.jsonl"
     if csv_path.is_file():
@@ -51,16 +54,21 @@ def _json_step(line: str) -> float:
         return float("inf")
 
 
+def _csv_line(values: Sequence[Any]) -> str:
+    """One ``metrics.csv`` row as the csv module writes it (``\\r\\n`` ended)."""
+    buf = io.StringIO()
+    csv.writer(buf).writerow(values)
+    return buf.getvalue()
+
+
 def _rewrite(path: Path, kept: list[str], lines: list[str]) -> None:
     if kept == lines:
         return
     if not kept:
         path.unlink()
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        fh.write("".join(kept))
-    os.replace(tmp, path)
+    data = "".join(kept).encode()
+    atomic_write(path, lambda fh: fh.write(data), what="log")
 
 
 class RunLogger:
@@ -123,10 +131,8 @@ class RunLogger:
                     header = fh.readline().strip().split(",")
                 self._csv_keys = header if header != [""] else self._csv_keys
             else:
-                with path.open("w", newline="") as fh:
-                    csv.writer(fh).writerow(self._csv_keys)
-        with path.open("a", newline="") as fh:
-            csv.writer(fh).writerow([row.get(k, "") for k in self._csv_keys])
+                append_durably(path, _csv_line(self._csv_keys), "metrics log")
+        append_durably(path, _csv_line([row.get(k, "") for k in self._csv_keys]), "metrics log")
         if self._writer is not None:
             for k, v in scalars.items():
                 if k not in self.eval_columns:  # validation goes to val_<model>/ (evaluation)
@@ -146,8 +152,7 @@ class RunLogger:
         if not self.enabled:
             return
         head = {"step": step} if protocol is None else {"step": step, "protocol": protocol}
-        with (self.out / "eval.jsonl").open("a") as fh:
-            fh.write(json.dumps({**head, **metrics}) + "\n")
+        append_durably(self.out / "eval.jsonl", json.dumps({**head, **metrics}) + "\n", "eval log")
         if self._writer is not None:
             for model, m in metrics.items():
                 for k in ("miou", "mf1", "oa", "kappa"):

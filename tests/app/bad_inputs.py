@@ -201,16 +201,30 @@ def _changed(before: dict[str, str], after: dict[str, str], expected: tuple[str,
     return sorted(k for k in keys if before.get(k) != after.get(k) and not allowed(k))
 
 
-def _message(result: Result) -> str:
+def _message(result: Result, logs: str = "") -> str:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         exc = result.exception
         return f"TRACEBACK {type(exc).__name__}: {str(exc).strip().splitlines()[:1]}"
-    lines = [ln.strip() for ln in result.output.splitlines() if ln.strip()]
+    # the logged warnings (LOGS) after the output: what a user reads on stderr
+    lines = [ln.strip() for ln in (result.output + logs).splitlines() if ln.strip()]
     for prefix in ("Error", "PROBLEM", "warning"):
         for line in lines:
             if line.startswith(prefix):
                 return line
-    return lines[-1] if lines else ""
+    return result.output.strip().splitlines()[-1] if result.output.strip() else ""
+
+
+def _reports(case: Case, result: Result, logs: str) -> bool:
+    """A success case that succeeded and warned of nothing: its table cell is what it reports."""
+    return not case.error and result.exit_code == 0 and "warning" not in _message(result, logs)
+
+
+def _success_line(setup: Setup, out: str) -> str:
+    """The first output line holding what a success case is checked for (its ``names``)."""
+    for line in out.splitlines():
+        if any(n.lower() in line.lower() for n in setup.names):
+            return line.strip()
+    return out.strip().splitlines()[-1] if out.strip() else ""
 
 
 def judge(case: Case, setup: Setup, result: Result, changed: list[str], logs: str = "") -> Verdict:
@@ -244,7 +258,9 @@ def judge(case: Case, setup: Setup, result: Result, changed: list[str], logs: st
     return Verdict(
         kind=case.kind,
         exit_code=result.exit_code,
-        message=_message(result),
+        message=_success_line(setup, out)
+        if _reports(case, result, logs)
+        else _message(result, logs),
         output=out,
         crashed=crashed or wrong_exit,
         names=names,
@@ -1286,6 +1302,269 @@ def _c_demo_threads(env: Env) -> Setup:
     return Setup(["demo", "--out", str(env.tmp / "d"), "--threads", "0"], ("--threads",))
 
 
+# ---------------------------------------------------------------- issue 15: the missing kinds
+
+
+def _geotiff(path: Path, arr: np.ndarray, nodata: float | None = None) -> Path:
+    """ARR [H, W, bands] as a plain GeoTIFF (any dtype), NODATA declared when given."""
+    import rasterio
+
+    profile = {
+        "driver": "GTiff",
+        "height": arr.shape[0],
+        "width": arr.shape[1],
+        "count": arr.shape[2],
+        "dtype": arr.dtype.name,
+        "nodata": nodata,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path, "w", **profile) as ds:
+            ds.write(np.moveaxis(arr, -1, 0))
+    return path
+
+
+def _tif_data(env: Env, image: np.ndarray, nodata: float | None = None) -> tuple[Path, Path]:
+    """The shared dataset with scene 001 replaced by IMAGE as a GeoTIFF; (data, tif)."""
+    data = _data(env)
+    (data / "images" / "001.png").unlink()
+    return data, _geotiff(data / "images" / "001.tif", image, nodata)
+
+
+def _c_16bit_tiff(env: Env) -> Setup:
+    rgb = np.asarray(Image.open(env.shared.data / "images" / "001.png"), np.uint16) * 257
+    data, tif = _tif_data(env, rgb)
+    return Setup(_extract(env, data), _file_names(tif))
+
+
+def _c_16bit_png(env: Env) -> Setup:
+    data = _data(env)
+    img = data / "images" / "001.png"
+    grey = np.asarray(Image.open(img).convert("L"), np.uint16) * 257
+    Image.fromarray(grey).save(img)  # mode I;16
+    return Setup(_extract(env, data), _file_names(img))
+
+
+def _c_nodata(env: Env) -> Setup:
+    rgb = np.asarray(Image.open(env.shared.data / "images" / "001.png"), np.uint8).copy()
+    rgb[:16] = 0  # a strip outside the scene's footprint, as nodata
+    data, tif = _tif_data(env, rgb, nodata=0)
+    return Setup(_extract(env, data), _file_names(tif), expected=("out.zarr",))
+
+
+def _c_two_bands(env: Env) -> Setup:
+    data = _data(env)
+    img = data / "images" / "001.png"
+    Image.open(img).convert("LA").save(img)
+    return Setup(_extract(env, data), _file_names(img))
+
+
+def _c_five_band_tiff(env: Env) -> Setup:
+    rgb = np.asarray(Image.open(env.shared.data / "images" / "001.png"), np.uint8)
+    data, tif = _tif_data(env, np.concatenate([rgb, rgb[..., :2]], axis=-1))
+    return Setup(_extract(env, data), (*_file_names(tif), "--bands"))
+
+
+def _resized(env: Env, size: tuple[int, int]) -> Path:
+    """The shared dataset with every scene (image and mask) resized to SIZE (w, h)."""
+    data = _data(env)
+    for sub, resample in (("images", Image.BILINEAR), ("masks", Image.NEAREST)):
+        for f in sorted((data / sub).iterdir()):
+            Image.open(f).resize(size, resample).save(f)
+    return data
+
+
+def _c_scenes_smaller_than_tile(env: Env) -> Setup:
+    """The generic layout pads (DWL's rule): allowed, but said, with the tile size that fits."""
+    data = _resized(env, (40, 40))
+    return Setup(_extract(env, data), ("--tile-size 64",), expected=("out.zarr",))
+
+
+def _c_non_square_scenes(env: Env) -> Setup:
+    """96x64 px scenes, 64 px tiles, pad rule: ceil(96/64) * ceil(64/64) = 2 tiles per scene,
+    the second half padding; 3 scenes -> 6 labeled tiles at columns 0 and 64."""
+    data = _resized(env, (96, 64))
+    return Setup(
+        _extract(env, data),
+        ("6 labeled tiles",),
+        expected=("out.zarr",),
+        check=_windows(env.tmp / "out.zarr", {(0, 0, 64, 64), (0, 64, 64, 64)}, 6),
+    )
+
+
+def _windows(store: Path, want: set[tuple[int, ...]], n: int) -> Callable[[], str | None]:
+    def check() -> str | None:
+        from featstore import open_store
+
+        tiles = open_store(str(store)).tiles
+        got = {tuple(t.window) for t in tiles}
+        return None if len(tiles) == n and got == want else f"tiles {len(tiles)}, windows {got}"
+
+    return check
+
+
+def _c_tiles_smaller_than_crop(env: Env) -> Setup:
+    """64 px tiles, --crop 518: the largest zoom (2 x 64 = 128 px) leaves >= 93 % padding."""
+    argv = [*env.train(), "--crop", "518", "--iters", "1"]
+    return Setup(argv, ("--crop 518",), expected=("run",))
+
+
+def _c_overlapping_splits(env: Env) -> Setup:
+    ids = [ln.split()[0] for ln in _store_ids(env.shared.store)]
+    lab = _text_file(env, "lab.txt", f"{ids[0]}\n{ids[1]}\n")
+    val = _text_file(env, "val.txt", f"{ids[1]}\n{ids[2]}\n")
+    argv = [*env.train(), "--labeled", str(lab), "--val", str(val)]
+    return Setup(argv, (ids[1], "--val"))
+
+
+def _store_ids(store: Path) -> list[str]:
+    from featstore import open_store
+
+    return [t.tile_id for t in open_store(str(store)).tiles]
+
+
+def _c_train_split_ids_nowhere(env: Env) -> Setup:
+    lab = _text_file(env, "lab.txt", "images/404\nimages/405\n")
+    return Setup([*env.train(), "--labeled", str(lab)], (*_file_names(lab), "images/404"))
+
+
+def _c_extract_yaml_syntax(env: Env) -> Setup:
+    cfg = _text_file(env, "extract.yaml", "scales: [1, 2\ncodec: fp16\n")
+    return Setup([*_extract(env, env.shared.data), "--config", str(cfg)], _file_names(cfg))
+
+
+def _c_extract_yaml_unknown_key(env: Env) -> Setup:
+    cfg = _text_file(env, "extract.yaml", "scalez: [1]\n")
+    return Setup([*_extract(env, env.shared.data), "--config", str(cfg)], ("scalez",))
+
+
+def _c_train_yaml_not_mapping(env: Env) -> Setup:
+    cfg = _text_file(env, "cfg.yaml", "- lr: 0.1\n- iters: 3\n")
+    return Setup(["train", "--config", str(cfg)], _file_names(cfg))
+
+
+def _random_bytes(env: Env, name: str, n: int = 4096) -> Path:
+    path = env.tmp / name
+    path.write_bytes(np.random.default_rng(15).bytes(n))
+    return path
+
+
+def _c_weights_random_bytes(env: Env) -> Setup:
+    w = _random_bytes(env, "w.pth")
+    return Setup(_extract(env, env.shared.data, "--weights", f"{TEACHER}={w}"), _file_names(w))
+
+
+def _c_weights_random_bytes_safetensors(env: Env) -> Setup:
+    w = _random_bytes(env, "w.safetensors")
+    return Setup(_extract(env, env.shared.data, "--weights", f"{TEACHER}={w}"), _file_names(w))
+
+
+def _c_eval_random_bytes(env: Env) -> Setup:
+    p = _random_bytes(env, "model.pt")
+    return Setup(["evaluate", str(p), "--store", str(env.shared.store)], _file_names(p))
+
+
+def _c_resume_random_bytes(env: Env) -> Setup:
+    run = _run_copy(env)
+    (run / "latest.pt").write_bytes(np.random.default_rng(15).bytes(4096))
+    return Setup(
+        [*env.train(out=run), "--resume", "auto", "--iters", "3"], _file_names(run / "latest.pt")
+    )
+
+
+def _c_eval_use_unknown(env: Env) -> Setup:
+    latest = env.shared.run / "latest.pt"
+    return Setup(["evaluate", str(latest), "--store", str(env.shared.store), "--use", "best"],
+                 ("--use",))  # fmt: skip
+
+
+def _as_root() -> str | None:
+    if os.geteuid() == 0:
+        return "running as root: permissions do not stop root, a read-only folder is writable"
+    return None
+
+
+def _read_only(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o555)
+    return folder
+
+
+def _c_extract_read_only(env: Env) -> Setup:
+    parent = _read_only(env.tmp / "ro")
+    return Setup(_extract(env, env.shared.data, store="ro/out.zarr"), _file_names(parent))
+
+
+def _c_train_read_only(env: Env) -> Setup:
+    parent = _read_only(env.tmp / "ro")
+    return Setup(env.train(out=parent / "run"), (*_file_names(parent), "--out"))
+
+
+def _c_unicode_spaces(env: Env) -> Setup:
+    data = env.copy(env.shared.data, "dätä mit Leerzeichen")
+    store = "Ausgabe ünïcode ✓.zarr"
+    argv = ["extract", str(data), str(env.tmp / store), *EXTRACT]
+    return Setup(argv, (store,), expected=(store,), check=_is_store(store, env))
+
+
+def _c_relative_paths(env: Env) -> Setup:
+    """Relative paths, run from the case folder (not the repository): resolved against it."""
+    env.copy(env.shared.data, "data")
+    argv = ["extract", "data", "rel.zarr", *EXTRACT]
+    return Setup(argv, ("rel.zarr",), expected=("rel.zarr",), check=_is_store("rel.zarr", env))
+
+
+def _is_store(name: str, env: Env) -> Callable[[], str | None]:
+    def check() -> str | None:
+        from featstore import verify_store
+
+        problems = verify_store(str(env.tmp / name))
+        return f"{name}: {problems[:2]}" if problems else None
+
+    return check
+
+
+def _c_train_relative_paths(env: Env) -> Setup:
+    env.copy(env.shared.store, "s.zarr")
+    argv = ["train", "--store", "s.zarr", *TRAIN, "--out", "run"]
+    return Setup(argv, ('"step": 2',), expected=("run", "s.zarr"))
+
+
+def _other_classes(ckpt: dict[str, Any], n: int = 3) -> None:
+    """A consistent checkpoint of an N-class student: the head's class rows cut to N."""
+    ckpt["student_config"]["num_classes"] = n
+    ckpt["config"]["model"]["num_classes"] = n
+    for weights in ("student", "ema"):
+        for key in ("head.output_conv.2.weight", "head.output_conv.2.bias"):
+            ckpt[weights][key] = ckpt[weights][key][:n].clone()
+
+
+def _other_size(ckpt: dict[str, Any]) -> None:
+    """A checkpoint of another student size: features 16 recorded as 8 (weights unchanged)."""
+    ckpt["student_config"]["features"] = 8
+
+
+def _c_resume_other_classes(env: Env) -> Setup:
+    p = _ckpt(env, _other_classes)
+    return Setup([*env.train(), "--resume", str(p)], (*_file_names(p), "num_classes"))
+
+
+def _c_resume_other_size(env: Env) -> Setup:
+    p = _ckpt(env, _other_size)
+    return Setup([*env.train(), "--resume", str(p)], (*_file_names(p), "features"))
+
+
+def _c_eval_other_classes(env: Env) -> Setup:
+    p = _ckpt(env, _other_classes)
+    argv = ["evaluate", str(p), "--store", str(env.shared.store)]
+    return Setup(argv, (*_file_names(p), "class"))
+
+
+def _c_eval_other_size(env: Env) -> Setup:
+    p = _ckpt(env, _other_size)
+    return Setup(["evaluate", str(p), "--store", str(env.shared.store)], _file_names(p))
+
+
 # ---------------------------------------------------------------- the catalogue
 
 _OVERWRITE = ("refus", "not a featcache store", "--overwrite")
@@ -1494,6 +1773,56 @@ CASES: list[Case] = [
     Case("evaluate-missing-checkpoint", "evaluate", _c_eval_missing_ckpt, _PATHFIX),
     Case("predict-device-cuda-no-gpu", "predict", _c_predict_cuda,
          ("--device cpu",), skip=_no_cuda),
+    # issue 15: the kinds the issue lists that were missing
+    Case("extract-16-bit-geotiff", "extract", _c_16bit_tiff, ("8-bit", "gdal_translate")),
+    Case("extract-16-bit-png", "extract", _c_16bit_png, ("8-bit", "convert")),
+    Case("extract-nodata-geotiff", "extract", _c_nodata, ("--ignore-index", "fill"),
+         error=False),
+    Case("extract-two-band-image", "extract", _c_two_bands, ("--bands", "rgb", "convert")),
+    Case("extract-five-band-geotiff", "extract", _c_five_band_tiff, ("--bands",)),
+    Case("extract-scenes-smaller-than-tile", "extract", _c_scenes_smaller_than_tile,
+         ("--tile-size 40",), error=False),
+    Case("extract-non-square-scenes", "extract", _c_non_square_scenes, (), error=False),
+    # the largest multiple of the patch 14 that fits the 64 px tiles: 56
+    Case("train-tiles-smaller-than-crop", "train", _c_tiles_smaller_than_crop, ("--crop 56",),
+         error=False),
+    Case("train-overlapping-splits", "train", _c_overlapping_splits,
+         ("remove", "disjoint", "featcache splits")),
+    Case("train-split-ids-point-nowhere", "train", _c_train_split_ids_nowhere,
+         ("featcache splits", "tile id", "check")),
+    Case("extract-config-yaml-syntax", "extract", _c_extract_yaml_syntax, ("line", "yaml")),
+    Case("extract-config-unknown-key", "extract", _c_extract_yaml_unknown_key,
+         ("known", "allowed", "scales")),
+    Case("train-config-yaml-not-a-mapping", "train", _c_train_yaml_not_mapping,
+         ("mapping", "key: value", "e.g.")),
+    Case("extract-weights-random-bytes", "extract", _c_weights_random_bytes,
+         ("state dict", "state_dict", "safetensors", ".pth")),
+    Case("extract-weights-random-bytes-safetensors", "extract",
+         _c_weights_random_bytes_safetensors, _FILEFIX),
+    Case("evaluate-random-bytes-checkpoint", "evaluate", _c_eval_random_bytes, _CKPTFIX),
+    Case("train-resume-random-bytes-checkpoint", "train", _c_resume_random_bytes, _CKPTFIX),
+    Case("evaluate-use-unknown", "evaluate", _c_eval_use_unknown, ("one of", "ema")),
+    Case("extract-layout-unknown", "extract", _opt("--layout", "sentinel"), ("one of",)),
+    Case("extract-edge-rule-unknown", "extract", _opt("--edge-rule", "wrap"), ("one of",)),
+    Case("train-method-unknown", "train", _train_opt("--method", "mean-teacher"), ("one of",)),
+    Case("train-eval-mode-unknown", "train", _train_opt("--eval-mode", "tiles"), ("one of",)),
+    Case("extract-store-in-read-only-folder", "extract", _c_extract_read_only,
+         ("permission", "writable", "another"), skip=_as_root),
+    Case("train-out-in-read-only-folder", "train", _c_train_read_only,
+         ("permission", "writable", "another"), skip=_as_root),
+    Case("extract-unicode-and-spaces-in-paths", "extract", _c_unicode_spaces, (), error=False),
+    Case("extract-relative-paths-from-another-folder", "extract", _c_relative_paths, (),
+         error=False),
+    Case("train-relative-paths-from-another-folder", "train", _c_train_relative_paths, (),
+         error=False),
+    Case("train-resume-checkpoint-other-class-count", "train", _c_resume_other_classes,
+         ("same model options", "use a checkpoint", "--num-classes")),
+    Case("train-resume-checkpoint-other-student-size", "train", _c_resume_other_size,
+         ("same model options", "use a checkpoint")),
+    Case("evaluate-checkpoint-other-class-count", "evaluate", _c_eval_other_classes,
+         ("use a checkpoint", "another store", "--store")),
+    Case("evaluate-checkpoint-other-student-size", "evaluate", _c_eval_other_size,
+         ("use a checkpoint", "re-export", "best.pt")),
 ]
 # fmt: on
 

@@ -86,3 +86,19 @@ def test_judge_ignores_fix_words_inside_paths(shared: Shared, tmp_path: Path) ->
     verdict = run_case(case, tmp_path / "case", shared)
     assert verdict.exit_code == 1 and verdict.names and verdict.clean
     assert verdict.fix is False and not verdict.clear
+
+
+def test_reliability_rewrites_only_the_catalogue(tmp_path: Path) -> None:
+    """bench/reliability.py keeps the marker line and the sections after it (other scripts')."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "reliability.py"
+    spec = importlib.util.spec_from_file_location("reliability_bench", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = tmp_path / "RELIABILITY.md"
+    assert bench.kept_sections(doc) == f"\n{bench.MARKER}\n"  # no file yet: the marker alone
+    others = f"{bench.MARKER}\n## SIGKILL of extraction\n\n| a | b |\n"
+    doc.write_text("# old catalogue\n\nold rows\n" + others)
+    assert bench.kept_sections(doc) == "\n" + others
