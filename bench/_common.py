@@ -185,6 +185,26 @@ def _attention_backward(grad: Any, query: Any, key: Any, value: Any, *_: Any, **
     return 2 * attention_flops(query, key, value)
 
 
+def native_mha_flops(
+    query: Sequence[int], key: Sequence[int], embed_dim: int, num_heads: int
+) -> int:
+    """FLOPs of ``aten._native_multi_head_attention`` from batch-first ``[B, L, E]`` shapes.
+
+    The q, k, v in-projections and the out-projection (``2*B*L*E^2`` each, k and v over the key
+    length) plus the attention of :func:`attention_flops`.
+    """
+    b, lq, lk = query[-3], query[-2], key[-2]
+    q, kv = (b, num_heads, lq, embed_dim // num_heads), (b, num_heads, lk, embed_dim // num_heads)
+    proj = 2 * b * embed_dim * embed_dim * (2 * lq + 2 * lk)
+    return proj + attention_flops(q, kv, kv)
+
+
+def _native_mha_forward(
+    query: Any, key: Any, value: Any, embed_dim: int, num_head: int, *_: Any, **__: Any
+) -> int:
+    return native_mha_flops(query, key, embed_dim, num_head)
+
+
 def attention_flop_mapping() -> dict[Any, Callable[..., int]]:
     """``FlopCounterMode(custom_mapping=...)`` entries for every fused SDPA kernel of this torch.
 
@@ -194,10 +214,16 @@ def attention_flop_mapping() -> dict[Any, Callable[..., int]]:
     first tensors of the forwards and follow ``grad_out`` in the backwards) gets the formula
     of :func:`attention_flops`, so the count does not depend on the torch version or device.
     The composite ``*_math*`` ops are skipped: they run as matmuls, which are counted already.
+    ``nn.MultiheadAttention``'s inference fast path (eval mode without grad, e.g. open_clip's
+    CLIP towers as online teachers or in a no-grad pass) is one op,
+    ``aten._native_multi_head_attention``, which torch counts as 0 (projections included); it
+    gets :func:`native_mha_flops`.
     """
     import torch
 
-    mapping: dict[Any, Callable[..., int]] = {}
+    mapping: dict[Any, Callable[..., int]] = {
+        torch.ops.aten._native_multi_head_attention: _native_mha_forward
+    }
     for name in dir(torch.ops.aten):
         if not name.startswith("_scaled_dot_product_") or "math" in name:
             continue

@@ -6,11 +6,15 @@ Library errors reach the user through `featcache.cli` (message, exit code 1, no 
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import click
 
 from featcache.cli_source import LAYOUT_CHOICES
+
+# `demo --method`: the demo of each method ("module:function", imported when run)
+DEMOS = {"rs-mtdf": "featcache.demo:run_demo", "co2s": "featcache.demo_co2s:run_co2s_demo"}
 
 
 def _parse_level_sets(items: tuple[str, ...]) -> dict[str, list[str]] | None:
@@ -205,6 +209,14 @@ def audit_command(
     help="Layout of --data (as in `extract`).",
 )
 @click.option("--quick", is_flag=True, help="Smallest settings (about a minute on 2 cores).")
+@click.option(
+    "--method",
+    default="rs-mtdf",
+    show_default=True,
+    type=click.Choice(list(DEMOS)),
+    help="rs-mtdf: cached, online and no-distill runs compared; co2s: a short Co2S run "
+    "(tiny students, tiny text tower), mIoU of each student and of their fusion.",
+)
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
 @click.option(
     "--seed",
@@ -225,13 +237,15 @@ def demo_command(
     data: str | None,
     layout: str,
     quick: bool,
+    method: str,
     device: str,
     seed: int,
     threads: int | None,
 ) -> None:
-    """Data → teacher cache → cached, online and no-distill training → report with plots."""
-    from featcache.demo import run_demo
-
+    """Data → teacher cache → cached, online and no-distill training → report with plots
+    (--method co2s: data → store → class text rows → a short Co2S run → mIoU)."""
+    module, name = DEMOS[method].split(":")
+    run_demo = getattr(importlib.import_module(module), name)
     report = run_demo(
         out,
         data=data,

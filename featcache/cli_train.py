@@ -13,8 +13,21 @@ from typing import Any
 import click
 
 from featcache.cli_source import source_options, source_values
-from trainer.config import METHOD_NAMES, MODES, TARGET_MODES  # cheap: no torch
+from trainer.config import (  # cheap: no torch
+    CO2S_CLIP_ACTS,
+    CO2S_DISTILL,
+    CO2S_FINETUNE,
+    CO2S_TEXT_VARIANTS,
+    METHOD_MODELS,
+    METHOD_NAMES,
+    MODEL_CHOICES,
+    MODES,
+    TARGET_MODES,
+)
 from trainer.presets import PRESETS  # cheap: no torch
+
+# --use: the models of every method's checkpoints (student / ema; Co2S's clip, dinov3, fused)
+USE_MODELS = (*MODEL_CHOICES, *(m for models in METHOD_MODELS.values() for m in models))
 
 
 def parse_batch(text: str) -> tuple[int, int]:
@@ -62,8 +75,9 @@ def build_config(opts: dict[str, Any]) -> Any:
     preset = opts.get("preset")
     if opts.get("config"):
         cfg = TrainConfig.load(opts["config"], preset=preset)
-    else:
-        cfg = TrainConfig.from_dict({"preset": preset} if preset else {})
+    else:  # the preset is the recipe of --method (Co2S has its own)
+        method = {"method": opts["method"]} if opts.get("method") else {}
+        cfg = TrainConfig.from_dict({"preset": preset, **method} if preset else {})
     set_if = {  # option -> (section, attribute)
         "store": ("data", "store"),
         "source": ("data", "source"),
@@ -92,6 +106,12 @@ def build_config(opts: dict[str, Any]) -> Any:
         "p_bank": ("distill", "p_bank"),
         "scale_blend": ("distill", "scale_blend"),
         "partition": ("data", "partition"),
+        "co2s_finetune": ("co2s", "finetune"),
+        "clip_act": ("co2s", "clip_act"),
+        "text_variant": ("co2s", "text_variant"),
+        "clip_weights": ("co2s", "clip_weights"),
+        "dino_weights": ("co2s", "dino_weights"),
+        "co2s_distill": ("co2s", "distill"),
         "exclude_classes": ("eval", "exclude_classes"),
     }
     for key, (section, attr) in set_if.items():
@@ -117,6 +137,7 @@ def build_config(opts: dict[str, Any]) -> Any:
         ("random_weights", ("model", "random_weights")),
         ("grad_ckpt", ("runtime", "grad_checkpointing")),
         ("skip_bad_tiles", ("data", "skip_bad_tiles")),
+        ("stability_detach", ("co2s", "stability_detach")),
     ):
         if opts.get(flag):
             setattr(getattr(cfg, section), attr, True)
@@ -168,7 +189,8 @@ EXCLUDE_HELP = (
     "--method",
     type=click.Choice(list(METHOD_NAMES)),
     help="Training method: rs-mtdf (default; FixMatch + distillation, plain FixMatch with "
-    "--no-distill) or supervised (the supervised-only baseline: labeled views, CE).",
+    "--no-distill), supervised (the supervised-only baseline: labeled views, CE) or co2s "
+    "(CLIP + DINOv3 students, UniMatch streams, stability loss; needs `featcache text`).",
 )
 @click.option(
     "--mode",
@@ -260,6 +282,35 @@ EXCLUDE_HELP = (
     help="Tiny random student for smoke runs; online teachers a store does not hold "
     "are tiny too (a stored teacher is rebuilt as the store records it).",
 )
+@click.option(
+    "--stability-detach",
+    is_flag=True,
+    help="co2s: detach both sides of the stability loss, as the official code (no gradient).",
+)
+@click.option(
+    "--co2s-finetune",
+    type=click.Choice(CO2S_FINETUNE),
+    help="co2s: backbone parameters trained: attn (official: attention only), full, frozen.",
+)
+@click.option(
+    "--clip-act",
+    type=click.Choice(CO2S_CLIP_ACTS),
+    help="co2s: CLIP activation, quickgelu (the OpenAI weights') or gelu (the official code).",
+)
+@click.option(
+    "--text-variant",
+    type=click.Choice(CO2S_TEXT_VARIANTS),
+    help="co2s: stored class text embeddings of the CLIP student (official: conceptavg).",
+)
+@click.option("--clip-weights", help="co2s: local CLIP ViT-B/16 weights file.")
+@click.option("--dino-weights", help="co2s: local DINOv3 ViT-B/16 weights file.")
+@click.option(
+    "--co2s-distill",
+    type=click.Choice(CO2S_DISTILL),
+    help="co2s: students that also distil the store's teachers (translators + MSE from the "
+    "run's target source; --teacher picks them, default all): none (official), clip, dinov3, "
+    "both.",
+)
 @click.option("--device", help="auto | cpu | cuda | cuda:N")
 @click.option("--seed", type=int, help="Seed of the run (views, init, sampling).")
 @click.option("--workers", type=int, help="DataLoader workers.")
@@ -314,17 +365,17 @@ def _ignore_index(reader: Any) -> int:
 )
 @click.option(
     "--use",
-    type=click.Choice(["ema", "student", "both"]),
-    default="both",
+    type=click.Choice(["all", *USE_MODELS, "both"]),
+    default="all",
     show_default=True,
-    help="Which weights of the checkpoint to evaluate.",
+    help="Which models of the checkpoint to evaluate: all (student and EMA; a co2s run's "
+    "clip, dinov3 and fused), one of them, or both (student and EMA).",
 )
 @click.option(
     "--mode",
     type=click.Choice(["whole", "sliding"]),
-    default="whole",
-    show_default=True,
-    help="whole: resize the tile to a multiple of 14; sliding: crop-size windows.",
+    help="whole: resize the tile to a multiple of the patch (14; co2s 16); sliding: crop-size "
+    "windows. Default: the run's evaluation (co2s: sliding at stride 5/6 crop); an export: whole.",
 )
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
 @click.option(
@@ -347,26 +398,28 @@ def evaluate_cmd(
     split: str | None,
     tile_size: int,
     use: str,
-    mode: str,
+    mode: str | None,
     device: str,
     json_out: str | None,
     exclude_classes: str | None,
     no_progress: bool,
 ) -> None:
-    """Print validation metrics (strict JSON, classes by name) of a checkpoint's student/EMA."""
+    """Print validation metrics (strict JSON, classes by name) of a checkpoint's models."""
     from pathlib import Path
 
-    from trainer.checkpoint import class_names, load_student
+    from trainer.checkpoint import check_class_count, class_names
     from trainer.checks import recorded_val, select_tiles
     from trainer.config import check_device
     from trainer.evaluate import evaluate, metrics_json, resolve_protocol
+    from trainer.predict import inference_protocol, load_models
 
     check_device(device)
-    names = ["student", "ema"] if use == "both" else [use]
-    models, ckpt = {}, None
-    for name in names:
-        models[name], ckpt = load_student(checkpoint, name, device)
+    models, ckpt = load_models(checkpoint, use, device)
+    run = inference_protocol(ckpt, mode)
     reader = _eval_reader(store, source, tile_size)
+    schema = getattr(reader, "schema", None)  # a store names its classes in its schema
+    data_classes = schema.class_names if schema is not None else reader.class_names
+    check_class_count(ckpt, data_classes, checkpoint, f"the data ({store or source})")
     if not split and "data" not in ckpt["config"]:
         raise click.UsageError(
             f"{checkpoint} is an export and records no val split; pass "
@@ -387,12 +440,14 @@ def evaluate_cmd(
         reader,
         indices,
         int(ckpt["student_config"]["num_classes"]),
-        mode,
-        int(ckpt["config"]["crop_size"]),
+        run.mode,
+        run.crop,
+        run.stride,
         device=device,
         ignore_index=_ignore_index(reader),
         progress=not no_progress,
         exclude_classes=protocol.exclude,
+        patch=run.patch,
     )
     text = metrics_json(metrics, class_names(ckpt), protocol)
     click.echo(text)
@@ -407,16 +462,16 @@ def evaluate_cmd(
 @click.option("--out", required=True, help="Output folder (masks, GeoTIFFs, legend).")
 @click.option(
     "--use",
-    type=click.Choice(["ema", "student"]),
-    help="Which weights of the checkpoint to use. Default: the model the run chose best.pt "
-    "on (eval.best_model: the student, as the official code); an export holds one set.",
+    type=click.Choice(list(USE_MODELS)),
+    help="Which model of the checkpoint to use: student or ema weights; a co2s run's clip, "
+    "dinov3 or fused students. Default: the model the run chose best.pt on (eval.best_model: "
+    "the student, as the official code; co2s: clip); an export holds one set.",
 )
 @click.option(
     "--mode",
     type=click.Choice(["whole", "sliding"]),
-    default="whole",
-    show_default=True,
-    help="whole: resize the image to a multiple of 14; sliding: crop-size windows.",
+    help="whole: resize the image to a multiple of the patch (14; co2s 16); sliding: crop-size "
+    "windows. Default: the run's evaluation (co2s: sliding at stride 5/6 crop); an export: whole.",
 )
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
 @click.option("--no-geotiff", is_flag=True, help="Only PNG masks.")
@@ -426,7 +481,7 @@ def predict_cmd(
     inputs: tuple[str, ...],
     out: str,
     use: str,
-    mode: str,
+    mode: str | None,
     device: str,
     no_geotiff: bool,
     no_progress: bool,

@@ -691,7 +691,7 @@ def _run_demo(
         "phases": phases,
         "noise_run": noise_run,
         "teacher_weights": names,
-        **_split_facts(store, splits),
+        **split_facts(store, splits),
     }
     info["n_train_tiles"] = info["n_tiles"]["labeled"] + info["n_tiles"]["unlabeled"]
     info["load_per_core"] = os.getloadavg()[0] / (os.cpu_count() or 1)
@@ -731,7 +731,7 @@ def _train_runs(
     return runs, noise_run
 
 
-def _split_facts(store: Any, splits: dict[str, Path]) -> dict[str, Any]:
+def split_facts(store: Any, splits: dict[str, Path]) -> dict[str, Any]:
     """Images and tiles per split, class pixels of val and labeled, the majority baseline."""
     sch = store.schema
     ids = [t.tile_id for t in store.tiles]
@@ -789,4 +789,5 @@ __all__ = [
     "majority_baseline",
     "run_demo",
     "split_by_source",
+    "split_facts",
 ]

@@ -415,6 +415,13 @@ TRAIN_EXAMPLES: dict[str, list[str]] = {
     "grad_ckpt": ["--grad-ckpt"],
     "no_progress": ["--no-progress"],
     "skip_bad_tiles": ["--skip-bad-tiles"],
+    "stability_detach": ["--stability-detach"],
+    "co2s_finetune": ["--co2s-finetune", "full"],
+    "clip_act": ["--clip-act", "gelu"],
+    "text_variant": ["--text-variant", "single"],
+    "clip_weights": ["--clip-weights", "x"],
+    "dino_weights": ["--dino-weights", "x"],
+    "co2s_distill": ["--co2s-distill", "clip"],
 }
 # Train options that set no TrainConfig field alone, with why.
 TRAIN_CLI_ONLY = {
@@ -447,6 +454,10 @@ TRAIN_YAML_ONLY = {
     "eval.best_metric",
     "eval.batch_size",
     "runtime.tensorboard",
+    "co2s.lr_backbone",
+    "co2s.lr_head",
+    "co2s.lr_queries",
+    "co2s.weight_decay",
 }
 
 

@@ -34,13 +34,20 @@ from typing import Any
 import yaml
 
 from featstore.constants import DEFAULT_CROP, SCALE_RANGE
+from trainer.durable import atomic_write
 from trainer.errors import TrainConfigError
 
 # Run mode -> whether it reads the store's cached targets. The one table of run modes: code asks
 # `TrainConfig.reads_cache` / `target_source`, never compares mode strings.
 MODES = {"cached": True, "online": False}
 # registry keys of trainer.methods (torch-free here; tests pin this to the registry)
-METHOD_NAMES = ("rs-mtdf", "supervised")
+METHOD_NAMES = ("rs-mtdf", "supervised", "co2s")
+# the student's patch size per method (the crop must be a multiple); others: the DINOv2 14
+METHOD_PATCH = {"co2s": 16}
+CO2S_FINETUNE = ("attn", "full", "frozen")  # attention-only (official), all, none of the backbone
+CO2S_CLIP_ACTS = ("quickgelu", "gelu")  # OpenAI weights' QuickGELU; official code's exact GELU
+CO2S_TEXT_VARIANTS = ("conceptavg", "single")  # K-row variants of `featcache text` (C1's store)
+CO2S_DISTILL = ("none", "clip", "dinov3", "both")  # Co2S students given cached-teacher targets
 ONLINE_SOURCE = "online"  # featviews.sources registry key of the online teachers
 BRANCHES = ("full", "clip224")
 EVAL_MODES = ("whole", "sliding")
@@ -48,6 +55,8 @@ EVAL_MODES = ("whole", "sliding")
 TARGET_MODES = ("warp", "grid_aligned", "view_bank")
 DEFAULT_TARGET_MODE = TARGET_MODES[0]
 MODEL_CHOICES = ("student", "ema")
+# what a method evaluates besides those (= its Method.evaluated_names; tests pin them)
+METHOD_MODELS = {"co2s": ("clip", "dinov3", "fused")}
 JITTER_ORDERS = ("batch", "sample")  # = trainer.augment.JITTER_ORDERS (no torch import here)
 BLURS = ("gaussian", "pil")  # = trainer.augment.BLURS
 EDGE_RULES = ("exact", "overlap_last", "pad")  # = pipelines.sources.EDGE_RULES
@@ -217,6 +226,36 @@ class DistillConfig:
 
 
 @dataclass
+class Co2SConfig:
+    """Options of ``--method co2s`` (co2s-reference §2.3-2.4); the other methods ignore them.
+
+    ``stability_detach`` (``--stability-detach``): both sides of the stability loss detached, as
+    the official code (a loss without gradient); off: the less confident student learns.
+    Learning rates and weight decay of both students' AdamW groups (official: backbone
+    attention 1e-6, head 1e-3, learnable queries 1e-4, wd 0.01; the poly power is
+    ``optim.poly``). ``finetune``: backbone parameters trained, ``attn`` (official: attention
+    projections only), ``full`` or ``frozen``. ``clip_act``: the CLIP tower's activation,
+    ``quickgelu`` (what the OpenAI weights were trained with) or ``gelu`` (the official code).
+    ``text_variant``: the stored class text embeddings the CLIP student uses (official:
+    ``conceptavg``). ``clip_weights`` / ``dino_weights``: local weight files of the two backbones.
+    ``distill`` (``--co2s-distill``, beyond both papers): the students that also learn RS-MTDF's
+    cached-teacher targets (translators + MSE from the run's target source), ``none`` (official).
+    """
+
+    stability_detach: bool = False
+    lr_backbone: float = 1e-6
+    lr_head: float = 1e-3
+    lr_queries: float = 1e-4
+    weight_decay: float = 0.01
+    finetune: str = CO2S_FINETUNE[0]
+    clip_act: str = CO2S_CLIP_ACTS[0]
+    text_variant: str = CO2S_TEXT_VARIANTS[0]
+    clip_weights: str | None = None
+    dino_weights: str | None = None
+    distill: str = CO2S_DISTILL[0]
+
+
+@dataclass
 class ScheduleConfig:
     """Length of training: ``iters`` wins over ``epochs`` when both are set.
 
@@ -284,6 +323,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     fixmatch: FixMatchConfig = field(default_factory=FixMatchConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    co2s: Co2SConfig = field(default_factory=Co2SConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -297,7 +337,8 @@ class TrainConfig:
         _choice("mode", self.mode, tuple(MODES))
         _choice("distill.target_mode", self.distill.target_mode, TARGET_MODES)
         _choice("eval.mode", self.eval.mode, EVAL_MODES)
-        _choice("eval.best_model", self.eval.best_model, MODEL_CHOICES)
+        models = MODEL_CHOICES + METHOD_MODELS.get(self.method, ())
+        _choice("eval.best_model", self.eval.best_model, models)
         _choice("fixmatch.jitter_order", self.fixmatch.jitter_order, JITTER_ORDERS)
         _choice("fixmatch.blur", self.fixmatch.blur, BLURS)
         if self.data.edge_rule is not None:
@@ -314,11 +355,16 @@ class TrainConfig:
                 f"distill.target_mode {self.distill.target_mode!r} reads the "
                 "store's cache: use mode 'cached' (or target_mode 'warp')"
             )
-        if self.crop_size % 14:
+        patch = METHOD_PATCH.get(self.method, 14)
+        if self.crop_size % patch:
             raise TrainConfigError(
-                f"--crop {self.crop_size}: must be a multiple of 14 (the student's patch size), "
-                "e.g. 518 (config: crop_size)"
+                f"--crop {self.crop_size}: must be a multiple of {patch} (the student's patch "
+                f"size), e.g. {DEFAULT_CROP if patch == 14 else patch * 32} (config: crop_size)"
             )
+        _choice("co2s.finetune (--co2s-finetune)", self.co2s.finetune, CO2S_FINETUNE)
+        _choice("co2s.clip_act (--clip-act)", self.co2s.clip_act, CO2S_CLIP_ACTS)
+        _choice("co2s.text_variant (--text-variant)", self.co2s.text_variant, CO2S_TEXT_VARIANTS)
+        _choice("co2s.distill (--co2s-distill)", self.co2s.distill, CO2S_DISTILL)
         self._validate_teachers()
         self._validate_split_options()
         self._validate_numbers()
@@ -481,7 +527,9 @@ class TrainConfig:
             return _build(cls, d, "")
         from trainer.presets import apply_preset
 
-        base = apply_preset(cls(), _to_str(preset, "preset"))
+        # the preset is the recipe of the method the keys name (Co2S has its own)
+        method = d.get("method") if isinstance(d.get("method"), str) else METHOD_NAMES[0]
+        base = apply_preset(cls(method=method), _to_str(preset, "preset"))
         return _build(cls, d, "", base)
 
     def dump(
@@ -499,7 +547,9 @@ class TrainConfig:
         body = self.to_dict()
         if record is not None:
             body[RECORD_KEY] = record
-        Path(path).write_text(lines + yaml.safe_dump(body, sort_keys=False))
+        text = (lines + yaml.safe_dump(body, sort_keys=False)).encode()
+        # whole or not at all (a full disk or a kill); a failure names the file and the fix
+        atomic_write(path, lambda fh: fh.write(text), what="run config")
 
     @classmethod
     def load(cls, path: str | Path, preset: str | None = None) -> TrainConfig:
@@ -704,6 +754,7 @@ def _has_defaults(cls: type) -> bool:
 
 
 __all__ = [
+    "Co2SConfig",
     "DataConfig",
     "DistillConfig",
     "EvalConfig",

@@ -19,21 +19,20 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from featstore.faults import fault_point
 from featviews.bank import bank_reuse
 from trainer.checkpoint import (
     RESUME_KEYS,
-    check_architecture,
     load_state,
     read_checkpoint,
     require_keys,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    student_config_dict,
-    student_config_from,
 )
 from trainer.config import TrainConfig, check_device
 from trainer.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown
+from trainer.durable import check_writable_folder
 from trainer.ema import create_ema, update_ema
 from trainer.evaluate import evaluate, protocol_json, resolve_protocol
 from trainer.logging_utils import RunLogger, eval_columns, eval_scalars
@@ -58,7 +57,6 @@ from trainer.rundir import (
     run_files,
 )
 from trainer.step import poly_lr
-from trainer.student import param_groups
 
 LOG = logging.getLogger(__name__)
 
@@ -122,7 +120,8 @@ class Trainer:
         self.ckpt = read_checkpoint(resume) if resume else None
         if self.ckpt is not None:
             require_keys(self.ckpt, RESUME_KEYS, resume, "resume a run")
-            student_config_from(self.ckpt, resume)  # a field this version lacks: named first
+            # a field this version lacks: named first
+            method_class(cfg.method).check_checkpoint(self.ckpt, resume)
             check_resume_recipe(self.ckpt["config"], cfg, resume)
         method_cls = method_class(cfg.method)
         method_cls.configure(cfg)
@@ -138,10 +137,10 @@ class Trainer:
         self.source = build_source(cfg, self.data, self.online)
         self.method = method_cls(cfg, self.data, self.source, self.device)
         self.model = self.method.build_model(self.online).to(self.device)
-        self.ema = create_ema(self.model, cfg.fixmatch.ema_max)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.optim.lr, cfg.optim.lr_multi, cfg.optim.weight_decay)
-        )
+        # a method without EMA (Co2S) gets no copy at all: no memory, no update, no checkpoint
+        self.ema = create_ema(self.model, cfg.fixmatch.ema_max) if method_cls.uses_ema else None
+        self.optimizers = self.method.optimizers(self.model)
+        self.optimizer = self.optimizers[0]  # the one of single-optimizer methods; logs its lr
         self.loaders = build_loaders(
             cfg, self.data, self.info, self.source, labeled_only=not method_cls.unlabeled
         )
@@ -156,6 +155,7 @@ class Trainer:
 
     def _claim_out_dir(self, overwrite: bool) -> None:
         """Refuse an ``--out`` holding another run; under ``--overwrite`` delete that run."""
+        check_writable_folder(self.out, "--out")  # before any work, not at the first write
         check_out_dir(self.out, bool(self.cfg.runtime.resume), overwrite)
         if not overwrite:
             return
@@ -204,13 +204,20 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=False)
 
+    @property
+    def _ema_module(self) -> torch.nn.Module | None:
+        return self.ema.module if self.ema is not None else None
+
     # ------------------------------------------------------------------ checkpoints
 
     def _restore(self, ckpt: dict[str, Any], path: str) -> None:
-        check_architecture(ckpt, self.model.cfg, path)
+        self.method.check_architecture(ckpt, self.model, path)
         load_state(self.model, ckpt["student"], f"{path} [student]")
-        load_state(self.ema.module, ckpt["ema"], f"{path} [ema]")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None:
+            load_state(self.ema.module, ckpt["ema"], f"{path} [ema]")
+        states = ckpt["optimizer"]  # one state dict, or a list of them (several optimizers)
+        for opt, state in zip(self.optimizers, _as_list(states), strict=True):
+            opt.load_state_dict(state)
         run = ckpt["run"]
         self.state = RunState(
             int(run["step"]), run.get("best"), run.get("best_step"), ckpt.get("metrics", {})
@@ -227,8 +234,8 @@ class Trainer:
             self.out / name,
             {
                 "student": self.model.state_dict(),
-                "ema": self.ema.module.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema is not None else {},
+                "optimizer": _one_or_list([o.state_dict() for o in self.optimizers]),
                 "run": {
                     "step": s.step,
                     "best": s.best,
@@ -238,7 +245,7 @@ class Trainer:
                 },
                 "rng": rng_state(),
                 "config": self.cfg.to_dict(),
-                "student_config": student_config_dict(self.model.cfg),
+                "student_config": self.method.architecture(self.model),
                 "store": self.data.store_meta(),
                 "class_names": list(self.data.class_names),
                 "tile": {"tile_size": self.data.tile_size, "base_size": self.data.base_size},
@@ -255,7 +262,7 @@ class Trainer:
             return {}
         c = self.cfg
         metrics = evaluate(
-            self.method.evaluated(self.model, self.ema.module),
+            self.method.evaluated(self.model, self._ema_module),
             self.data.reader,
             val,
             self.data.num_classes,
@@ -285,14 +292,19 @@ class Trainer:
         gen = torch.Generator(device=self.device)
         # Per-step seed: the on-device augmentation replays exactly after a resume.
         gen.manual_seed(self.cfg.runtime.seed * 1_000_003 + step * 7 + self.info.rank)
-        terms = self.method.losses(self.ddp, self.ema.module, batch_l, batch_u, gen)
-        ids = batch_l["index"].tolist() + ([] if batch_u is None else batch_u["index"].tolist())
-        check_finite(terms, step, ids)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.method.set_progress(step, self.total)
+        terms = self.method.losses(self.ddp, self._ema_module, batch_l, batch_u, gen)
+        rows = batch_l["index"].tolist() + ([] if batch_u is None else batch_u["index"].tolist())
+        # tile ids, not row numbers: what `featcache verify` and the split files name
+        check_finite(terms, step, [self.data.tiles[i].tile_id for i in rows])
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        self.optimizer.step()
-        poly_lr(self.optimizer, step, self.total, self.cfg.optim.poly)
-        update_ema(self.ema, self.model, step)
+        for opt in self.optimizers:
+            opt.step()
+            poly_lr(opt, step, self.total, self.cfg.optim.poly)
+        if self.ema is not None:
+            update_ema(self.ema, self.model, step)
         self.state.step += 1
         return {k: v.detach() for k, v in terms.items()}
 
@@ -350,7 +362,7 @@ class Trainer:
             self.info.is_main,
             cfg.runtime.progress,
             cfg.runtime.tensorboard,
-            eval_columns(("student", "ema"), self.protocol.name),
+            eval_columns(self.method.evaluated_names, self.protocol.name),
         )
         stop = min(self.total, cfg.schedule.stop_after or self.total)
         self.model.train()
@@ -365,6 +377,7 @@ class Trainer:
                 )
                 for batch_l, batch_u in stream:
                     terms = self._step(batch_l, batch_u)
+                    fault_point("train.step")  # test-only SIGKILL hook (featstore.faults)
                     s = self.state.step
                     end_epoch = s % per == 0
                     # an evaluated step always gets its metrics.csv row (val columns filled)
@@ -384,6 +397,16 @@ class Trainer:
                 barrier()
         finally:
             logger.close()
+
+
+def _one_or_list(states: list[Any]) -> Any:
+    """A checkpoint's ``optimizer``: the state dict itself for one optimizer (the format of
+    every single-optimizer run), a list for several."""
+    return states[0] if len(states) == 1 else states
+
+
+def _as_list(states: Any) -> list[Any]:
+    return states if isinstance(states, list) else [states]
 
 
 def train(

@@ -121,10 +121,12 @@ def predict_logits(
     crop: int,
     stride: int | None = None,
     bf16: bool = False,
+    patch: int = 14,
 ) -> torch.Tensor:
-    """Dispatch on the evaluation mode (``whole`` | ``sliding``)."""
+    """Dispatch on the evaluation mode (``whole`` | ``sliding``); ``patch``: the model's input
+    multiple in whole mode (14; Co2S's students 16, `trainer.config.METHOD_PATCH`)."""
     if mode == "whole":
-        return logits_whole(model, x, bf16=bf16)
+        return logits_whole(model, x, patch, bf16)
     if mode == "sliding":
         return logits_sliding(model, x, crop, stride or max(crop * 2 // 3, 1), bf16)
     raise ValueError(f"evaluation mode {mode!r} is not 'whole' or 'sliding'")
@@ -151,12 +153,13 @@ def evaluate(
     bf16: bool = False,
     progress: bool = False,
     exclude_classes: Sequence[int] = (),
+    patch: int = 14,
 ) -> dict[str, dict[str, Any]]:
     """Metrics per model over the tiles ``indices`` of a store or source reader.
 
     Tiles are split over DDP ranks and the confusion matrices summed with ``all_reduce``.
     ``progress`` shows a bar over this rank's tiles. ``exclude_classes``: the protocol's
-    excluded classes (`resolve_protocol`).
+    excluded classes (`resolve_protocol`). ``patch``: see `predict_logits`.
 
     Returns:
         ``{model name: ConfusionMatrix.report(exclude_classes) dict}``: all classes, and the
@@ -177,7 +180,8 @@ def evaluate(
         mask = torch.from_numpy(np.stack([reader.read_mask(i) for i in chunk])).to(device)
         x = torch.from_numpy(img).to(device).permute(0, 3, 1, 2).float() / 255.0
         for k, m in models.items():
-            cms[k].update(predict_logits(m, x, mode, crop, stride, bf16).argmax(1), mask)
+            logits = predict_logits(m, x, mode, crop, stride, bf16, patch)
+            cms[k].update(logits.argmax(1), mask)
     for k, m in models.items():
         m.train(was[k])
     out = {}

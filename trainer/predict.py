@@ -22,12 +22,27 @@ import numpy as np
 import torch
 from PIL import Image
 
+from featstore.constants import PATCH_SIZE
 from featstore.errors import FeatcacheError
 from featstore.schema import default_class_colors
-from trainer.checkpoint import class_colors, class_names, load_student
+from trainer.checkpoint import (
+    CheckpointError,
+    class_colors,
+    class_names,
+    default_weights,
+    read_checkpoint,
+    read_export,
+    require_keys,
+)
+from trainer.config import METHOD_NAMES, METHOD_PATCH
 from trainer.evaluate import predict_logits
+from trainer.methods import METHODS, Method
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# --use values beyond one model's name: every model the checkpoint's method evaluates, and the
+# student + EMA pair (`featcache evaluate`'s former default, kept for scripts).
+USE_ALL, USE_BOTH = "all", "both"
+USE_GROUPS = {USE_BOTH: ("student", "ema")}
 
 
 class PredictError(FeatcacheError, ValueError):
@@ -182,13 +197,103 @@ def _write_geotiff(
         dst.write(labels, 1)
 
 
+def checkpoint_method(ckpt: dict[str, Any], path: str | Path) -> type[Method]:
+    """The method whose model a checkpoint holds: its model record's ``method`` (Co2S records
+    one), else the run's ``config.method``, else the default (exports of the student)."""
+    record = ckpt.get("student_config")
+    name = record.get("method") if isinstance(record, dict) else None
+    name = name or (ckpt.get("config") or {}).get("method") or METHOD_NAMES[0]
+    if name not in METHODS:
+        raise CheckpointError(
+            f"checkpoint {path} holds a {name!r} model, which this featcache does not know "
+            f"(methods: {sorted(METHODS)}); use the featcache version that trained it"
+        )
+    return METHODS[name]
+
+
+def _names(ckpt: dict[str, Any], method: type[Method], use: str | None, path: Any) -> list[str]:
+    """The models ``--use`` asks for, checked against what the method evaluates."""
+    if use is None:
+        return [default_weights(ckpt)]
+    if use == USE_ALL:
+        held = ckpt.get("export", {}).get("use")  # an export holds one weight set
+        return [held] if held else list(method.evaluated_names)
+    names = list(USE_GROUPS.get(use, (use,)))
+    unknown = [n for n in names if n not in method.evaluated_names]
+    if unknown:
+        raise CheckpointError(
+            f"--use {use}: checkpoint {path} holds a {method.name} model, which evaluates "
+            f"{', '.join(method.evaluated_names)}; pass --use one of them (evaluate also takes "
+            f"--use {USE_ALL})"
+        )
+    return names
+
+
+def load_models(
+    path: str | Path, use: str | None = None, device: torch.device | str = "cpu"
+) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
+    """Rebuild a checkpoint's (or an export's) models for evaluation and prediction, through
+    its method (`trainer.methods.base.Method.load_models`): no teacher, store or text tower.
+
+    Args:
+        path: ``latest.pt`` / ``best.pt`` of a run, or a ``.safetensors`` export.
+        use: A model name of the method (``student`` / ``ema``; Co2S: ``clip`` / ``dinov3`` /
+            ``fused``), ``all`` (every model the method evaluates; an export: the set it
+            holds), ``both`` (student and EMA), or None (the model ``best.pt`` was chosen on,
+            `trainer.checkpoint.default_weights`).
+        device: Target device.
+
+    Returns:
+        ``({name: model in eval mode}, checkpoint dict)``; the dict records ``weights_used``.
+    """
+    if Path(path).suffix == ".safetensors":
+        single = use if use not in (USE_ALL, USE_BOTH) else None
+        ckpt, state = read_export(path, single)
+        ckpt[ckpt["export"]["use"]] = state  # where a checkpoint keeps that weight set
+    else:
+        ckpt = read_checkpoint(path)
+        require_keys(ckpt, ("config", "student_config"), path, "rebuild its model")
+    method = checkpoint_method(ckpt, path)
+    method.check_checkpoint(ckpt, path)
+    names = _names(ckpt, method, use, path)
+    models = method.load_models(ckpt, names, path)
+    ckpt["weights_used"] = names[0] if len(names) == 1 else names
+    ckpt["method"] = method.name
+    return {n: m.to(device).eval() for n, m in models.items()}, ckpt
+
+
+@dataclass(frozen=True)
+class InferenceProtocol:
+    """How a checkpoint's model is run on whole images (`trainer.evaluate.predict_logits`)."""
+
+    mode: str
+    crop: int
+    stride: int | None
+    patch: int
+
+
+def inference_protocol(
+    ckpt: dict[str, Any], mode: str | None = None, crop: int | None = None
+) -> InferenceProtocol:
+    """``mode`` None: the protocol the run validated with (``eval.mode``; Co2S: sliding windows
+    at stride 5/6 crop, the official one), ``whole`` for an export; the run's crop and stride;
+    the method's input multiple in whole mode (`trainer.config.METHOD_PATCH`)."""
+    run_eval = (ckpt.get("config") or {}).get("eval") or {}
+    return InferenceProtocol(
+        mode=mode or run_eval.get("mode") or "whole",
+        crop=crop or int(ckpt["config"]["crop_size"]),
+        stride=run_eval.get("stride"),
+        patch=METHOD_PATCH.get(str(ckpt.get("method")), PATCH_SIZE),
+    )
+
+
 def predict(
     checkpoint: str | Path,
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     device: str = "cpu",
     use: str | None = None,
-    mode: str = "whole",
+    mode: str | None = None,
     crop: int | None = None,
     geotiff: bool = True,
     progress: bool = False,
@@ -200,17 +305,22 @@ def predict(
         inputs: Image files, folders, or store URLs.
         out_dir: Output folder (created).
         device: Torch device.
-        use: ``"ema"`` or ``"student"`` weights (``--use``); None: the set the run chose
-            ``best.pt`` on (``eval.best_model``, default student; an export: the set it holds).
-        mode: ``"whole"`` (resize to a multiple of 14) or ``"sliding"``.
+        use: The model (``--use``): ``"ema"`` or ``"student"`` weights; a Co2S checkpoint's
+            ``"clip"``, ``"dinov3"`` or ``"fused"``; None: the model the run chose ``best.pt``
+            on (``eval.best_model``: student, Co2S clip; an export: the set it holds).
+        mode: ``"whole"`` (resize to the model's input multiple) or ``"sliding"``; None: the
+            run's evaluation protocol (`inference_protocol`).
         crop: Sliding window size (default: the run's crop size).
         geotiff: Also write GeoTIFFs for georeferenced inputs.
         progress: Show a progress bar (one step per input image).
     """
 
     resolved = resolve_inputs(inputs)  # a bad input fails before the model is even loaded
-    model, ckpt = load_student(checkpoint, use, device)
-    crop = crop or int(ckpt["config"]["crop_size"])
+    if use in (USE_ALL, USE_BOTH):
+        raise PredictError(f"--use {use}: predict writes one model's masks; name one model")
+    models, ckpt = load_models(checkpoint, use, device)
+    (model,) = models.values()
+    protocol = inference_protocol(ckpt, mode, crop)
     out = Path(out_dir)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -219,7 +329,7 @@ def predict(
     try:
         written += write_legend(out, class_names(ckpt), colours)
         _predict_all(
-            model, resolved, out, palette(colours), mode, crop, device, geotiff, progress, written
+            model, resolved, out, palette(colours), protocol, device, geotiff, progress, written
         )
     except BaseException:
         # a failed call leaves nothing of its own behind (masks of earlier inputs included)
@@ -236,8 +346,7 @@ def _predict_all(
     resolved: Any,
     out: Path,
     pal: list[int],
-    mode: str,
-    crop: int,
+    protocol: InferenceProtocol,
     device: Any,
     geotiff: bool,
     progress: bool,
@@ -254,7 +363,9 @@ def _predict_all(
             )
         x = torch.from_numpy(np.ascontiguousarray(item.image)).to(device)
         x = x.permute(2, 0, 1).unsqueeze(0).float() / 255.0
-        labels = predict_logits(model, x, mode, crop).argmax(1)[0].to(torch.uint8).cpu().numpy()
+        p = protocol
+        logits = predict_logits(model, x, p.mode, p.crop, p.stride, patch=p.patch)
+        labels = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
         png = out / f"{item.name}.png"
         img = Image.fromarray(labels)
         img.putpalette(pal)  # "L" -> "P": values stay the class indices
@@ -269,8 +380,14 @@ def _predict_all(
 
 
 __all__ = [
+    "InferenceProtocol",
     "PredictError",
     "PredictInput",
+    "USE_ALL",
+    "USE_BOTH",
+    "checkpoint_method",
+    "inference_protocol",
+    "load_models",
     "legend_colours",
     "count_images",
     "iter_inputs",

@@ -41,7 +41,7 @@ from trainer.checks import (
     resolve_levels,
     select_sets,
 )
-from trainer.config import TINY_STUDENT, TeacherConfig, TrainConfig, default_branch
+from trainer.config import METHOD_PATCH, TINY_STUDENT, TeacherConfig, TrainConfig, default_branch
 from trainer.data import (
     EpochSampler,
     SourceTiles,
@@ -213,7 +213,25 @@ def run_summary(cfg: TrainConfig, data: RunData, method: Any) -> list[str]:
     if not method.unlabeled:
         lines.append(f"  (method {method.name} trains on the labeled set only; unlabeled unused)")
     lines.append(_student_line(cfg))
+    lines += _padding_warning(cfg, data.tile_size)
     return lines + departure_lines(cfg, data_departures(data))
+
+
+def _padding_warning(cfg: TrainConfig, tile: int) -> list[str]:
+    """A WARNING line when the tiles are too small for the crop: even the largest zoom of the
+    view draw leaves padding in every view (512 px tiles and the official 518 crop do not)."""
+    largest = int(cfg.data.scale_range[1] * tile)
+    if largest >= cfg.crop_size:
+        return []
+    patch = METHOD_PATCH.get(cfg.method, 14)
+    fit = max(patch, tile // patch * patch)
+    padding = 1 - (largest / cfg.crop_size) ** 2
+    return [
+        f"WARNING: tiles are {tile} px and views --crop {cfg.crop_size} px: even at the largest "
+        f"zoom ({largest} px) every view is at least {padding:.0%} padding; pass --crop {fit} "
+        "(a multiple of the student's patch, at most the tile side) for these tiles, or "
+        "extract larger tiles (extract --tile-size)"
+    ]
 
 
 def data_departures(data: RunData) -> list[Departure]:
@@ -240,8 +258,30 @@ def data_departures(data: RunData) -> list[Departure]:
     return out
 
 
+def _co2s_student_line(cfg: TrainConfig) -> str:
+    """Co2S's two students and where their backbone weights come from (random said out loud)."""
+    if cfg.model.tiny:
+        return "students: tiny CLIP and DINOv3 test networks (--tiny)"
+    parts = [
+        f"{name} ({'weights ' + w if w else 'RANDOM init'})"
+        for name, w in (
+            ("CLIP ViT-B/16", cfg.co2s.clip_weights),
+            ("DINOv3 ViT-B/16", cfg.co2s.dino_weights),
+        )
+    ]
+    line = f"students: {parts[0]}, {parts[1]}; backbones train {cfg.co2s.finetune!r}"
+    if cfg.co2s.clip_weights and cfg.co2s.dino_weights:
+        return line
+    return (
+        f"WARNING: {line} (--random-weights; no --clip-weights / --dino-weights): expect far "
+        "lower accuracy than from pretrained weights"
+    )
+
+
 def _student_line(cfg: TrainConfig) -> str:
     """Where the student's backbone weights come from; random init is said out loud."""
+    if cfg.method in STUDENT_LINES:
+        return STUDENT_LINES[cfg.method](cfg)
     if cfg.model.tiny:
         return "student: tiny test network (--tiny)"
     arch = cfg.model.student.get("arch", StudentConfig.arch)
@@ -251,6 +291,10 @@ def _student_line(cfg: TrainConfig) -> str:
             "far lower accuracy than from DINOv2 weights"
         )
     return f"student: {arch}, weights {cfg.model.pretrained}"
+
+
+# Per method, its own student line (default: the DINOv2 student's, `_student_line`).
+STUDENT_LINES = {"co2s": _co2s_student_line}
 
 
 def open_data(cfg: TrainConfig, pinned: dict[str, Any] | None = None) -> RunData:

@@ -91,6 +91,9 @@ OFFICIAL: dict[str, tuple[Any, str]] = {
 # Per method, the OFFICIAL entries that do not apply to it (key prefixes). The official
 # supervised baseline (supervised.py) shares the recipe's data, optimiser, schedule and student,
 # but has no unlabeled stream, no FixMatch and no teachers. Methods absent here use every entry.
+# Co2S (co2s-reference.md) shares the view draw, the strong augmentations, the confidence
+# threshold, CutMix and the poly power; it has no teachers, no EMA and not the DINOv2 student,
+# and its optimiser rates are its own (`CO2S_OFFICIAL`).
 NOT_APPLICABLE: dict[str, tuple[str, ...]] = {
     "supervised": (
         "fixmatch.",
@@ -100,8 +103,105 @@ NOT_APPLICABLE: dict[str, tuple[str, ...]] = {
         "model.student.fusion_",
         "model.student.clip_",
     ),
+    "co2s": (
+        "distill.",
+        "model.student.",
+        "optim.lr",  # and optim.lr_multi: co2s.lr_* instead
+        "optim.weight_decay",  # co2s.weight_decay instead
+        "fixmatch.ema_max",
+    ),
 }
-RECIPE_NAMES = {"supervised": "the official supervised-only baseline (supervised.py)"}
+RECIPE_NAMES = {
+    "supervised": "the official supervised-only baseline (supervised.py)",
+    "co2s": "the official Co2S recipe (XavierJiezou/Co2S)",
+}
+
+# The official Co2S code's values (co2s-reference.md section in each comment), over the shared
+# entries of `OFFICIAL` the method keeps. Per-dataset values name the common one (crop 512,
+# 80 epochs, 1 image per GPU), the exceptions in the text.
+CO2S_OFFICIAL: dict[str, tuple[Any, str]] = {
+    "crop_size": (512, "training crops of another size (official 512; WHDLD 256)"),  # §2.5
+    "schedule.epochs": (80, "another training length (official 80 epochs; MER 150)"),  # §2.5
+    "schedule.iters": (None, "training length set in iterations, not the official epochs"),
+    "schedule.batch_labeled": (
+        1,
+        "another labeled batch per process (official: 1 per GPU at crop 512, WHDLD 2)",
+    ),  # §2.5
+    "schedule.batch_unlabeled": (
+        1,
+        "another unlabeled batch per process (official: 1 per GPU at crop 512, WHDLD 2)",
+    ),  # §2.5
+    "eval.mode": ("sliding", "validation by whole tiles, not sliding windows"),  # §3
+    "eval.best_model": ("clip", "best.pt is chosen on another model than the CLIP student"),
+    "co2s.stability_detach": (
+        True,
+        "the stability loss has a gradient: the less confident student learns from the other "
+        "(the official code detaches both sides, so the loss only shows in logs)",
+    ),  # §2.3, §7.1
+    "co2s.lr_backbone": (1e-6, "another backbone (attention) learning rate"),  # §2.4
+    "co2s.lr_head": (1e-3, "another decoder learning rate"),  # §2.4
+    "co2s.lr_queries": (1e-4, "another learning rate of the DINOv3 class queries"),  # §2.4
+    "co2s.weight_decay": (0.01, "another AdamW weight decay"),  # §2.4
+    "co2s.finetune": ("attn", "other backbone parameters train than the attention projections"),
+    "co2s.clip_act": (
+        "gelu",
+        "QuickGELU in the CLIP tower (what the OpenAI weights were trained with), where the "
+        "official code runs exact GELU",
+    ),  # §1.1, §7.5
+    "co2s.text_variant": ("conceptavg", "other class text rows than the concept average"),  # §1.4
+    "runtime.bf16": (False, "bf16 autocast where the official code runs fp32"),  # §2.4
+    "co2s.distill": ("none", "students also learn the store's teachers (beyond both papers)"),
+}
+METHOD_RECIPES = {"co2s": CO2S_OFFICIAL}
+
+# Departures of the Co2S implementation that no option sets (key, ours, official, changes,
+# kind): numerics of the backbones, bug fixes, and where the code follows the code, not the
+# paper. Listed at the start of every co2s run.
+CO2S_FIXED: tuple[tuple[str, Any, Any, str, str], ...] = (
+    (
+        "co2s.layernorm_eps",
+        1e-5,
+        1e-6,
+        "CLIP (open_clip) and DINOv3 (timm) LayerNorms use eps 1e-5, the official ViTs 1e-6",
+        "method",
+    ),
+    (
+        "co2s.dinov3_rope_dtype",
+        "float32",
+        "bfloat16",
+        "DINOv3's rotary embedding rotates q/k in fp32 (timm), the official config in bf16",
+        "method",
+    ),
+    (
+        "eval.best_split",
+        "the run's val set",
+        "the test split",
+        "best.pt is chosen on the run's val set; the official code selects on its test split",
+        "method",
+    ),
+    (
+        "co2s.cutmix_partner",
+        "same tile, another view drawn from the step's generator",
+        "same tile ids, another view from a second loader iterator",
+        "the same partner rule (UniMatch's 'other' batch) from another random stream",
+        "rng",
+    ),
+    (
+        "co2s.masked_ce_denominator",
+        "valid pixels, at least 1",
+        "valid pixels",
+        "an all-padding batch adds no loss (the official code divides by zero)",
+        "fix",
+    ),
+    (
+        "co2s.phi_input",
+        "L2-normalised class embeddings",
+        "L2-normalised class embeddings",
+        "follows the code: the paper's Eq. 6/8 apply phi to the raw embeddings and take logits "
+        "from the similarity; the code feeds phi the normalised rows and decodes the cost volume",
+        "paper",
+    ),
+)
 
 # The teachers of the paper, each on its official student branch.
 OFFICIAL_TEACHERS = (("dinov2_vitb14", "full"), ("clip_vitl14", "clip224"))
@@ -149,10 +249,19 @@ def check_preset(name: str | None) -> None:
         )
 
 
+def recipe(method: str) -> dict[str, tuple[Any, str]]:
+    """The official table of ``method``: the `OFFICIAL` entries that apply to it, then its own
+    (`METHOD_RECIPES`, which win on a shared key)."""
+    skip = NOT_APPLICABLE.get(method, ())
+    shared = {k: v for k, v in OFFICIAL.items() if not k.startswith(skip)}
+    return {**shared, **METHOD_RECIPES.get(method, {})}
+
+
 def apply_preset(cfg: TrainConfig, name: str) -> TrainConfig:
-    """``cfg`` (changed in place, and returned) with every entry of preset ``name`` set."""
+    """``cfg`` (changed in place, and returned) with every entry of preset ``name`` set, for
+    the method ``cfg`` names (`recipe`)."""
     check_preset(name)
-    for key, (value, _) in OFFICIAL.items():
+    for key, (value, _) in recipe(cfg.method).items():
         set_value(cfg, key, value)
     cfg.preset = name
     return cfg
@@ -195,13 +304,13 @@ def departures(cfg: TrainConfig, data: Sequence[Departure] = ()) -> list[Departu
     ``data``: departures the opened data carries, which no config can see (a store's tiles cut
     by another edge rule than the official data's: ``trainer.prepare.data_departures``).
     """
-    skip = NOT_APPLICABLE.get(cfg.method, ())
     out = [
         Departure(key, get_value(cfg, key), official, changes)
-        for key, (official, changes) in OFFICIAL.items()
-        if not key.startswith(skip) and not _same(get_value(cfg, key), official)
+        for key, (official, changes) in recipe(cfg.method).items()
+        if not _same(get_value(cfg, key), official)
     ]
-    return out + _facts(cfg) + list(data)
+    facts = FACTS.get(cfg.method, _facts)(cfg)
+    return out + facts + list(data)
 
 
 def departure_lines(cfg: TrainConfig, data: Sequence[Departure] = ()) -> list[str]:
@@ -257,6 +366,37 @@ def _facts(cfg: TrainConfig) -> list[Departure]:
     return out
 
 
+def _co2s_facts(cfg: TrainConfig) -> list[Departure]:
+    """Co2S's departures no preset sets: the students' init, then `CO2S_FIXED`."""
+    out = []
+    if cfg.model.tiny:
+        out.append(Departure("model.tiny", True, False, "tiny random test networks as students"))
+    else:
+        for key, weights, what in (
+            ("co2s.clip_weights", cfg.co2s.clip_weights, "OpenAI CLIP ViT-B/16 weights"),
+            ("co2s.dino_weights", cfg.co2s.dino_weights, "DINOv3 ViT-B/16 LVD-1689M weights"),
+        ):
+            if weights is None:
+                out.append(
+                    Departure(key, "RANDOM init", what, "the backbone starts from random weights")
+                )
+        if cfg.co2s.dino_weights is not None:
+            out.append(
+                Departure(
+                    "co2s.dino_weights (use)",
+                    "loaded and kept",
+                    "loaded, then likely re-initialised (co2s-reference §7.2)",
+                    "the DINOv3 student starts from the pretrained weights; the official build "
+                    "very probably wipes them",
+                )
+            )
+    return out + [Departure(*row) for row in CO2S_FIXED]
+
+
+# Per method, the departures no preset can set (default: RS-MTDF's `_facts`).
+FACTS = {"co2s": _co2s_facts}
+
+
 def _student_default(name: str) -> Any:
     from trainer.student import StudentConfig  # lazy: torch; only where a student key is read
 
@@ -282,6 +422,8 @@ def _show(value: Any) -> str:
 
 
 __all__ = [
+    "CO2S_OFFICIAL",
+    "METHOD_RECIPES",
     "OFFICIAL",
     "OFFICIAL_TEACHERS",
     "PRESETS",
@@ -291,5 +433,6 @@ __all__ = [
     "departure_lines",
     "departures",
     "get_value",
+    "recipe",
     "set_value",
 ]

@@ -42,6 +42,16 @@ RECIPE = {
     "distill.target_mode": "--target-mode",
     "distill.scale_blend": "--scale-blend",
     "distill.p_bank": "--p-bank",
+    "method": "--method",
+    "co2s.stability_detach": "--stability-detach",
+    "co2s.lr_backbone": "co2s.lr_backbone",
+    "co2s.lr_head": "co2s.lr_head",
+    "co2s.lr_queries": "co2s.lr_queries",
+    "co2s.weight_decay": "co2s.weight_decay",
+    "co2s.finetune": "--co2s-finetune",
+    "co2s.clip_act": "--clip-act",
+    "co2s.text_variant": "--text-variant",
+    "co2s.distill": "--co2s-distill",
 }
 
 

@@ -68,9 +68,9 @@ def test_every_command_has_a_description() -> None:
 @pytest.mark.parametrize(
     ("command", "option", "values"),
     [
-        ("evaluate", "--use", {"ema", "student", "both"}),
+        ("evaluate", "--use", {"all", "ema", "student", "both", "clip", "dinov3", "fused"}),
         ("evaluate", "--mode", {"whole", "sliding"}),
-        ("predict", "--use", {"ema", "student"}),
+        ("predict", "--use", {"ema", "student", "clip", "dinov3", "fused"}),
         ("predict", "--mode", {"whole", "sliding"}),
         ("export", "--use", {"ema", "student"}),
         ("train", "--eval-mode", {"whole", "sliding"}),

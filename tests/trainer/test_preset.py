@@ -345,3 +345,117 @@ def test_pretrained_file_reaches_the_student(store, tmp_path: Path) -> None:
     state = torch.load(out / "latest.pt", map_location="cpu", weights_only=True)["student"]
     for name, value in vit.state_dict().items():
         torch.testing.assert_close(state[f"backbone.{name}"], value, atol=1e-6, rtol=0)
+
+
+# --- Co2S: its own official recipe ------------------------------------------------------------
+
+# (dotted key, official value), written out from ../shared/design/co2s-reference.md (section in
+# each comment), not read from trainer.presets.
+EXPECTED_CO2S: list[tuple[str, Any]] = [
+    ("crop_size", 512),  # §2.5: 512 (WHDLD 256)
+    ("data.scale_range", (0.5, 2.0)),  # §2.1 ratio_range
+    ("data.flip_p", 0.5),  # §2.1
+    ("optim.poly", 0.9),  # §2.4
+    ("fixmatch.conf_thresh", 0.95),  # §2.3 tau
+    ("fixmatch.cutmix_p", 0.5),  # §2.1 one box with p = 0.5
+    ("fixmatch.photometric", True),  # §2.1 strong views
+    ("fixmatch.jitter_order", "sample"),  # §2.1 torchvision ColorJitter per image
+    ("fixmatch.blur", "pil"),  # §2.1 PIL Gaussian blur
+    ("eval.mode", "sliding"),  # §3 zegclip_sliding_window
+    ("eval.best_model", "clip"),  # §3 best_clip.pth (README reports CLIP)
+    ("eval.best_metric", "miou"),  # §3
+    ("eval.exclude_classes", None),  # §3 plain mean over K
+    ("schedule.epochs", 80),  # §2.5 (MER 150)
+    ("schedule.iters", None),  # §2.5 length in epochs
+    ("schedule.batch_labeled", 1),  # §2.5 1 per GPU at 512
+    ("schedule.batch_unlabeled", 1),  # §2.5
+    ("co2s.stability_detach", True),  # §2.3 / §7.1 both logits detached
+    ("co2s.lr_backbone", 1e-6),  # §2.4
+    ("co2s.lr_head", 1e-3),  # §2.4
+    ("co2s.lr_queries", 1e-4),  # §2.4
+    ("co2s.weight_decay", 0.01),  # §2.4
+    ("co2s.finetune", "attn"),  # §1.1 exclude_keys=['attn']
+    ("co2s.clip_act", "gelu"),  # §1.1 exact GELU
+    ("co2s.text_variant", "conceptavg"),  # §1.4 the default file
+    ("runtime.bf16", False),  # §2.4 no AMP
+    ("co2s.distill", "none"),  # no distillation in the official code (issue 17: beyond)
+]
+# fixed departures (no option) every co2s run lists
+CO2S_FIXED_KEYS = {
+    "co2s.layernorm_eps",
+    "co2s.dinov3_rope_dtype",
+    "eval.best_split",
+    "co2s.cutmix_partner",
+    "co2s.masked_ce_denominator",
+    "co2s.phi_input",
+}
+
+
+def _co2s(*args: str) -> TrainConfig:
+    """The config a co2s run uses after the method settled its options."""
+    from trainer.methods import Co2S
+
+    cfg = _cli("--method", "co2s", *args)
+    Co2S.configure(cfg)
+    return cfg
+
+
+def test_co2s_recipe_table_is_the_written_out_one() -> None:
+    from trainer.presets import recipe
+
+    table = recipe("co2s")
+    assert sorted(table) == sorted(k for k, _ in EXPECTED_CO2S)
+    for key, official in EXPECTED_CO2S:
+        want = list(official) if isinstance(official, tuple) else official
+        got = table[key][0]
+        assert (list(got) if isinstance(got, tuple) else got) == want, key
+
+
+@pytest.mark.parametrize("entry", ["cli", "yaml"])
+def test_co2s_preset_sets_the_official_values(entry: str, tmp_path: Path) -> None:
+    if entry == "cli":
+        cfg = _co2s("--preset", "official", "--tiny")
+    else:
+        path = _yaml(tmp_path, {"preset": "official", "method": "co2s"})
+        cfg = TrainConfig.load(path).validate()
+    for key, official in EXPECTED_CO2S:
+        want = list(official) if isinstance(official, tuple) else official
+        assert _field(cfg, key) == want, key
+    if entry == "cli":  # only what no option can set is left
+        found = {d.key for d in departures(cfg)}
+        assert found == {"model.tiny"} | CO2S_FIXED_KEYS
+
+
+def test_co2s_defaults_depart_where_documented() -> None:
+    cfg = _co2s("--crop", "512", "--batch", "1+1", "--epochs", "80", "--random-weights")
+    found = {d.key: (d.ours, d.official) for d in departures(cfg)}
+    assert {k: v for k, v in found.items() if k not in CO2S_FIXED_KEYS} == {
+        "co2s.stability_detach": (False, True),  # the loss has its gradient (issue 17)
+        "co2s.clip_act": ("quickgelu", "gelu"),  # the OpenAI weights' activation
+        "co2s.clip_weights": ("RANDOM init", "OpenAI CLIP ViT-B/16 weights"),
+        "co2s.dino_weights": ("RANDOM init", "DINOv3 ViT-B/16 LVD-1689M weights"),
+    }
+    assert set(found) >= CO2S_FIXED_KEYS
+    # no RS-MTDF-only entry: the DINOv2 student, EMA, distillation, its learning rates
+    assert not any(k.startswith(("model.student.", "distill.", "optim.lr")) for k in found)
+    assert "fixmatch.ema_max" not in found and "model.pretrained" not in found
+    lines = departure_lines(cfg)
+    assert lines[0].endswith("departure(s) from the official Co2S recipe (XavierJiezou/Co2S):")
+    assert (
+        "  co2s.stability_detach = False (official: True): the stability loss has a gradient"
+        in "\n".join(lines)
+    )
+    assert any(ln.startswith("  co2s.masked_ce_denominator = ") and "[fix]" in ln for ln in lines)
+
+
+def test_co2s_options_over_the_preset_are_departures() -> None:
+    cfg = _co2s(
+        "--preset", "official", "--tiny", "--stability-detach", "--clip-act", "quickgelu",
+        "--co2s-finetune", "full", "--bf16", "--crop", "256",
+    )  # fmt: skip
+    found = {d.key: (d.ours, d.official) for d in departures(cfg)}
+    assert found["co2s.clip_act"] == ("quickgelu", "gelu")
+    assert found["co2s.finetune"] == ("full", "attn")
+    assert found["runtime.bf16"] == (True, False)
+    assert found["crop_size"] == (256, 512)
+    assert "co2s.stability_detach" not in found  # detached: the official no-op

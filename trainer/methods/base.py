@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
+from trainer.checkpoint import (
+    check_architecture,
+    load_state,
+    student_config_dict,
+    student_config_from,
+    weight_set,
+)
 from trainer.config import TrainConfig
 from trainer.errors import TrainConfigError
 from trainer.prepare import build_student
+from trainer.student import Student, param_groups
 
 
 class Method:
@@ -20,6 +28,9 @@ class Method:
         summary: one line saying what it trains on and with which losses (the run's log).
         unlabeled: whether it needs the unlabeled stream (weak and strong views).
         distils: whether it uses teachers (distillation targets from the run's source).
+        uses_ema: whether the engine keeps, updates and checkpoints an EMA copy of the model
+            (False: no copy at all; ``losses`` and ``evaluated`` get ``None`` for it).
+        evaluated_names: the names ``evaluated`` returns, in the order metrics are reported.
 
     Args:
         cfg: The run's config (validated; teachers and branches resolved).
@@ -32,6 +43,8 @@ class Method:
     summary: ClassVar[str] = ""
     unlabeled: ClassVar[bool] = True
     distils: ClassVar[bool] = True
+    uses_ema: ClassVar[bool] = True
+    evaluated_names: ClassVar[tuple[str, ...]] = ("student", "ema")
 
     def __init__(self, cfg: TrainConfig, data: Any, source: Any, device: torch.device) -> None:
         self.cfg, self.data, self.source, self.device = cfg, data, source, device
@@ -43,6 +56,46 @@ class Method:
     def build_model(self, teachers: Mapping[str, Any] | None) -> torch.nn.Module:
         """The student to train (the engine adds its EMA copy, optimizer and DDP wrapper)."""
         return build_student(self.cfg, self.data, teachers)
+
+    def optimizers(self, model: torch.nn.Module) -> list[torch.optim.Optimizer]:
+        """The optimizers the engine steps together each iteration (poly lr on each group's
+        ``base_lr``; all of them checkpointed). Default: one AdamW over the student's groups."""
+        o = self.cfg.optim
+        return [torch.optim.AdamW(param_groups(model, o.lr, o.lr_multi, o.weight_decay))]
+
+    @classmethod
+    def check_checkpoint(cls, ckpt: Mapping[str, Any], path: Any) -> None:
+        """Refuse, before anything is built, a checkpoint whose model record this method cannot
+        read (default: the student's `StudentConfig`)."""
+        student_config_from(dict(ckpt), path)
+
+    @classmethod
+    def load_models(
+        cls, ckpt: Mapping[str, Any], names: Sequence[str], path: Any
+    ) -> dict[str, torch.nn.Module]:
+        """Rebuild, from a checkpoint's record and weights, the models ``names`` (of
+        `evaluated_names`) for evaluation and prediction: no teacher, store or text tower.
+        Default: one student per name from the ``student`` / ``ema`` weight set."""
+        models = {}
+        for name in names:
+            model = Student(student_config_from(dict(ckpt), path))
+            load_state(model, weight_set(dict(ckpt), name, path), f"{path} [{name}]")
+            models[name] = model
+        return models
+
+    def architecture(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The model's architecture record (checkpoint ``student_config``)."""
+        return student_config_dict(model.cfg)
+
+    def check_architecture(
+        self, ckpt: Mapping[str, Any], model: torch.nn.Module, path: Any
+    ) -> None:
+        """Refuse a checkpoint made for another architecture than ``model``."""
+        check_architecture(dict(ckpt), model.cfg, path)
+
+    def set_progress(self, step: int, total: int) -> None:
+        """Called by the engine before each step's `losses`: the 0-based iteration and the run's
+        total (for schedules inside a loss, e.g. Co2S's stability ramp); default: unused."""
 
     def losses(
         self,
@@ -56,9 +109,10 @@ class Method:
         raise NotImplementedError
 
     def evaluated(
-        self, model: torch.nn.Module, ema_model: torch.nn.Module
+        self, model: torch.nn.Module, ema_model: torch.nn.Module | None
     ) -> dict[str, torch.nn.Module]:
         """The models validated at each evaluation, by the name metrics are reported under."""
+        assert ema_model is not None  # uses_ema: the engine keeps one
         return {"student": model, "ema": ema_model}
 
 
