@@ -376,6 +376,11 @@ def verify_command(store: str) -> None:
     if problems:
         for problem in problems:
             click.echo(f"PROBLEM: {problem}")
+        click.echo(
+            "Fix: run `featcache repair SOURCE STORE` with the extract command's options: it "
+            "re-extracts exactly the damaged shards and restores edited metadata (or re-run "
+            "`featcache extract ... --overwrite` to rebuild the whole store)"
+        )
         click.get_current_context().exit(1)
     click.echo(f"OK: {store} verified")
 

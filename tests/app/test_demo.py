@@ -213,7 +213,11 @@ def test_peak_memory_sees_an_allocation() -> None:
 
     with PeakMemory(torch.device("cpu")) as mem:
         block = np.ones(40 * 2**20 // 8)  # 40 MiB, touched
-        time.sleep(0.1)
+        # held until the polling thread has sampled it (a loaded machine may not schedule the
+        # thread within 0.1 s); 10 s at most, then the assertion below fails
+        deadline = time.monotonic() + 10
+        while mem.peak < 30 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.05)
         del block
     assert mem.peak >= 30 * 2**20
     assert mem.peak_abs >= mem.peak
