@@ -19,6 +19,7 @@ store is byte-identical to an uninterrupted extraction (tests/pipelines/test_rep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -85,7 +86,7 @@ def repair_store(cfg: ExtractConfig) -> RepairReport:
     schema = build_schema(ctx)
     fp = fingerprint(schema, records)
     _require_same_extraction(url, schema, records, fp)
-    _refuse_grown_store(url)
+    schema = dataclasses.replace(schema, parts=_recorded_parts(url))
     run_id = uuid.uuid4().hex[:12]
     lock.acquire(url, run_id, cfg.break_lock)
     try:
@@ -126,22 +127,13 @@ def _local_store(url: str) -> str:
     return path
 
 
-def _refuse_grown_store(url: str) -> None:
-    """Stores that teachers or levels were added to (`extract --add`) keep those levels' done
-    markers and checksums in parts that the shard rewrite below does not know: refused, not
-    half repaired."""
+def _recorded_parts(url: str) -> tuple[Any, ...]:
+    """The store's recorded parts (teachers or levels added by `extract --add`), which the
+    options do not describe; none when the header cannot tell (it is restored from the options)."""
     try:
-        parts = StoreSchema.from_dict(_recorded_header(url)["schema"]).parts
+        return StoreSchema.from_dict(_recorded_header(url)["schema"]).parts
     except (RepairError, KeyError, TypeError, ValueError):
-        return  # an unreadable header: restored below from the options
-    if parts:
-        added = ", ".join(f"{name}/{key}" for p in parts for name, key in p.levels)
-        raise RepairError(
-            f"STORE {url!r} has levels added by `featcache extract --add` ({added}); repair "
-            "cannot rebuild such a store yet. Re-extract it into a new folder with all its "
-            "teachers (`featcache extract SOURCE NEW_STORE --teacher ...`), or restore it "
-            "from a copy"
-        )
+        return ()
 
 
 def _recorded_header(url: str) -> dict[str, Any]:
@@ -275,7 +267,9 @@ def _n_shards(url: str, schema: StoreSchema) -> int:
 
 def _per_shard_arrays(schema: StoreSchema) -> tuple[list[str], list[str]]:
     """(arrays indexed by tile, arrays indexed by shard): each holds one file per shard."""
-    by_tile = L.checksum_arrays(schema) + ["checksum", "done"]
+    # every level's data, the added parts' too; the parts' own done and checksum tables stay:
+    # the rewrite reproduces their bytes, and verify checks them afterwards
+    by_tile = L.all_checksum_arrays(schema) + ["checksum", "done"]
     by_shard = [L.SHARD_FINGERPRINT] + [
         L.stats_path(e.spec.name, lv.key) for e in schema.teachers for lv in e.levels
     ]

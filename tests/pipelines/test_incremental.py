@@ -176,20 +176,26 @@ def test_a_corrupted_chunk_of_the_added_teacher_is_detected(added: Path, tmp_pat
     assert damaged_shards(str(added)) == {}
 
 
-def test_repair_refuses_a_grown_store_and_leaves_it_as_it_was(
-    dataset: Path, added: Path, tmp_path: Path
+@pytest.mark.parametrize("damage", ["truncated", "bit flip"])
+def test_repair_of_a_grown_store_rewrites_only_the_damaged_shard(
+    dataset: Path, added: Path, tmp_path: Path, damage: str
 ) -> None:
-    """Repair does not know the parts' done markers and checksums: it refuses a grown store,
-    naming the added levels, and changes nothing."""
-    from pipelines.repair import RepairError, repair_store
+    """`featcache repair` with the grown store's options (both teachers) re-extracts the one
+    damaged shard of the added teacher; the store then equals the uninterrupted addition."""
+    from pipelines.repair import repair_store
 
     store = _copy(added, tmp_path / "s.zarr")
     chunk = store / "teachers" / CLIP / "s1.00_aux" / "c" / "1" / "0" / "0"
-    chunk.write_bytes(chunk.read_bytes()[:-7])  # truncated
-    before = C.tree(store)
-    with pytest.raises(RepairError, match=f"extract --add.*{CLIP}/s1.00.*new folder"):
-        repair_store(C.extract_config(dataset, store, teachers=(DINO, CLIP)))
-    assert C.tree(store) == before
+    data = bytearray(chunk.read_bytes())
+    if damage == "truncated":
+        del data[-7:]
+    else:
+        data[len(data) // 3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    report = repair_store(C.extract_config(dataset, store, teachers=(DINO, CLIP)))
+    assert sorted(report.shards) == [1]
+    assert C.tree(store) == C.tree(added)
+    assert verify_store(str(store)) == []
 
 
 def test_extract_with_both_teachers_on_the_grown_store_is_a_no_op(
