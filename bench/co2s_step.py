@@ -27,8 +27,10 @@ peak RSS, wall and CPU time per step. The GPU memory figure is an ESTIMATE from 
 parameters + (gradient + two AdamW moments) per trainable parameter + the EMA copy + resident
 teachers + the saved activations (allocator overhead and transients left out).
 
-Usage: ``python bench/co2s_step.py`` (all rows, batch 1, one counted + one timed step each);
-``--configs co2s,fixmatch --batches 1,2 --steps 0``.
+Usage: ``python bench/co2s_step.py`` (every row, batch 1+1, one counted + one timed step each,
+the ``+bf16`` row counted only: ≈ 25 min on 2 cores, ≈ 16 GiB peak RSS); a subset:
+``--configs co2s,fixmatch --batches 1,2 --steps 0``; ``--report bench/out/co2s_step.json`` prints
+the tables of a saved run; ``--components`` the GFLOP per image of each backbone and decoder.
 """
 
 from __future__ import annotations
@@ -56,7 +58,15 @@ OWN_ROWS = (*CO2S_ROWS, "fixmatch")
 # rows measured by bench/train_step.py's child: row name -> its config name
 TRAIN_STEP_ROWS = {"rs-mtdf cached": "cached", "rs-mtdf online": "online"}
 ROWS = (*OWN_ROWS, *TRAIN_STEP_ROWS)
-DEFAULT_ROWS = ("co2s", "co2s+bf16", "co2s+ckpt", "fixmatch", *TRAIN_STEP_ROWS)
+# the order of BENCHMARKS §8's run (co2s+explicit-attn needs ≈ 16 GiB RAM on the CPU)
+DEFAULT_ROWS = (
+    "co2s",
+    "fixmatch",
+    *TRAIN_STEP_ROWS,
+    "co2s+ckpt",
+    "co2s+explicit-attn",
+    "co2s+bf16",
+)
 # co2s-reference §6, Potsdam 512, B = 1, K = 6: saved activations (GiB) and FLOPs per step,
 # measured with the official explicit attention; static memory (weights, grads, AdamW) apart.
 REFERENCE = {
@@ -385,6 +395,40 @@ def _child(
     }
 
 
+def component_flops(classes: int = NUM_CLASSES, crop: int = CO2S_CROP) -> dict[str, float]:
+    """GFLOP per image of each student's backbone (forward; forward + backward) and decoder
+    (forward), counted on the meta device (shapes only, nothing computed): the per-component
+    figures of co2s-reference §6."""
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.co2s.student import build_co2s_student
+
+    out = {}
+    with torch.device("meta"):
+        text = F.normalize(torch.randn(classes, 512), dim=1)
+        x = torch.randn(1, 3, crop, crop)
+        for kind in ("clip", "dinov3"):
+            student = build_co2s_student(
+                kind, classes, text, random_weights=True, crop=crop
+            ).train()
+            counts = []
+            for grad in (False, True):
+                counter = flop_counter()
+                with torch.set_grad_enabled(grad), counter:
+                    maps = student.backbone(x)
+                    if grad:
+                        sum(m.sum() for m in maps).backward()
+                counts.append(counter.get_total_flops())
+            counter = flop_counter()
+            with torch.no_grad(), counter:
+                student(x)
+            out[f"{kind} backbone fwd"] = counts[0] / 1e9
+            out[f"{kind} backbone fwd+bwd"] = counts[1] / 1e9
+            out[f"{kind} decoder fwd"] = (counter.get_total_flops() - counts[0]) / 1e9
+    return out
+
+
 # ----------------------------------------------------------------------------- parent
 
 
@@ -527,7 +571,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1", help="per-stream batch sizes, e.g. 1,2")
     ap.add_argument("--steps", type=int, default=1, help="timed steps per row (after 1 counted)")
     ap.add_argument(
-        "--bf16-steps", type=int, default=0, help="timed steps of +bf16 rows (CPU: emulated, slow)"
+        "--bf16-steps",
+        type=int,
+        default=0,
+        help="timed steps of +bf16 rows (slow on CPUs without native bf16)",
     )
     ap.add_argument("--classes", type=int, default=NUM_CLASSES, help="K of the Co2S rows")
     ap.add_argument("--out", default="co2s_step", help="JSON name under bench/out/")
@@ -535,7 +582,14 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--report", metavar="JSON", help="only print the tables of a saved run")
+    ap.add_argument(
+        "--components", action="store_true", help="only print GFLOP per image per component"
+    )
     args = ap.parse_args()
+    if args.components:
+        rows = [[k, f"{v:.1f}"] for k, v in component_flops(args.classes).items()]
+        print(C.markdown_table(["component (1 image, crop 512)", "GFLOP"], rows))
+        return
     if args.report:
         print(report(load_results(Path(args.report))))
         return

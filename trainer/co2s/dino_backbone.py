@@ -76,4 +76,9 @@ class LearnableQueries(nn.Module):
 
     def forward(self, batch: int) -> torch.Tensor:
         """``[batch, K, width]`` (a broadcast view of the one table)."""
-        return self.embedding.weight[None].expand(batch, -1, -1)
+        table = self.embedding.weight
+        if not torch.is_grad_enabled():
+            # a view of a parameter made under no_grad still says requires_grad, with no
+            # graph behind it (torch's FLOP counter and module tracker trip on it): cut it off
+            table = table.detach()
+        return table[None].expand(batch, -1, -1)
