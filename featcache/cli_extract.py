@@ -199,7 +199,9 @@ def _echo_label_warnings() -> Iterator[None]:
     is_flag=True,
     help="Add the given teachers (or new --scales/--flip levels of stored teachers) to the "
     "finished store at STORE, keeping what it holds as it is; teachers it holds must be given "
-    "with their stored settings. Re-run the same command to resume a killed addition.",
+    "with their stored settings. When SOURCE yields the stored tiles and new ones after them "
+    "(a new scene), the new tiles are appended instead (with the store's teachers and levels). "
+    "Re-run the same command to resume a killed addition.",
 )
 @click.option(
     "--break-lock",

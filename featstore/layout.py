@@ -518,13 +518,19 @@ def read_tiles(group: zarr.Group) -> list[TileRecord]:
     return out
 
 
-def write_tiles(group: zarr.Group, tiles: Sequence[TileRecord]) -> None:
-    """Create and fill the tile index arrays (done once, by the creator)."""
+def write_tiles(group: zarr.Group, tiles: Sequence[TileRecord], overwrite: bool = False) -> None:
+    """Create and fill the tile index arrays (by the creator; ``overwrite``: an append of tiles
+    replaces them, one chunk each, as a fresh store of all the tiles has them)."""
     n = len(tiles)
     for f in TILE_STR_FIELDS:
         values = np.array([getattr(t, f) or "" for t in tiles], dtype=str)
         arr = group.create_array(
-            f"tiles/{f}", shape=(n,), chunks=(n,), dtype=str, dimension_names=("tile",)
+            f"tiles/{f}",
+            shape=(n,),
+            chunks=(n,),
+            dtype=str,
+            dimension_names=("tile",),
+            overwrite=overwrite,
         )
         arr[:] = values
     window = group.create_array(
@@ -533,6 +539,7 @@ def write_tiles(group: zarr.Group, tiles: Sequence[TileRecord]) -> None:
         chunks=(n, 4),
         dtype="int64",
         dimension_names=("tile", "window_field"),
+        overwrite=overwrite,
     )
     window[:] = np.array([t.window for t in tiles], dtype=np.int64)
     transform = group.create_array(
@@ -542,6 +549,7 @@ def write_tiles(group: zarr.Group, tiles: Sequence[TileRecord]) -> None:
         dtype="float64",
         fill_value=np.nan,
         dimension_names=("tile", "affine"),
+        overwrite=overwrite,
     )
     transform[:] = np.array([t.transform or (np.nan,) * 6 for t in tiles], dtype=np.float64)
 

@@ -150,6 +150,18 @@ def _stored_before(union: StoreSchema, part: StorePart) -> StoreSchema:
     return union.up_to_part(part_index(union, part))
 
 
+def finished_header(group: zarr.Group, url: str, then: str) -> dict[str, Any]:
+    """The header of a finished store (``IncompleteStoreError`` naming the fix otherwise);
+    ``then``: what the user does after finishing it (the message's end)."""
+    meta = L.read_header(group, url)
+    if not meta.get("complete"):
+        raise IncompleteStoreError(
+            f"store {url!r} is not complete: finish it first (re-run the `featcache extract` "
+            f"that made it, without --add), then {then}"
+        )
+    return meta
+
+
 def begin_part(
     url: str,
     union: StoreSchema,
@@ -162,12 +174,7 @@ def begin_part(
     The caller holds the writer lock (``featstore.lock``) of a local store.
     """
     group = L.open_root(url, "r+")
-    meta = L.read_header(group, url)
-    if not meta.get("complete"):
-        raise IncompleteStoreError(
-            f"store {url!r} is not complete: finish it first (re-run the `featcache extract` "
-            "that made it, without --add), then add to it"
-        )
+    meta = finished_header(group, url, "add to it")
     create_part_arrays(group, union, part, len(tiles))
     fault_point("add.before_header")  # kill tests: arrays made, the header still the old one
     group.attrs[L.ATTR_KEY] = dict(

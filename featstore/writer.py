@@ -62,6 +62,11 @@ def _differences(
     old = L.read_tiles(group)
     if len(old) != len(tiles):
         diffs.append(f"tiles: stored {len(old)} tiles != requested {len(tiles)}")
+        if len(old) < len(tiles) and _same_ids(old, tiles[: len(old)]):
+            diffs.append(
+                "SOURCE yields the stored tiles and new ones after them: to append the new "
+                "tiles to the finished store, run the same command with --add"
+            )
     else:
         for i, (a, b) in enumerate(zip(old, tiles, strict=True)):
             if (a.tile_id, a.pixel_hash) != (b.tile_id, b.pixel_hash):
@@ -71,6 +76,10 @@ def _differences(
                 )
                 break
     return diffs or ["fingerprint differs (format version or hashing changed)"]
+
+
+def _same_ids(a: Sequence[TileRecord], b: Sequence[TileRecord]) -> bool:
+    return [(t.tile_id, t.pixel_hash) for t in a] == [(t.tile_id, t.pixel_hash) for t in b]
 
 
 def _teacher_hint(stored: dict[str, Any], schema: StoreSchema) -> list[str]:

@@ -222,6 +222,7 @@ def run_extraction(cfg: ExtractConfig, progress: bool = True) -> str:
         )
         stack.callback(writer.release_lock)
         fault_point("extract.after_create")
+        _refuse_unfinished_append(cfg, writer, len(records))
         _refuse_damaged_complete_store(cfg, writer)
         with _disk_full_message(cfg.out):
             fit_pca(ctx, writer)
@@ -238,6 +239,17 @@ def run_extraction(cfg: ExtractConfig, progress: bool = True) -> str:
             fault_point("extract.before_finalize")
             writer.finalize()
     return cfg.out
+
+
+def _refuse_unfinished_append(cfg: ExtractConfig, writer: Any, n_records: int) -> None:
+    """A killed append of tiles (`extract --add`, pipelines.append) has the union's header before
+    its arrays and tile index have grown: only the append itself finishes it."""
+    if writer.n_tiles != n_records or len(writer.tiles) != n_records:
+        raise ExtractionError(
+            f"STORE {cfg.out!r} has an unfinished append of tiles ({len(writer.tiles)} tiles "
+            f"stored, SOURCE yields {n_records}): finish it by running the same command with "
+            "--add"
+        )
 
 
 def _refuse_damaged_complete_store(cfg: ExtractConfig, writer: Any) -> None:

@@ -31,6 +31,7 @@ from featstore.parts import (
     take_lock,
 )
 from featstore.schema import StoreSchema, TileRecord, fingerprint
+from pipelines.append import is_unfinished_append, run_append
 from pipelines.config import ExtractConfig
 from pipelines.extract import build_schema, check_device, fit_pca, open_tiles
 from pipelines.shards import (
@@ -42,14 +43,13 @@ from pipelines.shards import (
     torch_threads,
 )
 
-MAX_LISTED = 5
 
-
-def check_same_tiles(records: Sequence[TileRecord], stored: Sequence[TileRecord]) -> None:
-    """The source must yield the store's tiles, in order (id and pixel hash).
+def check_same_tiles(records: Sequence[TileRecord], stored: Sequence[TileRecord]) -> int:
+    """The source must yield the store's tiles first, in order (id and pixel hash); tiles after
+    them are new (appended by ``pipelines.append``). Returns how many new tiles it yields.
 
     Raises:
-        ExtractionError: another tile list; or more tiles (appending is not supported yet).
+        ExtractionError: another tile list, or fewer tiles.
     """
     for i, (a, b) in enumerate(zip(stored, records, strict=False)):
         if (a.tile_id, a.pixel_hash) != (b.tile_id, b.pixel_hash):
@@ -57,20 +57,15 @@ def check_same_tiles(records: Sequence[TileRecord], stored: Sequence[TileRecord]
                 f"SOURCE does not match the store's tile records: tile #{i} is {a.tile_id!r} "
                 f"(pixel hash {a.pixel_hash[:12]}) in the store and {b.tile_id!r} (pixel hash "
                 f"{b.pixel_hash[:12]}) in SOURCE; give the SOURCE, --layout, --split-file, "
-                "--tile-size and --limit the store was extracted with"
+                "--tile-size and --limit the store was extracted with (new tiles can only be "
+                "appended after the stored ones)"
             )
     if len(records) < len(stored):
         raise ExtractionError(
             f"SOURCE yields {len(records)} tiles, the store holds {len(stored)}; give the SOURCE "
             "and --limit the store was extracted with"
         )
-    if len(records) > len(stored):
-        extra = [r.tile_id for r in records[len(stored) :]][:MAX_LISTED]
-        raise ExtractionError(
-            f"SOURCE yields {len(records) - len(stored)} tiles more than the store holds (e.g. "
-            f"{extra}); adding tiles to a store is not supported yet: pass --limit "
-            f"{len(stored)} to add teachers to the stored tiles, or extract a new store"
-        )
+    return len(records) - len(stored)
 
 
 def _open_writer(
@@ -146,7 +141,8 @@ def _write_pending(ctx: ExtractContext, writer: PartWriter, progress: bool) -> N
 
 
 def run_addition(cfg: ExtractConfig, progress: bool = True) -> str:
-    """Add to the finished store ``cfg.out`` the teachers and levels of ``cfg`` it lacks.
+    """Add to the finished store ``cfg.out`` the teachers and levels of ``cfg`` it lacks, or
+    the tiles SOURCE yields after the stored ones (``pipelines.append``; one kind at a time).
 
     Re-running the same config resumes a killed addition; asking for what the store holds
     already does nothing. Returns the store URL.
@@ -164,13 +160,17 @@ def run_addition(cfg: ExtractConfig, progress: bool = True) -> str:
     source, records = open_tiles(cfg)
     run_id = uuid.uuid4().hex[:12]
     tiles = L.read_tiles(L.open_root(cfg.out, "r"))  # no store there: the reader's error
-    check_same_tiles(records, tiles)
+    n_new = check_same_tiles(records, tiles)
     with contextlib.ExitStack() as stack:
         take_lock(cfg.out, run_id, cfg.break_lock)
         if L.is_local(cfg.out):
             stack.callback(lock.remove_lock, L.local_path(cfg.out), run_id)
         ctx = make_context(cfg, source, records, cfg.device)
-        writer = _open_writer(cfg.out, build_schema(ctx), tiles, run_id)
+        requested = build_schema(ctx)
+        if n_new or is_unfinished_append(cfg.out, requested, records):
+            run_append(ctx, cfg.out, requested, tiles, run_id, progress)
+            return cfg.out
+        writer = _open_writer(cfg.out, requested, tiles, run_id)
         if writer is None:
             return cfg.out  # nothing to add: the store is left as it is
         fit_pca(ctx, writer)

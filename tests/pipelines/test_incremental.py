@@ -285,8 +285,9 @@ def test_a_source_with_other_tiles_is_refused(base: Path, tmp_path: Path) -> Non
 
 
 def test_a_source_with_more_tiles_names_limit(dataset: Path, tmp_path: Path) -> None:
+    # more tiles are appended (tests/pipelines/test_append.py), but not with a new teacher
     store = C.extract(dataset, tmp_path / "s.zarr", limit=5)
-    with pytest.raises(ExtractionError, match="not supported yet: pass --limit 5"):
+    with pytest.raises(AdditionError, match="append the tiles first .* pass --limit 5"):
         _add(dataset, store)
 
 
