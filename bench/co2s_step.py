@@ -307,40 +307,11 @@ def measure(step: Callable[[int], None], params: Any, steps: int, device: Any) -
     Returns FLOPs, saved-activation bytes, peak RSS during the steps, and wall/CPU seconds per
     timed step (the counted step's, when ``steps`` is 0).
     """
-    import torch
-
     rss = C.PeakRSS()
     rss_built = rss.current()
-    saved = TS._SavedBytes(params)
-    cuda = device.type == "cuda"
-    with rss:
-        flops = flop_counter()  # attention counted explicitly: same on every torch
-        t_wall, t_cpu = time.perf_counter(), time.process_time()
-        with flops, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-            step(0)
-        counted = (time.perf_counter() - t_wall, time.process_time() - t_cpu)
-        times, cpu = [], []
-        for i in range(1, steps + 1):
-            t_wall, t_cpu = time.perf_counter(), time.process_time()
-            step(i)
-            if cuda:
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t_wall)
-            cpu.append(time.process_time() - t_cpu)
-    if not times:  # steps 0: only the counted step (slowed by the counter and warm-up)
-        times, cpu = [counted[0]], [counted[1]]
     return {
-        "steps": steps,
-        "times_s": times,
-        "cpu_s": cpu,
-        "median_s": C.median(times),
-        "median_cpu_s": C.median(cpu),
-        "counted_step_s": counted[0],
-        "flops": int(flops.get_total_flops()),
-        "saved_activation_bytes": saved.total,
-        "peak_rss": rss.peak,
+        **TS.measure_steps(step, params, steps, device, rss, flop_counter),
         "rss_built": rss_built,
-        "cuda_max_allocated": torch.cuda.max_memory_allocated(device) if cuda else None,
     }
 
 

@@ -208,9 +208,35 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
         opt.step()
         update_ema(ema, ema_target, i)
 
-    saved = _SavedBytes(student.parameters())
+    return {
+        "device": device_name,
+        "config": config,
+        "batch": batch,
+        **measure_steps(step, student.parameters(), steps, device, rss),
+        "ru_maxrss_incl_build": C.PeakRSS.ru_maxrss(),
+        "rss_start": rss_start,
+        "rss_built": rss_built,
+        "static_bytes": static,
+        "param_counts": {"student": sum(p.numel() for p in student.parameters())},
+    }
+
+
+def measure_steps(
+    step: Any, params: Any, steps: int, device: Any, rss: Any, counter: Any = None
+) -> dict[str, Any]:
+    """Run step 0 FLOP-counted (saved activations hooked), then steps 1..``steps`` timed, all
+    inside ``rss`` (a ``C.PeakRSS``). ``counter``: a factory of the FLOP counter (default
+    ``C.flop_counter``: attention counted explicitly, the same on every torch).
+
+    Returns FLOPs, saved-activation bytes, peak RSS, and wall / CPU seconds per timed step (the
+    counted step's when ``steps`` is 0, slowed by the counter and warm-up).
+    """
+    import torch
+
+    saved = _SavedBytes(params)
+    cuda = device.type == "cuda"
     with rss:
-        flops = C.flop_counter()  # attention counted explicitly: same on every torch
+        flops = (counter or C.flop_counter)()
         t_wall, t_cpu = time.perf_counter(), time.process_time()
         with flops, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             step(0)
@@ -223,13 +249,9 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t_wall)
             cpu.append(time.process_time() - t_cpu)
-    if not times:  # --steps 0: only the counted step, slowed by the counter and warm-up
+    if not times:
         times, cpu = [counted[0]], [counted[1]]
     return {
-        "device": device_name,
-        "cuda_max_allocated": torch.cuda.max_memory_allocated(device) if cuda else None,
-        "config": config,
-        "batch": batch,
         "steps": steps,
         "times_s": times,
         "cpu_s": cpu,
@@ -239,11 +261,7 @@ def child(config: str, batch: int, steps: int, device_name: str = "cpu") -> dict
         "flops": int(flops.get_total_flops()),
         "saved_activation_bytes": saved.total,
         "peak_rss": rss.peak,
-        "ru_maxrss_incl_build": C.PeakRSS.ru_maxrss(),
-        "rss_start": rss_start,
-        "rss_built": rss_built,
-        "static_bytes": static,
-        "param_counts": {"student": sum(p.numel() for p in student.parameters())},
+        "cuda_max_allocated": torch.cuda.max_memory_allocated(device) if cuda else None,
     }
 
 

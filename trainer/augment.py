@@ -354,12 +354,16 @@ def box_mask(boxes: torch.Tensor, view: int) -> torch.Tensor:
     return iy.unsqueeze(2) & ix.unsqueeze(1)
 
 
-def cutmix_pixels(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Paste the partner's (batch reversed) pixels inside each box; any ``[B, ..., V, V]``."""
+def paste(x: torch.Tensor, other: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """``other`` inside each box, ``x`` elsewhere; any ``[B, ..., V, V]``."""
     view = x.shape[-1]
     m = box_mask(boxes.to(x.device), view)
-    m = m.view(m.shape[0], *([1] * (x.dim() - 3)), view, view)
-    return torch.where(m, x.flip(0), x)
+    return torch.where(m.view(m.shape[0], *([1] * (x.dim() - 3)), view, view), other, x)
+
+
+def cutmix_pixels(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Paste the partner's (batch reversed) pixels inside each box; any ``[B, ..., V, V]``."""
+    return paste(x, x.flip(0), boxes)
 
 
 __all__ = [
@@ -373,6 +377,7 @@ __all__ = [
     "cutmix_pixels",
     "draw_photometric",
     "gaussian_blur",
+    "paste",
     "pil_blur_radius",
     "pil_gaussian_blur",
     "strong_photometric",

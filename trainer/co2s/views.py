@@ -26,7 +26,7 @@ from featstore.constants import SCALE_RANGE
 from featviews.draw import ViewParams, draw_view
 from featviews.geometry import ViewGeometry
 from featviews.render import pixel_valid, render_views
-from trainer.augment import box_mask, cutmix_boxes, strong_photometric
+from trainer.augment import cutmix_boxes, paste, strong_photometric
 from trainer.step import render_batch
 
 
@@ -71,13 +71,6 @@ def draw_partners(
     seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
     rng = np.random.default_rng(int(seed.item()))
     return [draw_view(rng, p.tile, p.crop, scale_range, flip_p) for p in params]
-
-
-def paste(x: torch.Tensor, other: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """``other`` inside each box, ``x`` elsewhere (any ``[B, ..., V, V]``)."""
-    view = x.shape[-1]
-    m = box_mask(boxes.to(x.device), view)
-    return torch.where(m.view(m.shape[0], *([1] * (x.dim() - 3)), view, view), other, x)
 
 
 def render_co2s(
@@ -165,7 +158,6 @@ __all__ = [
     "PseudoLabels",
     "draw_partners",
     "mix_pseudo",
-    "paste",
     "pseudo_from_logits",
     "render_co2s",
 ]
