@@ -55,6 +55,11 @@ _CRC_MISMATCH = (
 _ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 
 
+def _data_aux(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(data, aux or None)`` of a level read's arrays (see ``FeatureStore._level_paths``)."""
+    return arrays[0], (arrays[1] if len(arrays) > 1 else None)
+
+
 def _read_failure(err: BaseException) -> str:
     """What a failed tile read says: a chunk failing its own crc32c (the codec chain's last
     inner codec) is the same damage as a crc32 mismatch, and is reported as one."""
@@ -343,12 +348,9 @@ class FeatureStore:
         self, teacher: str, i: int, level: LevelLike = "s1.00"
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Stored ``(data, aux)`` of tile ``i``, without decoding."""
-        key = self._level_key(teacher, level)
+        paths = self._level_paths(teacher, level)
         i = self._check_done(i)
-        data = self._read_tile(L.feature_path(teacher, key), i)
-        has_aux = self.codec(teacher).aux_shape(self.schema.teacher(teacher).spec.channels)
-        aux = self._read_tile(L.aux_path(teacher, key), i) if has_aux is not None else None
-        return data, aux
+        return _data_aux([self._read_tile(p, i) for p in paths])
 
     def read(self, teacher: str, i: int, level: LevelLike = "s1.00") -> np.ndarray:
         """Decoded float32 ``[g, g, C]`` tokens of tile ``i``."""
@@ -390,8 +392,7 @@ class FeatureStore:
                 data into (reuse it across batches: fresh buffers cost page faults).
         """
         group = self._level_group(teacher, level, indices)
-        bufs = self._read_groups([group], self._read_pipeline(pipeline), out)[0]
-        return bufs[0], (bufs[1] if len(bufs) > 1 else None)
+        return _data_aux(self._read_groups([group], self._read_pipeline(pipeline), out)[0])
 
     def read_batches_encoded(
         self,
@@ -406,10 +407,7 @@ class FeatureStore:
         the reads). Results and errors are those of ``read_batch_encoded`` request by request.
         """
         groups = [self._level_group(t, lv, idx) for t, lv, idx in requests]
-        return [
-            (bufs[0], bufs[1] if len(bufs) > 1 else None)
-            for bufs in self._read_groups(groups, self._read_pipeline(pipeline))
-        ]
+        return [_data_aux(b) for b in self._read_groups(groups, self._read_pipeline(pipeline))]
 
     def read_pixels(
         self, indices: Sequence[int], masks: bool = True, *, pipeline: str | None = None
@@ -439,13 +437,16 @@ class FeatureStore:
     def _level_group(
         self, teacher: str, level: LevelLike, indices: Sequence[int]
     ) -> tuple[list[str], list[int]]:
-        """The arrays (data, then aux when the codec has one) and rows of a level read."""
+        """The arrays and rows of a level read (``_level_paths``)."""
+        return self._level_paths(teacher, level), [self._check_done(i) for i in indices]
+
+    def _level_paths(self, teacher: str, level: LevelLike) -> list[str]:
+        """A level's stored arrays: its data, then its codec side data when the codec has any."""
         key = self._level_key(teacher, level)
-        rows = [self._check_done(i) for i in indices]
         paths = [L.feature_path(teacher, key)]
         if self.codec(teacher).aux_shape(self.schema.teacher(teacher).spec.channels) is not None:
             paths.append(L.aux_path(teacher, key))
-        return paths, rows
+        return paths
 
     def read_batch_half(
         self,
