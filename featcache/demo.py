@@ -603,19 +603,27 @@ def run_demo(
     Returns:
         Path of ``summary.md``.
     """
-    n, why = choose_threads(threads)
-    if echo:
-        echo(f"[demo] {n} torch thread(s): {why}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    created = not Path(out_dir).exists()
-    try:
+    with demo_session(out_dir, threads) as (n, why):
+        if echo:
+            echo(f"[demo] {n} torch thread(s): {why}")
         s = settings or (QUICK if quick else FULL if data is None else FULL_DATA)
         return _run_demo(
             Path(out_dir), data, s, device, seed, layout, echo, {"threads": n, "threads_why": why}
         )
+
+
+@contextlib.contextmanager
+def demo_session(out_dir: str | Path, threads: int | None) -> Iterator[tuple[int, str]]:
+    """A demo's run: torch threads set (`choose_threads`, yielded with why) and restored after;
+    a failed demo leaves nothing behind in a folder it made itself."""
+    n, why = choose_threads(threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    created = not Path(out_dir).exists()
+    try:
+        yield n, why
     except BaseException:
-        if created:  # a failed demo leaves nothing behind in a folder it made itself
+        if created:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     finally:

@@ -11,19 +11,16 @@ students, a few iterations).
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from featcache.demo import (
     FULL,
     QUICK,
     DemoSettings,
-    choose_threads,
+    demo_session,
     extract_store,
     prepare_source,
     split_facts,
@@ -86,14 +83,9 @@ def run_co2s_demo(
 ) -> Path:
     """Run the Co2S demo; writes ``out_dir/report/co2s.json`` and ``co2s.md``, returns the
     markdown's path. Arguments as `featcache.demo.run_demo`."""
-    n, _ = choose_threads(threads)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    out = Path(out_dir)
-    created = not out.exists()
-    try:
+    with demo_session(out_dir, threads):
         return _run(
-            out,
+            Path(out_dir),
             data,
             settings or (CO2S_QUICK if quick else CO2S_FULL),
             device,
@@ -101,12 +93,6 @@ def run_co2s_demo(
             layout,
             echo or (lambda _: None),
         )
-    except BaseException:
-        if created:  # a failed demo leaves nothing behind in a folder it made itself
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(
