@@ -213,6 +213,7 @@ def run_summary(cfg: TrainConfig, data: RunData, method: Any) -> list[str]:
     if not method.unlabeled:
         lines.append(f"  (method {method.name} trains on the labeled set only; unlabeled unused)")
     lines.append(_student_line(cfg))
+    lines += method.data_lines(cfg, data)
     lines += _padding_warning(cfg, data.tile_size)
     return lines + departure_lines(cfg, data_departures(data))
 

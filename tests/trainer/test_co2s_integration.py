@@ -219,6 +219,10 @@ def test_co2s_run_prints_its_students_and_its_recipe(run: dict[str, Any]) -> Non
     assert head.endswith("from the official Co2S recipe (XavierJiezou/Co2S):")
     listed = {line.split(" = ")[0].strip() for line in lines if line.startswith("  co2s.")}
     assert {"co2s.stability_detach", "co2s.clip_act", "co2s.layernorm_eps"} <= listed
+    # the class text rows and the tower that made them (here the tiny random one): said
+    text = [line for line in lines if "class text: 'conceptavg' rows" in line]
+    assert len(text) == 1 and text[0].startswith("WARNING: ")
+    assert "weights random:seed" in text[0] and "RANDOM text tower" in text[0]
 
 
 def test_co2s_student_line_names_each_backbone_and_random_init() -> None:

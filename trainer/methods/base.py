@@ -53,6 +53,12 @@ class Method:
     def configure(cls, cfg: TrainConfig) -> None:
         """Settle, before the data is opened, the options the method decides (default: none)."""
 
+    @classmethod
+    def data_lines(cls, cfg: TrainConfig, data: Any) -> list[str]:
+        """Lines of the run's summary about what the method reads from the data beyond the
+        sets and teachers the engine lists (default: none)."""
+        return []
+
     def build_model(self, teachers: Mapping[str, Any] | None) -> torch.nn.Module:
         """The student to train (the engine adds its EMA copy, optimizer and DDP wrapper)."""
         return build_student(self.cfg, self.data, teachers)

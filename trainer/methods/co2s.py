@@ -203,6 +203,24 @@ class Co2S(Method):
         self.step, self.total = 0, 1
 
     @classmethod
+    def data_lines(cls, cfg: TrainConfig, data: Any) -> list[str]:
+        """Which class text rows the CLIP student reads and which tower made them; a random
+        tower is said out loud (its rows carry no meaning)."""
+        variant = cfg.co2s.text_variant
+        try:
+            _, attrs = _text_reader()(data.store, variant=variant)
+        except (FeatcacheError, KeyError, FileNotFoundError):
+            return []  # build_model stops with the error that says how to write them
+        made = str(attrs.get("weights_sha256", "?"))
+        line = (
+            f"class text: {variant!r} rows of the store's text group (--text-variant), "
+            f"{attrs.get('model', '?')}, weights {made[:12]}"
+        )
+        if made.startswith("random"):
+            return [f"WARNING: {line}: a RANDOM text tower; re-run `featcache text` with --weights"]
+        return [line]
+
+    @classmethod
     def configure(cls, cfg: TrainConfig) -> None:
         """No teachers; the official evaluation (sliding windows at 5/6 crop); best.pt on the
         CLIP student unless ``eval.best_model`` names another of `evaluated_names`."""
