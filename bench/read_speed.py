@@ -19,13 +19,14 @@ tile, as the datasets do today. Usage: ``python bench/read_speed.py [--quick]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,9 @@ class ShardFiles:
             os.close(fd)
 
 
-def methods(url: str, shards: ShardFiles, out: np.ndarray) -> dict[str, Callable[[Any], Any]]:
+def methods(
+    url: str, url_no_crc32c: str, shards: ShardFiles, out: np.ndarray
+) -> dict[str, Callable[[Any], Any]]:
     """Name -> function reading one batch of tile indices."""
     from featstore import open_store
 
@@ -91,9 +94,15 @@ def methods(url: str, shards: ShardFiles, out: np.ndarray) -> dict[str, Callable
     out_m: dict[str, Callable[[Any], Any]] = {
         "read_half, 1 tile per call (today)": lambda ix: [on.read_half(NAME, i) for i in ix],
     }
+    stores = [("on", on, ""), ("off", off, "")]
+    # the same store written without the chunks' crc32c (stores before issue 16): its cost
+    stores += [
+        (v, open_store(url_no_crc32c, verify_reads=v == "on"), ", no chunk crc32c")
+        for v in ("on", "off")
+    ]
     for pipe in pipes:
-        for verify, store in (("on", on), ("off", off)):
-            out_m[f"read_batch_half, {pipe}, verify {verify}"] = lambda ix, s=store, p=pipe: (
+        for verify, store, what in stores:
+            out_m[f"read_batch_half, {pipe}, verify {verify}{what}"] = lambda ix, s=store, p=pipe: (
                 s.read_batch_half(NAME, ix, pipeline=p, out=out)
             )
     out_m[LIMIT] = lambda ix: shards.read(ix, out, False)
@@ -101,11 +110,11 @@ def methods(url: str, shards: ShardFiles, out: np.ndarray) -> dict[str, Callable
     return out_m
 
 
-def measure(url: str, n_tiles: int, reps: int, batches: int) -> dict[str, Any]:
+def measure(url: str, url_no_crc32c: str, n_tiles: int, reps: int, batches: int) -> dict[str, Any]:
     """Tiles/s of each method: ``reps`` interleaved rounds of ``batches`` batches each."""
     shards = ShardFiles(url, n_tiles)
     out = np.empty((BATCH, loader.GRID, loader.GRID, loader.CH), np.float16)
-    fns = methods(url, shards, out)
+    fns = methods(url, url_no_crc32c, shards, out)
     rng = np.random.default_rng(0)
     for fn in fns.values():  # warm-up: open arrays, start thread pools
         fn([int(i) for i in rng.choice(n_tiles, BATCH, replace=False)])
@@ -151,6 +160,20 @@ def table(rows: list[dict[str, Any]]) -> str:
     )
 
 
+@contextlib.contextmanager
+def without_chunk_crc32c() -> Iterator[None]:
+    """Stores created inside are written as before issue 16: no crc32c in the chunks' codecs
+    (a benchmark-only switch: the layout has no option for it)."""
+    import featstore.layout as L
+
+    saved = L.CHUNK_CHECKSUM, L.PIXEL_COMPRESSORS
+    L.CHUNK_CHECKSUM, L.PIXEL_COMPRESSORS = (), L.PIXEL_COMPRESSORS[:1]
+    try:
+        yield
+    finally:
+        L.CHUNK_CHECKSUM, L.PIXEL_COMPRESSORS = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="32 tiles, 3 repetitions")
@@ -158,9 +181,11 @@ def main() -> None:
     n_tiles, reps, batches = (32, 3, 4) if args.quick else (128, 15, 16)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        url = f"{tmp}/store.zarr"
+        url, url_no_crc32c = f"{tmp}/store.zarr", f"{tmp}/no-crc32c.zarr"
         loader.build_store(url, n_tiles)
-        rates = measure(url, n_tiles, reps, batches)
+        with without_chunk_crc32c():
+            loader.build_store(url_no_crc32c, n_tiles)
+        rates = measure(url, url_no_crc32c, n_tiles, reps, batches)
     tile_bytes = loader.GRID * loader.GRID * loader.CH * 2
     rows = summarise(rates, tile_bytes)
     from featstore.reader import default_batch_pipeline
